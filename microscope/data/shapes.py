@@ -1,0 +1,489 @@
+"""The Shapes world: procedurally generated visual questions with known ground truth.
+
+Every sample is a small RGB image of 1–5 coloured shapes on a plain background and one
+question in one of the six GQA categories, with a single-word answer and full ground truth:
+
+- each object's shape, colour, size, pixel box and the image patches it covers on the
+  model's ``patch_size`` grid (raster order, ``index = row * grid + col``, the order in which
+  a ViT flattens its patch embeddings);
+- which object(s) the question refers to;
+- the constraint words (the words that pick out the referred object) and their character
+  spans in the question;
+- the category.
+
+``generate(n, seed)`` is deterministic and prefix-stable: sample ``i`` depends only on
+``(seed, i)``, so ``generate(10, s)[:5] == generate(5, s)`` byte for byte. Within each
+category answers are stratified: the k-th sample of a category takes the answer
+``perm[k % m]`` of a seeded permutation of the category's m answers, so answers are uniform.
+
+Example::
+
+    >>> from microscope.data.shapes import generate
+    >>> s = generate(1, seed=0)[0]
+    >>> s.question, s.answer, s.category          # doctest: +SKIP
+    ('What color is the circle?', 'red', 'QueryAttr')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "CATEGORIES",
+    "COLORS",
+    "SHAPES",
+    "SIZES",
+    "BACKGROUND",
+    "ANSWERS",
+    "Constraint",
+    "ShapeObject",
+    "Sample",
+    "generate",
+    "ask",
+    "conversation",
+    "blank_image",
+    "vocabulary",
+]
+
+CATEGORIES: tuple[str, ...] = (
+    "ChooseAttr",
+    "QueryAttr",
+    "ChooseCat",
+    "LogicalObj",
+    "ChooseRel",
+    "CompareAttr",
+)
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 205, 30),
+    "purple": (145, 55, 200),
+    "orange": (245, 135, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+#: side of an object's bounding box in pixels, for an image of 96 px (scaled with image_size)
+SIZES: dict[str, int] = {"small": 16, "large": 24}
+BACKGROUND: tuple[int, int, int] = (245, 245, 245)
+#: the possible answers of each category
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "ChooseAttr": tuple(COLORS),
+    "QueryAttr": tuple(COLORS),
+    "ChooseCat": SHAPES,
+    "LogicalObj": ("yes", "no"),
+    "ChooseRel": ("left", "right"),
+    "CompareAttr": ("yes", "no"),
+}
+#: the question templates, for documentation and for building a vocabulary
+TEMPLATES: dict[str, str] = {
+    "ChooseAttr": "Is the {shape} {color1} or {color2}?",
+    "QueryAttr": "What color is the {shape}?",
+    "ChooseCat": "Is the {color} object a {shape1} or a {shape2}?",
+    "LogicalObj": "Is there a {shape1} or a {shape2}?",
+    "ChooseRel": "Is the {shape1} {rel1} of or {rel2} of the {shape2}?",
+    "CompareAttr": "Do the {shape1} and the {shape2} have the same color?",
+}
+_REFERENCE_SIZE = 96
+_GAP = 2  # minimum pixels between two objects' boxes
+_REL_MARGIN = 6  # minimum horizontal distance between centres for left/right questions
+_MAX_TRIES = 2000
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A constraint word of the question and its character span ``question[start:end]``."""
+
+    word: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object of a scene.
+
+    ``box`` is ``(x0, y0, x1, y1)`` in pixels, end-exclusive. ``patches`` are the raster indices
+    of the patches that contain at least one of the object's pixels, and ``patch_fraction[i]`` is
+    the fraction of patch ``patches[i]``'s area the object covers.
+    """
+
+    shape: str
+    color: str
+    size: str
+    box: tuple[int, int, int, int]
+    patches: tuple[int, ...]
+    patch_fraction: tuple[float, ...]
+    meta_scale: float = 1.0
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+
+
+@dataclass
+class Sample:
+    """One visual question with its ground truth (see the module docstring)."""
+
+    id: str
+    image: Image.Image
+    question: str
+    answer: str
+    category: str
+    objects: tuple[ShapeObject, ...]
+    referred: tuple[int, ...]
+    constraints: tuple[Constraint, ...]
+    options: tuple[str, ...] = ()
+    image_size: int = _REFERENCE_SIZE
+    patch_size: int = 16
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> int:
+        """Number of patches along one side of the image."""
+        return self.image_size // self.patch_size
+
+    def referred_patches(self) -> tuple[int, ...]:
+        """Sorted union of the patches covered by the referred objects."""
+        out: set[int] = set()
+        for i in self.referred:
+            out.update(self.objects[i].patches)
+        return tuple(sorted(out))
+
+
+def vocabulary() -> list[str]:
+    """Every word and punctuation token the Shapes world's questions and answers use."""
+    words: set[str] = set()
+    fill = {
+        "shape": "",
+        "shape1": "",
+        "shape2": "",
+        "color": "",
+        "color1": "",
+        "color2": "",
+        "rel1": "",
+        "rel2": "",
+    }
+    for t in TEMPLATES.values():
+        words.update(t.replace("?", " ?").format(**fill).split())
+    words.update(COLORS)
+    words.update(SHAPES)
+    for answers in ANSWERS.values():
+        words.update(answers)
+    return sorted(words)
+
+
+def blank_image(image_size: int = _REFERENCE_SIZE) -> Image.Image:
+    """A plain background image of the Shapes world (no objects)."""
+    return Image.new("RGB", (image_size, image_size), BACKGROUND)
+
+
+def _check_args(n: int, seed: int, image_size: int, patch_size: int, max_objects: int,
+                categories: Sequence[str]) -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(patch_size, (int, np.integer)) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+    if not isinstance(image_size, (int, np.integer)) or image_size < 48 or image_size % patch_size:
+        raise ValueError(
+            f"image_size must be an integer >= 48 and a multiple of patch_size={patch_size}, "
+            f"got {image_size!r}"
+        )
+    if not isinstance(max_objects, (int, np.integer)) or not 2 <= max_objects <= 5:
+        raise ValueError(f"max_objects must be an integer in [2, 5], got {max_objects!r}")
+    if not categories:
+        raise ValueError("categories must name at least one of " + ", ".join(CATEGORIES))
+    bad = [c for c in categories if c not in CATEGORIES]
+    if bad:
+        raise ValueError(f"categories: unknown {bad}; choose from {list(CATEGORIES)}")
+
+
+def generate(
+    n: int,
+    seed: int = 0,
+    *,
+    image_size: int = _REFERENCE_SIZE,
+    patch_size: int = 16,
+    max_objects: int = 5,
+    categories: Sequence[str] = CATEGORIES,
+    start: int = 0,
+) -> list[Sample]:
+    """Generate ``n`` samples of the Shapes world, deterministically from ``seed``.
+
+    Parameters
+    ----------
+    n: number of samples.
+    seed: non-negative integer; sample ``i`` depends only on ``(seed, i)``.
+    image_size, patch_size: image side and the model's patch side, in pixels; the ground-truth
+        patch indices are on the ``image_size // patch_size`` square grid.
+    max_objects: largest number of objects in a scene (2–5); scenes have 1..max_objects
+        objects, at least 2 where the category needs two referred objects.
+    categories: question categories to draw from, cycled in the given order.
+    start: index of the first sample (``generate(n, s, start=k)`` equals
+        ``generate(k + n, s)[k:]``).
+    """
+    categories = tuple(categories)
+    _check_args(n, seed, image_size, patch_size, max_objects, categories)
+    perms = {
+        c: np.random.default_rng([seed, 7_919, i]).permutation(len(ANSWERS[c]))
+        for i, c in enumerate(CATEGORIES)
+    }
+    out = []
+    for i in range(start, start + n):
+        cat = categories[i % len(categories)]
+        k = i // len(categories)
+        answer = ANSWERS[cat][perms[cat][k % len(ANSWERS[cat])]]
+        rng = np.random.default_rng([seed, i])
+        out.append(_make_sample(f"shapes-{seed}-{i}", cat, answer, rng, image_size, patch_size,
+                                max_objects))
+    return out
+
+
+# --------------------------------------------------------------------------- scene building
+
+def _pick(rng: np.random.Generator, items: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    pool = [x for x in items if x not in exclude]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def _place(rng: np.random.Generator, specs: list[dict], image_size: int,
+           rel: tuple[int, int, str] | None = None) -> list[tuple[int, int, int, int]]:
+    """Random non-overlapping boxes for ``specs`` (rejection sampling, all-or-nothing)."""
+    scale = image_size / _REFERENCE_SIZE
+    for _ in range(_MAX_TRIES):
+        boxes: list[tuple[int, int, int, int]] = []
+        ok = True
+        for sp in specs:
+            side = int(round(SIZES[sp["size"]] * scale))
+            placed = False
+            for _ in range(50):
+                x0 = int(rng.integers(0, image_size - side + 1))
+                y0 = int(rng.integers(0, image_size - side + 1))
+                b = (x0, y0, x0 + side, y0 + side)
+                if all(b[0] >= o[2] + _GAP or o[0] >= b[2] + _GAP or b[1] >= o[3] + _GAP
+                       or o[1] >= b[3] + _GAP for o in boxes):
+                    boxes.append(b)
+                    placed = True
+                    break
+            if not placed:
+                ok = False
+                break
+        if ok and rel is not None:
+            a, b, answer = rel
+            ca = (boxes[a][0] + boxes[a][2]) / 2
+            cb = (boxes[b][0] + boxes[b][2]) / 2
+            want_left = answer == "left"
+            ok = (cb - ca >= _REL_MARGIN * scale) if want_left else (ca - cb >= _REL_MARGIN * scale)
+        if ok:
+            return boxes
+    raise RuntimeError("could not place the objects without overlap; use a larger image_size")
+
+
+def _draw_mask(shape: str, box: tuple[int, int, int, int], image_size: int) -> np.ndarray:
+    """Boolean pixel mask of one shape drawn in ``box``."""
+    m = Image.new("L", (image_size, image_size), 0)
+    d = ImageDraw.Draw(m)
+    x0, y0, x1, y1 = box
+    xe, ye = x1 - 1, y1 - 1
+    if shape == "circle":
+        d.ellipse([x0, y0, xe, ye], fill=255)
+    elif shape == "square":
+        d.rectangle([x0, y0, xe, ye], fill=255)
+    elif shape == "triangle":
+        d.polygon([((x0 + xe) / 2, y0), (xe, ye), (x0, ye)], fill=255)
+    elif shape == "cross":
+        w = (x1 - x0) // 3
+        d.rectangle([x0 + w, y0, xe - w, ye], fill=255)
+        d.rectangle([x0, y0 + w, xe, ye - w], fill=255)
+    else:  # pragma: no cover - guarded by SHAPES
+        raise ValueError(f"unknown shape {shape!r}")
+    return np.asarray(m) > 0
+
+
+def _render(specs: list[dict], boxes: list, image_size: int, patch_size: int
+            ) -> tuple[Image.Image, tuple[ShapeObject, ...]]:
+    img = np.empty((image_size, image_size, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    g = image_size // patch_size
+    objects = []
+    for sp, b in zip(specs, boxes):
+        mask = _draw_mask(sp["shape"], b, image_size)
+        img[mask] = COLORS[sp["color"]]
+        cover = mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)
+        idx = np.flatnonzero(cover)
+        objects.append(ShapeObject(
+            shape=sp["shape"], color=sp["color"], size=sp["size"], box=tuple(int(v) for v in b),
+            patches=tuple(int(i) for i in idx),
+            patch_fraction=tuple(float(cover[i]) / patch_size**2 for i in idx),
+            meta_scale=image_size / _REFERENCE_SIZE,
+        ))
+    return Image.fromarray(img, "RGB"), tuple(objects)
+
+
+def _spans(question: str, words: Sequence[str]) -> tuple[Constraint, ...]:
+    """Character spans of ``words`` in ``question``, each found after the previous one."""
+    out, pos = [], 0
+    for w in words:
+        j = question.index(w, pos)
+        out.append(Constraint(w, j, j + len(w)))
+        pos = j + len(w)
+    return tuple(out)
+
+
+def _unique(objects: Sequence[ShapeObject], attr: str) -> list[int]:
+    """Indices of objects whose ``attr`` value occurs once in the scene."""
+    vals = [getattr(o, attr) for o in objects]
+    return [i for i, v in enumerate(vals) if vals.count(v) == 1]
+
+
+def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.random.Generator
+        ) -> tuple[str, tuple[int, ...], tuple[str, ...], tuple[str, ...]] | None:
+    """A question of ``category`` about a scene whose correct answer is ``answer``.
+
+    Returns ``(question, referred, constraint_words, options)``, or ``None`` when the scene
+    admits no such question (e.g. no object with a unique shape has colour ``answer``).
+    Referred objects are always unambiguous: a shape word names an object only when that shape
+    occurs once in the scene, a colour word only when that colour occurs once.
+    """
+    if category not in CATEGORIES:
+        raise ValueError(f"category: unknown {category!r}; choose from {list(CATEGORIES)}")
+    if answer not in ANSWERS[category]:
+        raise ValueError(f"answer {answer!r} is not an answer of {category}: {ANSWERS[category]}")
+    present = {o.shape for o in objects}
+    if category in ("QueryAttr", "ChooseAttr"):
+        cand = [i for i in _unique(objects, "shape") if objects[i].color == answer]
+        if not cand:
+            return None
+        t = cand[int(rng.integers(len(cand)))]
+        shape = objects[t].shape
+        if category == "QueryAttr":
+            return f"What color is the {shape}?", (t,), (shape,), ()
+        other = _pick(rng, list(COLORS), [answer])
+        opts = (answer, other) if rng.random() < 0.5 else (other, answer)
+        return f"Is the {shape} {opts[0]} or {opts[1]}?", (t,), (shape,), opts
+    if category == "ChooseCat":
+        cand = [i for i in _unique(objects, "color") if objects[i].shape == answer]
+        if not cand:
+            return None
+        t = cand[int(rng.integers(len(cand)))]
+        color = objects[t].color
+        other = _pick(rng, SHAPES, [answer])
+        opts = (answer, other) if rng.random() < 0.5 else (other, answer)
+        return f"Is the {color} object a {opts[0]} or a {opts[1]}?", (t,), (color,), opts
+    if category == "LogicalObj":
+        pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b
+                 and ((a in present or b in present) == (answer == "yes"))]
+        if not pairs:
+            return None
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        referred = tuple(i for i, o in enumerate(objects) if o.shape in (a, b))
+        return f"Is there a {a} or a {b}?", referred, (a, b), ("yes", "no")
+    uniq = _unique(objects, "shape")
+    pairs = []
+    for i in uniq:
+        for j in uniq:
+            if i == j:
+                continue
+            if category == "ChooseRel":
+                dx = objects[j].center[0] - objects[i].center[0]
+                margin = _REL_MARGIN * _scale(objects)
+                if (answer == "left" and dx >= margin) or (answer == "right" and -dx >= margin):
+                    pairs.append((i, j))
+            elif (objects[i].color == objects[j].color) == (answer == "yes"):
+                pairs.append((i, j))
+    if not pairs:
+        return None
+    i, j = pairs[int(rng.integers(len(pairs)))]
+    a, b = objects[i].shape, objects[j].shape
+    if category == "ChooseRel":
+        opts = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+        return f"Is the {a} {opts[0]} of or {opts[1]} of the {b}?", (i, j), (a, b), opts
+    return f"Do the {a} and the {b} have the same color?", (i, j), (a, b), ("yes", "no")
+
+
+def _scale(objects: Sequence[ShapeObject]) -> float:
+    return 1.0 if not objects else objects[0].meta_scale
+
+
+def _make_sample(sid: str, cat: str, answer: str, rng: np.random.Generator, image_size: int,
+                 patch_size: int, max_objects: int) -> Sample:
+    """Build a scene in which ``answer`` is possible for ``cat``, render it, then ask."""
+    sizes = list(SIZES)
+    colors = list(COLORS)
+    n_min = 2 if cat in ("ChooseRel", "CompareAttr") else 1
+    n_obj = int(rng.integers(n_min, max_objects + 1))
+    specs: list[dict] = []
+    rel = None
+
+    def obj(shape: str, color: str) -> dict:
+        return {"shape": shape, "color": color, "size": sizes[int(rng.integers(len(sizes)))]}
+
+    if cat in ("QueryAttr", "ChooseAttr"):
+        shape = _pick(rng, SHAPES)
+        specs.append(obj(shape, answer))
+        specs += [obj(_pick(rng, SHAPES, [shape]), _pick(rng, colors)) for _ in range(n_obj - 1)]
+    elif cat == "ChooseCat":
+        color = _pick(rng, colors)
+        specs.append(obj(answer, color))
+        specs += [obj(_pick(rng, SHAPES), _pick(rng, colors, [color])) for _ in range(n_obj - 1)]
+    elif cat == "LogicalObj":
+        # "no" needs two absent shapes: draw the scene from at most two shapes
+        allowed = list(SHAPES) if answer == "yes" else \
+            [SHAPES[i] for i in rng.permutation(len(SHAPES))[:2]]
+        specs += [obj(_pick(rng, allowed), _pick(rng, colors)) for _ in range(n_obj)]
+    else:  # ChooseRel, CompareAttr: two objects with unique shapes
+        a, b = (SHAPES[i] for i in rng.permutation(len(SHAPES))[:2])
+        ca = _pick(rng, colors)
+        if cat == "CompareAttr":
+            cb = ca if answer == "yes" else _pick(rng, colors, [ca])
+        else:
+            cb = _pick(rng, colors)
+            rel = (0, 1, answer)
+        specs += [obj(a, ca), obj(b, cb)]
+        specs += [obj(_pick(rng, SHAPES, [a, b]), _pick(rng, colors)) for _ in range(n_obj - 2)]
+
+    order = rng.permutation(len(specs))
+    specs = [specs[i] for i in order]
+    if rel is not None:
+        inv = np.argsort(order)
+        rel = (int(inv[0]), int(inv[1]), answer)
+    boxes = _place(rng, specs, image_size, rel)
+    image, objects = _render(specs, boxes, image_size, patch_size)
+    asked = ask(objects, cat, answer, rng)
+    if asked is None:  # pragma: no cover - the scene is built so that the answer is possible
+        raise RuntimeError(f"internal error: no {cat} question with answer {answer} for {sid}")
+    q, referred, cwords, options = asked
+    return Sample(
+        id=sid, image=image, question=q, answer=answer, category=cat, objects=objects,
+        referred=referred, constraints=_spans(q, cwords), options=options,
+        image_size=image_size, patch_size=patch_size,
+    )
+
+
+def conversation(sample: Sample, turns: int, rng: np.random.Generator
+                 ) -> list[tuple[str, str, str]]:
+    """``turns`` (question, answer, category) triples about ``sample``'s scene.
+
+    The first is the sample's own question; the others are drawn from the other categories
+    in random order, each with the first answer (in random order) the scene admits; a
+    category with no possible question is skipped. Used for multi-turn visual instruction tuning, as in LLaVA's conversation data.
+    """
+    out = [(sample.question, sample.answer, sample.category)]
+    for cat in rng.permutation(len(CATEGORIES)):
+        if len(out) >= turns:
+            break
+        cat = CATEGORIES[int(cat)]
+        if cat == sample.category:
+            continue
+        for a in rng.permutation(len(ANSWERS[cat])):
+            asked = ask(sample.objects, cat, ANSWERS[cat][int(a)], rng)
+            if asked is not None:
+                out.append((asked[0], ANSWERS[cat][int(a)], cat))
+                break
+    return out

@@ -1,0 +1,112 @@
+"""Accuracy of a LLaVA on Shapes-world samples, through the processor and ``model(**inputs)``.
+
+The prediction is the arg-max of the next-token logits at the last prompt position (greedy
+first answer token); it is correct when it equals the answer's first token id.
+
+``question_only_prior`` is the accuracy of the best predictor that sees the question text and
+nothing else: for every question string, the most frequent answer in a separate reference
+draw of the generator (falling back to the category's most frequent answer for unseen
+strings). A model that uses the image must beat it; with blank images it must fall back to it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from microscope.data import shapes
+from microscope.zoo.shapes_llava import prompt
+
+
+def predict(model, processor, images: Sequence, questions: Sequence[str], batch: int = 64,
+            progress: bool = True) -> tuple[list[int], torch.Tensor]:
+    """Greedy first answer token ids and the last-position probabilities, per question."""
+    ids, probs = [], []
+    device = next(model.parameters()).device
+    it = range(0, len(questions), batch)
+    for i in tqdm(it, desc="evaluate", disable=not progress, mininterval=5):
+        enc = processor(images=list(images[i:i + batch]),
+                        text=[prompt(q) for q in questions[i:i + batch]],
+                        return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            logits = model(**enc).logits[:, -1].float()
+        p = logits.softmax(-1)
+        probs.append(p.cpu())
+        ids += p.argmax(-1).tolist()
+    return ids, torch.cat(probs) if probs else torch.empty(0)
+
+
+def answer_ids(processor, answers: Sequence[str]) -> list[int]:
+    """First token id of each answer (no BOS)."""
+    tok = processor.tokenizer
+    return [tok(a, add_special_tokens=False)["input_ids"][0] for a in answers]
+
+
+def evaluate_samples(model, processor, samples: Sequence[shapes.Sample], blank: bool = False,
+                     batch: int = 64, progress: bool = True) -> pd.DataFrame:
+    """One row per sample: id, category, answer, prediction, correct, p_answer.
+
+    ``blank=True`` replaces every image by a plain background image of the same size.
+    """
+    images = [shapes.blank_image(s.image_size) if blank else s.image for s in samples]
+    pred, probs = predict(model, processor, images, [s.question for s in samples], batch, progress)
+    gold = answer_ids(processor, [s.answer for s in samples])
+    tok = processor.tokenizer
+    return pd.DataFrame({
+        "id": [s.id for s in samples],
+        "category": [s.category for s in samples],
+        "answer": [s.answer for s in samples],
+        "prediction": tok.convert_ids_to_tokens(pred),
+        "correct": [p == g for p, g in zip(pred, gold)],
+        "p_answer": [float(probs[i, g]) for i, g in enumerate(gold)],
+    })
+
+
+def question_only_prior(samples: Sequence[shapes.Sample], reference: Sequence[shapes.Sample]
+                        ) -> pd.Series:
+    """Per-sample correctness of the best question-only predictor fitted on ``reference``."""
+    by_q: dict[str, Counter] = defaultdict(Counter)
+    by_cat: dict[str, Counter] = defaultdict(Counter)
+    for s in reference:
+        by_q[s.question][s.answer] += 1
+        by_cat[s.category][s.answer] += 1
+    out = []
+    for s in samples:
+        c = by_q.get(s.question) or by_cat[s.category]
+        out.append(c.most_common(1)[0][0] == s.answer)
+    return pd.Series(out, index=[s.id for s in samples], name="prior_correct")
+
+
+def evaluate(model, processor, n: int = 2000, seed: int = 7, batch: int = 64,
+             reference_n: int = 20_000, progress: bool = True) -> dict:
+    """The accuracy report of ``python -m microscope.zoo evaluate`` as a dict.
+
+    Keys: ``n``, ``seed``, ``overall``, ``per_category``, ``blank_overall``,
+    ``blank_per_category``, ``question_only_prior``, ``question_only_prior_per_category``.
+    """
+    if n < 6:
+        raise ValueError(f"n must be at least 6 (one sample per category), got {n}")
+    size = model.config.vision_config.image_size
+    patch = model.config.vision_config.patch_size
+    samples = shapes.generate(n, seed, image_size=size, patch_size=patch)
+    ref = shapes.generate(reference_n, seed + 104_729, image_size=size, patch_size=patch)
+    real = evaluate_samples(model, processor, samples, batch=batch, progress=progress)
+    blank = evaluate_samples(model, processor, samples, blank=True, batch=batch, progress=progress)
+    real["prior_correct"] = question_only_prior(samples, ref).values
+    real["blank_correct"] = blank["correct"].values
+    cats = [c for c in shapes.CATEGORIES if c in set(real["category"])]
+    g = real.groupby("category")
+    return {
+        "n": n,
+        "seed": seed,
+        "overall": float(real["correct"].mean()),
+        "per_category": {c: float(g["correct"].mean()[c]) for c in cats},
+        "blank_overall": float(real["blank_correct"].mean()),
+        "blank_per_category": {c: float(g["blank_correct"].mean()[c]) for c in cats},
+        "question_only_prior": float(real["prior_correct"].mean()),
+        "question_only_prior_per_category": {c: float(g["prior_correct"].mean()[c]) for c in cats},
+    }

@@ -1,0 +1,75 @@
+"""The model card (``MODEL_CARD.md``) written beside a trained model's weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_model_card(out: str | Path, info: dict, report: dict | None = None) -> Path:
+    """Write ``MODEL_CARD.md`` from the training log ``info`` and an optional accuracy report."""
+    out = Path(out)
+    a, r = info["arch"], info["recipe"]
+    sec = info["seconds"]
+    hist = info["decoder_history"]
+    lines = [
+        "# shapes-llava",
+        "",
+        "A small `LlavaForConditionalGeneration` trained by mllm-microscope on the Shapes world",
+        "(`microscope.data.shapes`): the embedded default model of the suite. It is a real HF",
+        "LLaVA (CLIP vision tower, 2-layer GELU MLP projector, Llama decoder), loaded offline with",
+        "`AutoProcessor.from_pretrained(dir)` and `LlavaForConditionalGeneration.from_pretrained(dir)`.",
+        "",
+        "## Config",
+        "",
+        f"- image {a['image_size']} px, patch {a['patch_size']} px: "
+        f"{(a['image_size'] // a['patch_size']) ** 2} image tokens (CLS dropped, "
+        "`vision_feature_select_strategy='default'`, `vision_feature_layer=-1`)",
+        f"- vision tower: CLIP, {a['vision_layers']} layers, hidden {a['vision_hidden']}, "
+        f"{a['vision_heads']} heads, MLP {a['vision_intermediate']}",
+        f"- decoder: Llama, {a['text_layers']} layers, hidden {a['text_hidden']}, {a['text_heads']} heads, "
+        f"MLP {a['text_intermediate']}, RoPE, RMSNorm, untied lm_head",
+        "- tokenizer: word-level (`tokenizers` WordLevel, whitespace/punctuation pre-tokenizer), BOS `<s>`",
+        "- prompt: `USER: <image>\\n{question} ASSISTANT:` (LLaVA-1.5); answers are one word then `</s>`",
+        "",
+        "## Recipe",
+        "",
+        f"1. Vision pre-training: {r['vision_steps']} steps × {r['vision_batch']} images "
+        f"({r['vision_samples']} generated), per-patch colour and shape labels, AdamW lr {r['vision_lr']}; "
+        f"final patch accuracy {info['vision_patch_accuracy']:.3f}.",
+        f"2. Visual instruction tuning (tower frozen): {r['steps']} steps × {r['batch']} conversations of "
+        f"up to {r['turns']} turns about one image, {r['pool_samples']} generated scenes, curriculum "
+        f"max objects {list(r['curriculum'])} over the first {r['curriculum_fraction']:.0%} of steps, "
+        f"AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine), clip {r['clip']}, weight decay "
+        f"{r['weight_decay']}; loss on answer and `</s>` tokens only.",
+        f"- seed {r['seed']}; training seeds of the generator are >= 1000, evaluation seeds < 1000.",
+        f"- training time: {sec['total'] / 60:.1f} min on {info['threads']} CPU threads "
+        f"(vision {sec['vision']:.0f} s, decoder {sec['decoder']:.0f} s), torch {info['torch']}.",
+        "",
+        "Reproduce: `python -m microscope.zoo train shapes-llava --out DIR`.",
+        "",
+        "## Measured accuracy",
+        "",
+    ]
+    if report:
+        lines += [
+            f"On {report['n']} fresh samples (generator seed {report['seed']}), "
+            "`python -m microscope.zoo evaluate shapes-llava --n "
+            f"{report['n']} --seed {report['seed']}`:",
+            "",
+            "| category | accuracy | blank image | question-only prior |",
+            "|---|---|---|---|",
+        ]
+        for c, v in report["per_category"].items():
+            lines.append(f"| {c} | {v:.3f} | {report['blank_per_category'][c]:.3f} | "
+                         f"{report['question_only_prior_per_category'][c]:.3f} |")
+        lines.append(f"| **overall** | **{report['overall']:.3f}** | {report['blank_overall']:.3f} | "
+                     f"{report['question_only_prior']:.3f} |")
+    else:
+        last = hist[-1] if hist else {}
+        lines.append("Validation during training (600 samples, generator seed 1099): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in ("step", "loss")))
+    lines += ["", "## Training curve", "", "```", json.dumps(hist[-6:], indent=None)[:3000], "```", ""]
+    path = out / "MODEL_CARD.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,132 @@
+"""The bundled shapes-llava: offline HF loading, architecture, accuracy bar, training script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoProcessor,
+    CLIPVisionModel,
+    LlamaModel,
+    LlavaForConditionalGeneration,
+)
+
+from microscope.data import shapes
+from microscope.errors import ModelNotFoundError
+from microscope.zoo import load_pretrained, model_dir
+from microscope.zoo.shapes_llava import prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--vision-samples", "96", "--vision-steps", "3", "--vision-batch", "8", "--pool-samples", "256",
+        "--steps", "4", "--batch", "8", "--eval-every", "2", "--eval-samples", "12", "--turns", "3"]
+
+
+def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "microscope.zoo", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_pretrained("shapes-llava")
+
+
+def test_loads_offline_with_the_hub_calls(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = model_dir("shapes-llava")
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert isinstance(model.model.vision_tower, CLIPVisionModel)
+    assert isinstance(model.model.language_model, LlamaModel)
+    assert model.config.text_config.num_hidden_layers >= 6
+    assert hasattr(model.model.multi_modal_projector, "linear_2")  # 2-layer MLP projector
+    assert (path / "model.safetensors").stat().st_size <= 20 * 2**20
+    assert (path / "MODEL_CARD.md").is_file()
+    sd = load_file(path / "model.safetensors")
+    assert sum(v.numel() for v in sd.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_prompt_format_and_image_tokens_outnumber_text(bundled):
+    model, processor = bundled
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
+    rendered = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    assert rendered == prompt("What color is the circle?") == "USER: <image>\nWhat color is the circle? ASSISTANT:"
+    s = shapes.generate(12, seed=1)
+    enc = processor(images=[x.image for x in s], text=[prompt(x.question) for x in s],
+                    return_tensors="pt", padding=True)
+    image = enc["input_ids"] == model.config.image_token_id
+    text = enc["attention_mask"].bool() & ~image
+    assert (image.sum(1) == 36).all() and (image.sum(1) > text.sum(1)).all()
+    # word-level tokenizer: every question word is one known token
+    unk = processor.tokenizer.unk_token_id
+    assert not (enc["input_ids"] == unk).any()
+
+
+def test_shipped_weights_meet_the_accuracy_bar():
+    """Evaluation only: 2000 fresh samples from a seed never used in training."""
+    out = _cli("evaluate", "shapes-llava", "--n", "2000", "--seed", "7")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["n"] == 2000 and set(r["per_category"]) == set(shapes.CATEGORIES)
+    assert r["overall"] >= 0.95, r
+    assert min(r["per_category"].values()) >= 0.90, r
+    # it uses the image: blank images bring it down to the question-only prior
+    assert r["blank_overall"] <= r["question_only_prior"] + 0.10, r
+    assert 0.3 < r["question_only_prior"] < 0.6, r
+
+
+def test_generate_answers_like_the_argmax(bundled):
+    model, processor = bundled
+    s = shapes.generate(6, seed=2)
+    enc = processor(images=[x.image for x in s], text=[prompt(x.question) for x in s],
+                    return_tensors="pt", padding=True)
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=2, do_sample=False)
+        first = model(**enc).logits[:, -1].argmax(-1)
+    assert torch.equal(gen[:, enc["input_ids"].shape[1]], first)
+
+
+def test_missing_and_corrupt_model_directories_give_one_clear_error(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelNotFoundError, match=str(missing)):
+        load_pretrained(missing)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir("shapes-llava"), broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="missing tokenizer.json"):
+        load_pretrained(broken)
+    shutil.copy(model_dir("shapes-llava") / "tokenizer.json", broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelNotFoundError, match=str(broken)):
+        load_pretrained(broken)
+    out = _cli("evaluate", "shapes-llava", "--model-dir", str(broken), "--n", "12")
+    assert out.returncode == 2
+    assert str(broken) in out.stderr and "Traceback" not in out.stderr
+
+
+def test_training_script_end_to_end_and_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = _cli("train", "shapes-llava", "--out", str(a), *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = _cli("train", "shapes-llava", "--out", str(b), *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    log = json.loads((a / "training_log.json").read_text())
+    assert log["recipe"]["steps"] == 4 and len(log["decoder_history"]) >= 2
+    assert (a / "MODEL_CARD.md").read_text().startswith("# shapes-llava")
+    model, processor = load_pretrained(a)  # the trained directory loads with from_pretrained
+    r = _cli("evaluate", "shapes-llava", "--model-dir", str(a), "--n", "12", "--seed", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 0.0 <= json.loads(r.stdout)["overall"] <= 1.0
