@@ -26,8 +26,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -472,7 +472,8 @@ def conversation(sample: Sample, turns: int, rng: np.random.Generator
 
     The first is the sample's own question; the others are drawn from the other categories
     in random order, each with the first answer (in random order) the scene admits; a
-    category with no possible question is skipped. Used for multi-turn visual instruction tuning, as in LLaVA's conversation data.
+    category with no possible question is skipped. Used for multi-turn visual instruction
+    tuning, as in LLaVA's conversation data.
     """
     out = [(sample.question, sample.answer, sample.category)]
     for cat in rng.permutation(len(CATEGORIES)):

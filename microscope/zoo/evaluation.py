@@ -12,7 +12,7 @@ strings). A model that uses the image must beat it; with blank images it must fa
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch

@@ -1,13 +1,15 @@
 """Training recipe of ``shapes-llava``, in stages as LLaVA is trained.
 
 1. **Vision pre-training.** The CLIP tower alone learns per-patch labels (colour and shape of
-   the object covering most of each patch, or background) through two temporary linear heads
+   the object covering most of each patch, or background, and the patch's row and column, so
+   that the features say where a patch is) through temporary linear heads
    on the hidden state LLaVA feeds the projector (``hidden_states[vision_feature_layer]``
    without CLS). The heads are thrown away afterwards.
 2. **Visual instruction tuning.** The tower is frozen (as in LLaVA-1.5); its features for a
    pool of generated samples are computed once, and the projector and the Llama decoder learn
    the LLaVA-1.5 conversation ``USER: <image>\\n{question} ASSISTANT: {answer}</s>`` with
-   cross-entropy on the answer and ``</s>`` tokens only. A curriculum raises the number of
+   cross-entropy on the answer and ``</s>`` tokens only, in multi-turn conversations of up to
+   ``turns`` questions about one image (the first is the sample's own). A curriculum raises the number of
    objects per scene from 2 to 5; AdamW with linear warm-up, cosine decay and gradient clipping.
 
 Everything is deterministic for a seed (``torch.use_deterministic_algorithms``, one thread
@@ -20,9 +22,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,12 +43,12 @@ class Recipe:
 
     seed: int = 0
     vision_samples: int = 12_000
-    vision_steps: int = 600
+    vision_steps: int = 800
     vision_batch: int = 64
     vision_lr: float = 2e-3
     pool_samples: int = 120_000
-    steps: int = 3000
-    batch: int = 128
+    steps: int = 4000
+    batch: int = 64
     lr: float = 1e-3
     warmup: int = 150
     weight_decay: float = 0.01
@@ -167,10 +169,14 @@ def train_vision(model, processor, r: Recipe, log: Callable[[str], None]) -> dic
     g = torch.Generator().manual_seed(r.seed)
     head_c = torch.nn.Linear(hid, 1 + len(shapes.COLORS))
     head_s = torch.nn.Linear(hid, 1 + len(shapes.SHAPES))
+    grid = ARCH["image_size"] // ARCH["patch_size"]
+    head_p = torch.nn.Linear(hid, 2 * grid)  # patch column and row, so features say *where*
+    cols = torch.arange(grid * grid) % grid
+    rows = torch.arange(grid * grid) // grid
     samples = shapes.generate(r.vision_samples, TRAIN_SEED_BASE + r.seed)
     pix = pixel_values(processor, [s.image for s in samples])
     col, shp = patch_labels(samples)
-    params = list(vt.parameters()) + list(head_c.parameters()) + list(head_s.parameters())
+    params = [p for m in (vt, head_c, head_s, head_p) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=r.vision_lr, weight_decay=r.weight_decay)
     sched = _schedule(opt, r.vision_steps, warmup=min(50, r.vision_steps // 5 + 1))
     layer = model.config.vision_feature_layer
@@ -180,8 +186,11 @@ def train_vision(model, processor, r: Recipe, log: Callable[[str], None]) -> dic
         idx = torch.randint(len(samples), (r.vision_batch,), generator=g)
         h = vt(pix[idx], output_hidden_states=True).hidden_states[layer][:, 1:]
         lc, ls = head_c(h), head_s(h)
+        lp = head_p(h)
         loss = F.cross_entropy(lc.flatten(0, 1), col[idx].flatten()) + \
-            F.cross_entropy(ls.flatten(0, 1), shp[idx].flatten())
+            F.cross_entropy(ls.flatten(0, 1), shp[idx].flatten()) + \
+            F.cross_entropy(lp[..., :grid].flatten(0, 1), cols.repeat(len(idx))) + \
+            F.cross_entropy(lp[..., grid:].flatten(0, 1), rows.repeat(len(idx)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, r.clip)

@@ -1,0 +1,155 @@
+"""Inputs with per-token roles, derived from the processor's own ids and character offsets.
+
+    batch = prepare(handle, images, questions, constraints=[[(7, 13)], ...])
+    handle.model(**batch.inputs)
+    batch.roles          # (B, T) int codes into ROLES
+    batch.role_mask("image")
+
+Roles (DESIGN §5): ``image`` where ``input_ids == image_token_id`` (LLaVA-NeXT's image-newline
+tokens included: its processor gives them the image token id too); ``question`` for tokens whose
+characters lie in the question; ``constraint`` for question tokens overlapping a constraint span;
+``template`` for everything else the chat template adds (BOS, ``USER:``, ``ASSISTANT:``);
+``last`` for the final prompt position; ``pad`` for padding. Nothing counts tokens: the
+processor's ids are aligned with an offset-mapped tokenisation of the same prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROLES: tuple[str, ...] = ("pad", "template", "image", "question", "constraint", "last")
+ROLE_CODE: dict[str, int] = {r: i for i, r in enumerate(ROLES)}
+MAX_IMAGE_SIDE = 8192
+
+
+def role_codes(roles: str | Sequence[str]) -> list[int]:
+    """Codes of role names; ``ValueError`` naming an unknown role and listing the known ones."""
+    if isinstance(roles, str):
+        roles = [roles]
+    bad = [r for r in roles if r not in ROLE_CODE]
+    if bad:
+        raise ValueError(f"unknown role(s) {bad}; roles are {list(ROLES)}")
+    return [ROLE_CODE[r] for r in roles]
+
+
+@dataclass
+class Batch:
+    """Processor outputs plus per-token roles for a batch of (image, question) pairs."""
+
+    inputs: dict
+    roles: torch.Tensor
+    prompts: list[str]
+    sample_ids: list[str] = field(default_factory=list)
+
+    def role_mask(self, roles: str | Sequence[str]) -> torch.Tensor:
+        """Boolean (B, T) mask of the positions whose role is in ``roles``."""
+        return torch.isin(self.roles, torch.tensor(role_codes(roles)))
+
+    def role_names(self, row: int) -> list[str]:
+        return [ROLES[int(c)] for c in self.roles[row]]
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """Index of the last prompt position of every row."""
+        return (self.roles == ROLE_CODE["last"]).int().argmax(-1)
+
+
+def check_image(img, index: int = 0) -> Image.Image:
+    """An RGB PIL image from a PIL image or an H×W(×C) uint8 array, or a clear error.
+
+    Grayscale, palette and RGBA images are converted to RGB (alpha composited on white).
+    """
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim not in (2, 3):
+            raise TypeError(f"image {index}: arrays must be uint8 H×W or H×W×C, got {img.dtype} "
+                            f"with shape {img.shape}")
+        img = Image.fromarray(img)
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"image {index}: expected a PIL.Image or a uint8 array, got {type(img).__name__}")
+    w, h = img.size
+    if min(w, h) < 2 or max(w, h) > MAX_IMAGE_SIDE:
+        raise ValueError(f"image {index}: size {w}×{h} is outside 2..{MAX_IMAGE_SIDE} px; resize it "
+                         "before passing it in")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def build_prompt(processor, question: str) -> str:
+    """The model's chat-template prompt for one image and ``question``."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def prepare(handle, images: Sequence, questions: Sequence[str],
+            constraints: Sequence[Sequence[tuple[int, int]]] | None = None,
+            sample_ids: Sequence[str] | None = None) -> Batch:
+    """Processor inputs for ``(image, question)`` pairs, left-padded, with roles.
+
+    ``constraints[i]`` lists character spans ``(start, end)`` in ``questions[i]``.
+    """
+    processor = handle.processor
+    n = len(questions)
+    if images is None or len(images) != n:
+        raise ValueError(f"{handle.name} needs one image per question: got "
+                         f"{0 if images is None else len(images)} images for {n} questions")
+    imgs = []
+    for i, im in enumerate(images):
+        if im is None:
+            raise ValueError(f"question {i} has no image; {handle.name} needs one image per question")
+        imgs.append(check_image(im, i))
+    prompts = [build_prompt(processor, q) for q in questions]
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        inputs = processor(images=imgs, text=prompts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old_side
+    ids = inputs["input_ids"]
+    att = inputs["attention_mask"]
+    img_id = handle.adapter.image_token_id
+    roles = torch.full(ids.shape, ROLE_CODE["pad"], dtype=torch.long)
+    for i, (p, q) in enumerate(zip(prompts, questions)):
+        q0 = p.find(q)
+        if q0 < 0:
+            raise ValueError(f"question {i} does not appear verbatim in its prompt {p!r}")
+        spans = [(q0 + a, q0 + b) for a, b in (constraints[i] if constraints else [])]
+        for a, b in spans:
+            if not q0 <= a < b <= q0 + len(q):
+                raise ValueError(f"constraint span {(a - q0, b - q0)} is outside question {i} ({len(q)} chars)")
+        plain = tok(p, return_offsets_mapping=True)
+        p_ids = [t for t in plain["input_ids"]]
+        offs = [o for t, o in zip(p_ids, plain["offset_mapping"]) if t != img_id]
+        p_text = [t for t in p_ids if t != img_id]
+        row = ids[i]
+        pos = [j for j in range(len(row)) if att[i, j] and row[j] != img_id]
+        if [int(row[j]) for j in pos] != p_text:
+            raise RuntimeError(f"internal: processor ids of sample {i} do not match its tokenised prompt")
+        for j, (a, b) in zip(pos, offs):
+            if a >= q0 and b <= q0 + len(q) and b > a:
+                code = ROLE_CODE["question"]
+                if any(a < e and b > s for s, e in spans):
+                    code = ROLE_CODE["constraint"]
+            else:
+                code = ROLE_CODE["template"]
+            roles[i, j] = code
+        roles[i][(row == img_id) & att[i].bool()] = ROLE_CODE["image"]
+        last = int(att[i].nonzero().max())
+        roles[i, last] = ROLE_CODE["last"]
+    return Batch(inputs=inputs, roles=roles, prompts=prompts,
+                 sample_ids=list(sample_ids) if sample_ids is not None else [str(i) for i in range(n)])
+
+
+def prepare_samples(handle, samples: Sequence) -> Batch:
+    """:func:`prepare` for Shapes-world (or any same-shaped) samples, with their constraint spans."""
+    return prepare(handle, [s.image for s in samples], [s.question for s in samples],
+                   [[(c.start, c.end) for c in s.constraints] for s in samples],
+                   [s.id for s in samples])

@@ -1,0 +1,85 @@
+"""Per-token roles from processor ids and character offsets, on three LLaVA layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import microscope
+from microscope.data import shapes
+from microscope.errors import ModelNotFoundError
+from microscope.roles import ROLES, check_image
+
+
+@pytest.mark.parametrize("name", ["shapes", "llava15", "llava_next"])
+def test_roles_follow_ids_and_offsets(handles, name):
+    h = handles[name]
+    samples = shapes.generate(12, seed=4)
+    b = microscope.prepare_samples(h, samples)
+    tok = h.processor.tokenizer
+    ids = b.inputs["input_ids"]
+    assert torch.equal(b.role_mask("image"), ids == h.adapter.image_token_id)
+    assert torch.equal(b.role_mask("pad"), b.inputs["attention_mask"] == 0)
+    for i, s in enumerate(samples):
+        names = b.role_names(i)
+        toks = tok.convert_ids_to_tokens(ids[i])
+        q_words = [t for t, r in zip(toks, names) if r in ("question", "constraint")]
+        assert q_words == tok.tokenize(s.question)
+        assert [t for t, r in zip(toks, names) if r == "constraint"] == [c.word for c in s.constraints]
+        assert names[-1] == "last" and names.count("last") == 1  # left padding: last column
+        tmpl = [t for t, r in zip(toks, names) if r == "template"]
+        assert tmpl[0] == tok.bos_token and "USER" in tmpl and "ASSISTANT" in tmpl
+    out = h.model(**b.inputs)
+    assert out.logits.shape[:2] == ids.shape
+
+
+def test_llava_next_image_tokens_depend_on_image_size(handles):
+    h = handles["llava_next"]
+    s = shapes.generate(3, seed=1)
+    imgs = [s[0].image.resize((56, 56)), s[1].image.resize((56, 112)), s[2].image.resize((150, 60))]
+    b = microscope.prepare(h, imgs, [x.question for x in s])
+    counts = b.role_mask("image").sum(1).tolist()
+    assert len(set(counts)) > 1, counts  # anyres tiling + newline tokens: size-dependent
+    assert counts == (b.inputs["input_ids"] == h.adapter.image_token_id).sum(1).tolist()
+    h.model(**b.inputs)
+
+
+def test_image_modes_are_converted_and_bad_images_rejected(handles):
+    h = handles["shapes"]
+    s = shapes.generate(1, seed=0)[0]
+    rgb = s.image
+    gray, rgba = rgb.convert("L"), rgb.convert("RGBA")
+    b = microscope.prepare(h, [gray, rgba, np.asarray(rgb)], [s.question] * 3)
+    assert b.inputs["pixel_values"].shape[0] == 3
+    assert check_image(rgba).mode == "RGB"
+    with pytest.raises(ValueError, match="image 0: size 9000"):
+        check_image(Image.new("RGB", (9000, 10)))
+    with pytest.raises(TypeError, match="image 1"):
+        microscope.prepare(h, [rgb, "not an image"], [s.question] * 2)
+    with pytest.raises(ValueError, match="needs one image per question"):
+        microscope.prepare(h, None, [s.question])
+    with pytest.raises(ValueError, match="question 0 has no image"):
+        microscope.prepare(h, [None], [s.question])
+
+
+def test_role_and_layer_validation(handles):
+    h = handles["shapes"]
+    b = microscope.prepare_samples(h, shapes.generate(2, seed=0))
+    with pytest.raises(ValueError, match="unknown role.*'answer'"):
+        b.role_mask("answer")
+    with pytest.raises(ValueError, match="layer 6 is out of range: this model has 6 decoder layers"):
+        h.adapter.check_layers([0, 6])
+    assert set(ROLES) == {"pad", "template", "image", "question", "constraint", "last"}
+
+
+def test_load_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache.*hf download"):
+        microscope.load("llava-hf/llava-1.5-7b-hf")
+    with pytest.raises(ModelNotFoundError, match="unknown model 'llava-9000'"):
+        microscope.load("llava-9000")
+    with pytest.raises(ModelNotFoundError, match=str(tmp_path)):
+        microscope.load(str(tmp_path))
