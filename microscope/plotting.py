@@ -110,3 +110,62 @@ def tokens_by_role(tokens: list[str], roles: list[str], ax=None, collapse_image:
         ax.add_patch(plt.Rectangle((k * x / 5.5, -0.8), 0.15, 0.4, color=c, lw=0))
         ax.text(k * x / 5.5 + 0.2, -0.6, r, va="center", fontsize=8)
     return ax.figure
+
+
+METRIC_LABELS = {
+    "linearity": "linearity", "linearity_wo_residual": "linearity w/o residual",
+    "id_twonn": "intrinsic dim. (TwoNN)", "id_mle": "intrinsic dim. (MLE)",
+    "anisotropy_pc1": "anisotropy (PC1 ratio)", "anisotropy_cosine": "anisotropy (mean cosine)",
+}
+MODALITY_COLORS = {"image": ROLE_COLORS["image"], "text": ROLE_COLORS["question"]}
+
+
+def metric_by_layer(df: pd.DataFrame, metric: str, ax=None, hue: str = "role", style: str = "model"):
+    """One metric across layers: a line per modality (colour) and model (line style), the
+    bootstrap CI as a band and the baseline as a dotted line of the same colour."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    d = df[df.metric == metric]
+    styles = ["-", "--", ":", "-."]
+    for j, (mname, dm) in enumerate(d.groupby(style, sort=False)):
+        for key, g in dm.groupby(hue, sort=False):
+            g = g.sort_values("layer")
+            c = MODALITY_COLORS.get(key, ROLE_COLORS.get(key))
+            lab = f"{key}" if d[style].nunique() == 1 else f"{key} · {Path(str(mname)).name}"
+            ax.plot(g.layer, g.value, ls=styles[j % 4], color=c, marker="o", ms=3, label=lab)
+            if g.ci_low.notna().any():
+                ax.fill_between(g.layer, g.ci_low, g.ci_high, color=c, alpha=0.2, lw=0)
+            if g.baseline.notna().any():
+                ax.plot(g.layer, g.baseline, ls=(0, (1, 2)), color=c, lw=1, alpha=0.8)
+    ax.set_title(METRIC_LABELS.get(metric, metric))
+    ax.set_xlabel("layer")
+    return ax.figure
+
+
+def geometry_panel(df: pd.DataFrame, metrics: list[str] | None = None):
+    """Small multiples: one panel per metric, modalities as colours, models as line styles."""
+    metrics = metrics or [m for m in METRIC_LABELS if m in set(df.metric)]
+    cols = min(3, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        metric_by_layer(df, m, ax=ax)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pca_scatter(df: pd.DataFrame, ax=None, title: str = ""):
+    """2-D PCA view (columns pc1, pc2, role), coloured by role."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 4))
+    for role, g in df.groupby("role"):
+        ax.scatter(g.pc1, g.pc2, s=5, alpha=0.6, color=ROLE_COLORS.get(role), label=role, lw=0)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(markerscale=3, fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax.figure

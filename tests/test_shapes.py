@@ -167,3 +167,24 @@ def test_ask_rejects_bad_category_and_answer():
         shapes.ask(s.objects, "Counting", "yes", rng)
     with pytest.raises(ValueError, match="answer"):
         shapes.ask(s.objects, "QueryAttr", "yes", rng)
+
+
+def test_training_only_aux_questions_are_correct_and_never_in_generate():
+    rng = np.random.default_rng(1)
+    seen = collections.Counter()
+    for s in generate(300, seed=8):
+        assert s.category in CATEGORIES
+        turns = shapes.conversation(s, 8, rng, aux=True)
+        for q, a, cat in turns[1:]:
+            seen[cat] += 1
+            if cat == "QueryPos":
+                obj = [o for o in s.objects if o.shape == q.split()[2]]
+                assert len(obj) == 1 and (obj[0].center[0] < s.image_size / 2) == (a == "left")
+                assert abs(obj[0].center[0] - s.image_size / 2) >= 6
+            elif cat == "QueryCat":
+                obj = [o for o in s.objects if o.color == q.split()[4]]
+                assert len(obj) == 1 and obj[0].shape == a
+        assert all(t[2] in CATEGORIES for t in shapes.conversation(s, 8, rng))  # aux off by default
+    assert seen["QueryPos"] > 50 and seen["QueryCat"] > 50
+    vocab = shapes.vocabulary()
+    assert {"on", "shape"} <= set(vocab)

@@ -45,6 +45,7 @@ __all__ = [
     "generate",
     "ask",
     "conversation",
+    "AUX_CATEGORIES",
     "blank_image",
     "vocabulary",
 ]
@@ -86,6 +87,14 @@ TEMPLATES: dict[str, str] = {
     "LogicalObj": "Is there a {shape1} or a {shape2}?",
     "ChooseRel": "Is the {shape1} {rel1} of or {rel2} of the {shape2}?",
     "CompareAttr": "Do the {shape1} and the {shape2} have the same color?",
+}
+#: training-only auxiliary question types (a curriculum for multi-turn training; never evaluated):
+#: QueryPos retrieves one object's horizontal position, QueryCat retrieves by colour
+AUX_CATEGORIES: tuple[str, ...] = ("QueryPos", "QueryCat")
+AUX_ANSWERS: dict[str, tuple[str, ...]] = {"QueryPos": ("left", "right"), "QueryCat": SHAPES}
+AUX_TEMPLATES: dict[str, str] = {
+    "QueryPos": "Is the {shape} on the left or on the right?",
+    "QueryCat": "What shape is the {color} object?",
 }
 _REFERENCE_SIZE = 96
 _GAP = 2  # minimum pixels between two objects' boxes
@@ -168,7 +177,7 @@ def vocabulary() -> list[str]:
         "rel1": "",
         "rel2": "",
     }
-    for t in TEMPLATES.values():
+    for t in list(TEMPLATES.values()) + list(AUX_TEMPLATES.values()):
         words.update(t.replace("?", " ?").format(**fill).split())
     words.update(COLORS)
     words.update(SHAPES)
@@ -351,11 +360,30 @@ def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.rand
     Referred objects are always unambiguous: a shape word names an object only when that shape
     occurs once in the scene, a colour word only when that colour occurs once.
     """
-    if category not in CATEGORIES:
-        raise ValueError(f"category: unknown {category!r}; choose from {list(CATEGORIES)}")
-    if answer not in ANSWERS[category]:
-        raise ValueError(f"answer {answer!r} is not an answer of {category}: {ANSWERS[category]}")
+    answers = {**ANSWERS, **AUX_ANSWERS}
+    if category not in answers:
+        raise ValueError(f"category: unknown {category!r}; choose from {list(CATEGORIES + AUX_CATEGORIES)}")
+    if answer not in answers[category]:
+        raise ValueError(f"answer {answer!r} is not an answer of {category}: {answers[category]}")
     present = {o.shape for o in objects}
+    if category == "QueryPos":
+        half = objects[0].meta_scale * _REFERENCE_SIZE / 2 if objects else 0
+        margin = _REL_MARGIN * _scale(objects)
+        cand = [i for i in _unique(objects, "shape")
+                if (objects[i].center[0] <= half - margin) == (answer == "left")
+                and abs(objects[i].center[0] - half) >= margin]
+        if not cand:
+            return None
+        t = cand[int(rng.integers(len(cand)))]
+        shape = objects[t].shape
+        return f"Is the {shape} on the left or on the right?", (t,), (shape,), ("left", "right")
+    if category == "QueryCat":
+        cand = [i for i in _unique(objects, "color") if objects[i].shape == answer]
+        if not cand:
+            return None
+        t = cand[int(rng.integers(len(cand)))]
+        color = objects[t].color
+        return f"What shape is the {color} object?", (t,), (color,), ()
     if category in ("QueryAttr", "ChooseAttr"):
         cand = [i for i in _unique(objects, "shape") if objects[i].color == answer]
         if not cand:
@@ -466,25 +494,31 @@ def _make_sample(sid: str, cat: str, answer: str, rng: np.random.Generator, imag
     )
 
 
-def conversation(sample: Sample, turns: int, rng: np.random.Generator
+def conversation(sample: Sample, turns: int, rng: np.random.Generator, aux: bool = False
                  ) -> list[tuple[str, str, str]]:
     """``turns`` (question, answer, category) triples about ``sample``'s scene.
 
     The first is the sample's own question; the others are drawn from the other categories
     in random order, each with the first answer (in random order) the scene admits; a
-    category with no possible question is skipped. Used for multi-turn visual instruction
-    tuning, as in LLaVA's conversation data.
+    category with no possible question is skipped. ``aux=True`` also draws from the
+    training-only :data:`AUX_CATEGORIES` and asks ChooseRel and CompareAttr first. Used for multi-turn visual instruction tuning, as in
+    LLaVA's conversation data.
     """
     out = [(sample.question, sample.answer, sample.category)]
-    for cat in rng.permutation(len(CATEGORIES)):
+    cats = CATEGORIES + (AUX_CATEGORIES if aux else ())
+    answers = {**ANSWERS, **AUX_ANSWERS}
+    order = [cats[int(i)] for i in rng.permutation(len(cats))]
+    if aux:  # training: the two-object relations, the hardest to learn, are asked first
+        first = [c for c in ("ChooseRel", "CompareAttr") if c in order]
+        order = first + [c for c in order if c not in first]
+    for cat in order:
         if len(out) >= turns:
             break
-        cat = CATEGORIES[int(cat)]
         if cat == sample.category:
             continue
-        for a in rng.permutation(len(ANSWERS[cat])):
-            asked = ask(sample.objects, cat, ANSWERS[cat][int(a)], rng)
+        for a in rng.permutation(len(answers[cat])):
+            asked = ask(sample.objects, cat, answers[cat][int(a)], rng)
             if asked is not None:
-                out.append((asked[0], ANSWERS[cat][int(a)], cat))
+                out.append((asked[0], answers[cat][int(a)], cat))
                 break
     return out

@@ -9,7 +9,10 @@
    pool of generated samples are computed once, and the projector and the Llama decoder learn
    the LLaVA-1.5 conversation ``USER: <image>\\n{question} ASSISTANT: {answer}</s>`` with
    cross-entropy on the answer and ``</s>`` tokens only, in multi-turn conversations of up to
-   ``turns`` questions about one image (the first is the sample's own). A curriculum raises the number of
+   ``turns`` questions about one image (the first is the sample's own; the others may include
+   the training-only auxiliary questions ``Is the circle on the left or on the right?`` and
+   ``What shape is the red object?``, which exercise retrieving an object's position and
+   retrieving by colour, the two steps ChooseRel and ChooseCat build on). A curriculum raises the number of
    objects per scene from 2 to 5; AdamW with linear warm-up, cosine decay and gradient clipping.
 
 Everything is deterministic for a seed (``torch.use_deterministic_algorithms``, one thread
@@ -56,6 +59,7 @@ class Recipe:
     curriculum: tuple[int, ...] = (2, 3, 4, 5)
     curriculum_fraction: float = 0.4
     turns: int = 4
+    aux_questions: bool = True
     eval_every: int = 250
     eval_samples: int = 600
     threads: int = 2
@@ -215,7 +219,7 @@ def _schedule(opt, steps: int, warmup: int):
 
 
 def _pool(model, processor, n: int, seed: int, max_objects: int, length: int, turns: int = 1,
-          chunk: int = 4096) -> dict[str, torch.Tensor]:
+          aux: bool = False, chunk: int = 4096) -> dict[str, torch.Tensor]:
     """Cached vision features, token ids, labels and categories of ``n`` generated samples."""
     feats, ids, labels, cats = [], [], [], []
     rng = np.random.default_rng([seed, 31])
@@ -227,7 +231,7 @@ def _pool(model, processor, n: int, seed: int, max_objects: int, length: int, tu
             y = torch.full_like(x, -100)
             y[:, -2:] = x[:, -2:]
         else:
-            enc = [encode_conversation(processor, shapes.conversation(s, turns, rng), length)
+            enc = [encode_conversation(processor, shapes.conversation(s, turns, rng, aux=aux), length)
                    for s in ss]
             x = torch.stack([e[0] for e in enc])
             y = torch.stack([e[1] for e in enc])
@@ -270,7 +274,7 @@ def train_decoder(model, processor, r: Recipe, log: Callable[[str], None]) -> di
     for k, mo in enumerate(r.curriculum):
         t = time.time()
         pools.append(_pool(model, processor, per, TRAIN_SEED_BASE + 100 + 10 * r.seed + k, mo,
-                           conv_length if r.turns > 1 else length, r.turns))
+                           conv_length if r.turns > 1 else length, r.turns, r.aux_questions))
         log(f"pool max_objects={mo}: {per} samples in {time.time() - t:.0f}s")
     val = _pool(model, processor, r.eval_samples, TRAIN_SEED_BASE + 99, 5, length)
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]

@@ -1,0 +1,97 @@
+"""Speed of the geometry metrics against the published approach, in one run.
+
+On n tokens × d dimensions of random data (default 4096 × 4096), times:
+
+- ours: ``microscope.geometry`` (twonn, pc1_ratio, linearity);
+- (a) a faithful re-implementation of the published MLLM-/LLM-Microscope approach: TwoNN with one
+  pairwise-distance call per point in a Python loop (fitted on the smallest 20% of ratios, as the
+  published code does), anisotropy by a full SVD of the n × d matrix, linearity by an SVD
+  pseudo-inverse;
+- (b) scikit-dimension's TwoNN.
+
+and prints the ratios (reference time / our time; > 1 means ours is faster).
+
+    python benchmarks/geometry_speed.py [--n 4096] [--d 4096] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import skdim
+import torch
+from scipy.spatial.distance import cdist
+
+from microscope import geometry as G
+
+
+def published_twonn(X: np.ndarray) -> float:
+    """One distance call per point; the fit keeps the smallest 20% of log-ratios."""
+    n = len(X)
+    mu = np.empty(n)
+    for i in range(n):
+        d = cdist(X[i:i + 1], X)[0]
+        d[i] = np.inf
+        r = np.sort(d)[:2]
+        mu[i] = r[1] / r[0]
+    mu = np.sort(mu)
+    f = np.arange(1, n + 1) / n
+    m = int(0.2 * n)
+    x, y = np.log(mu[:m]), -np.log(1 - f[:m])
+    return float((x * y).sum() / (x * x).sum())
+
+
+def published_anisotropy(X: np.ndarray) -> float:
+    s = np.linalg.svd(X - X.mean(0), full_matrices=False, compute_uv=False)
+    return float(s[0] ** 2 / (s ** 2).sum())
+
+
+def published_linearity(X: np.ndarray, Y: np.ndarray) -> float:
+    x, y = X - X.mean(0), Y - Y.mean(0)
+    x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
+    A = np.linalg.pinv(x) @ y
+    return float(1 - np.linalg.norm(x @ A - y) ** 2)
+
+
+def timed(fn, *args) -> tuple[float, float]:
+    t = time.perf_counter()
+    v = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return v, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    # a low-dimensional signal plus noise, so ID and linearity are not trivial
+    X = (rng.standard_normal((a.n, 16)) @ rng.standard_normal((16, a.d)) + 0.1 * rng.standard_normal((a.n, a.d)))
+    Y = X @ (rng.standard_normal((a.d, a.d)) / np.sqrt(a.d)) + 0.1 * rng.standard_normal((a.n, a.d))
+    Xt, Yt = torch.tensor(X, device=a.device), torch.tensor(Y, device=a.device)
+    print(f"n={a.n} d={a.d} device={a.device} torch threads={torch.get_num_threads()}")
+    rows = []
+    ours_id, t_ours_id = timed(G.twonn, Xt)
+    pub_id, t_pub_id = timed(published_twonn, X)
+    sk_id, t_sk_id = timed(lambda z: skdim.id.TwoNN(discard_fraction=0.1).fit(z).dimension_, X)
+    rows.append(("ID (TwoNN)", t_ours_id, t_pub_id, t_sk_id, f"ours {ours_id:.2f}, published {pub_id:.2f}, "
+                 f"skdim {sk_id:.2f}"))
+    ours_an, t_ours_an = timed(G.pc1_ratio, Xt)
+    pub_an, t_pub_an = timed(published_anisotropy, X)
+    rows.append(("anisotropy (PC1)", t_ours_an, t_pub_an, None, f"ours {ours_an:.6f}, published {pub_an:.6f}"))
+    ours_li, t_ours_li = timed(G.linearity, Xt, Yt)
+    pub_li, t_pub_li = timed(published_linearity, X, Y)
+    rows.append(("linearity", t_ours_li, t_pub_li, None, f"ours {ours_li:.6f}, published {pub_li:.6f}"))
+    print(f"{'metric':18s} {'ours s':>8s} {'(a) s':>8s} {'(a)/ours':>9s} {'(b) s':>8s} {'(b)/ours':>9s}  values")
+    for name, to, ta, tb, vals in rows:
+        b = f"{tb:8.2f} {tb / to:9.1f}" if tb is not None else f"{'-':>8s} {'-':>9s}"
+        print(f"{name:18s} {to:8.2f} {ta:8.2f} {ta / to:9.1f} {b}  {vals}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Geometry of hidden states: linearity, intrinsic dimension, anisotropy (DESIGN §6).
+
+Plain functions on (n, d) arrays or tensors (numpy or torch in, float out), computed in float64
+with torch (so they run on a GPU when the input is there):
+
+- :func:`linearity` — how well ``Y`` is a linear map of ``X``: centre the columns of both,
+  divide each matrix by its Frobenius norm, ``A = argmin ‖XA − Y‖_F``, score
+  ``1 − ‖XA − Y‖²_F``. It is the multivariate R², with chance level ≈ rank(X)/(n − 1) for
+  unrelated data (→ 1 when n ≤ d): report :func:`linearity_baseline` beside it.
+  ``linearity(h_l, h_{l+1})`` is the residual form; :func:`linearity_without_residual` uses
+  ``Y = h_{l+1} − h_l``.
+- :func:`intrinsic_dimension` — TwoNN (Facco et al. 2017: μ = r₂/r₁ per point, drop the top 10%
+  of μ, fit −log(1 − F(μ)) = d·log μ through the origin) or MLE (Levina–Bickel with
+  MacKay–Ghahramani averaging of inverse estimates), on de-duplicated points.
+- :func:`anisotropy` — ``kind="pc1"``: λ₁/Σλ of the centred covariance (LLM-Microscope;
+  floor 1/d for isotropic data); ``kind="cosine"``: mean pairwise cosine similarity of the
+  uncentred vectors over distinct pairs (Ethayarajh 2019). They answer different questions:
+  a large common offset drives the cosine to 1 and leaves the PC1 ratio unchanged.
+
+:func:`bootstrap` gives percentile confidence intervals over subsamples, and
+:func:`profile` runs everything over an activation store into a tidy DataFrame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+Array = np.ndarray | torch.Tensor
+
+
+def _t(x: Array, device=None) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.ndim != 2:
+        raise ValueError(f"expected a 2-D (n, d) array, got shape {tuple(t.shape)}")
+    return t.to(device=device if device is not None else t.device, dtype=torch.float64)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean(0, keepdim=True)
+    nrm = torch.linalg.matrix_norm(x)
+    return x / nrm if nrm > 0 else x
+
+
+# ----------------------------------------------------------------------------- linearity
+
+def _explained(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖P_X Y‖²_F, the part of Y in the column space of X, from the smaller Gram matrix.
+
+    n ≥ d: eigh(XᵀX) = VΛVᵀ and ‖P_X Y‖² = Σᵢ (vᵢᵀXᵀY)²/λᵢ; n < d: eigh(XXᵀ) = UΛUᵀ and
+    ‖P_X Y‖² = Σᵢ (uᵢᵀY)². Eigenvalues below numpy's pseudo-inverse cut-off
+    (λ_max · max(n, d) · eps) are treated as zero.
+    """
+    n, d = x.shape
+    if n >= d:
+        lam, v = torch.linalg.eigh(x.T @ x)
+        c2 = (v.T @ (x.T @ y)) ** 2
+    else:
+        lam, u = torch.linalg.eigh(x @ x.T)
+        c2 = (u.T @ y) ** 2 * lam.unsqueeze(1)
+    keep = lam > lam.max().clamp(min=0) * max(n, d) * torch.finfo(torch.float64).eps
+    return float((c2[keep].sum(1) / lam[keep]).sum())
+
+
+def linearity(X: Array, Y: Array) -> float:
+    """Linearity score of ``X → Y`` (both (n, d)): ``1 − min_A ‖X̃A − Ỹ‖²_F``.
+
+    ``X̃``, ``Ỹ``: columns centred, matrix divided by its Frobenius norm. Equals 1 when ``Y`` is
+    any linear map of ``X`` (plus a constant), and about rank(X)/(n − 1) for unrelated data.
+    """
+    x, y = _t(X), _t(Y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"X and Y need the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[0] < 3:
+        raise ValueError(f"linearity needs at least 3 points, got {x.shape[0]}")
+    x, y = _normalise(x), _normalise(y.to(x.device))
+    total = float((y ** 2).sum())
+    if total == 0:
+        return 1.0
+    return 1.0 - max(0.0, total - _explained(x, y)) / total
+
+
+def linearity_without_residual(X: Array, Y: Array) -> float:
+    """Linearity of ``X → Y − X``: how linear a layer is once its skip connection is removed."""
+    x, y = _t(X), _t(Y)
+    return linearity(x, y - x.to(y.device))
+
+
+def linearity_baseline(X: Array, Y: Array, n_perm: int = 5, seed: int = 0) -> float:
+    """Permutation chance level: mean linearity of ``X → Y[perm]`` over ``n_perm`` row shuffles."""
+    x, y = _t(X), _t(Y)
+    g = torch.Generator().manual_seed(seed)
+    vals = [linearity(x, y[torch.randperm(len(y), generator=g).to(y.device)]) for _ in range(n_perm)]
+    return float(np.mean(vals))
+
+
+# ----------------------------------------------------------------------------- intrinsic dimension
+
+def _dedup(x: torch.Tensor) -> torch.Tensor:
+    return torch.unique(x, dim=0)
+
+
+def knn_distances(X: Array, k: int, chunk: int = 1024, margin: int = 6) -> torch.Tensor:
+    """Distances to the ``k`` nearest other points, (n, k), ascending, exact in float64.
+
+    Candidates come from chunked float32 matmuls (‖a‖² + ‖b‖² − 2a·b, the fast path); the
+    ``k + margin`` best candidates of every point are then re-measured exactly in float64 as
+    ‖a − b‖ and the ``k`` smallest kept. The margin absorbs float32 rounding between near ties.
+    """
+    x64 = _t(X)
+    n = len(x64)
+    if k >= n:
+        raise ValueError(f"k={k} needs more than k points, got {n}")
+    x32 = (x64 - x64.mean(0, keepdim=True)).float()
+    sq = (x32 ** 2).sum(1)
+    c = min(n - 1, k + margin)
+    out = torch.empty(n, k, dtype=torch.float64, device=x64.device)
+    for i in range(0, n, chunk):
+        rows = torch.arange(i, min(n, i + chunk), device=x64.device)
+        d2 = sq[rows, None] + sq[None, :] - 2.0 * (x32[rows] @ x32.T)
+        d2[torch.arange(len(rows)), rows] = float("inf")
+        cand = d2.topk(c, dim=1, largest=False).indices                      # (m, c)
+        exact = (x64[cand] - x64[rows, None, :]).norm(dim=-1)                # (m, c) float64
+        out[rows] = exact.topk(k, dim=1, largest=False).values
+    return out
+
+
+def twonn(X: Array, discard: float = 0.1) -> float:
+    """TwoNN intrinsic dimension (Facco et al. 2017), fit through the origin.
+
+    μᵢ = r₂/r₁; sort μ; F(μ₍ᵢ₎) = i/N; keep the smallest (1 − discard) fraction;
+    d = Σ log μ · (−log(1 − F)) / Σ (log μ)².
+    """
+    x = _dedup(_t(X))
+    n = len(x)
+    if n < 10:
+        raise ValueError(f"TwoNN needs at least 10 distinct points, got {n}")
+    r = knn_distances(x, 2)
+    mu = torch.sort(r[:, 1] / r[:, 0]).values
+    f = torch.arange(1, n + 1, dtype=torch.float64, device=x.device) / n
+    m = int(np.floor(n * (1 - discard)))
+    xs, ys = torch.log(mu[:m]), -torch.log(1 - f[:m])
+    return float((xs * ys).sum() / (xs * xs).sum())
+
+
+def mle(X: Array, k: int = 20) -> float:
+    """Levina–Bickel MLE with MacKay–Ghahramani averaging.
+
+    For each point, ``1/m̂(x) = (1/(k−1)) Σ_{j<k} log(T_k/T_j)``; the estimate is
+    ``(mean_x 1/m̂(x))⁻¹``.
+    """
+    x = _dedup(_t(X))
+    if len(x) <= k:
+        raise ValueError(f"MLE with k={k} needs more than k distinct points, got {len(x)}")
+    t = knn_distances(x, k)
+    inv = torch.log(t[:, -1:] / t[:, :-1]).sum(1) / (k - 1)
+    return float(1.0 / inv.mean())
+
+
+def intrinsic_dimension(X: Array, method: str = "twonn", **kw) -> float:
+    """Intrinsic dimension by ``method``: ``"twonn"``, ``"mle"``, or a scikit-dimension
+    estimator name (``"skdim:TwoNN"``, ``"skdim:MLE"``, ``"skdim:lPCA"``, …)."""
+    if method == "twonn":
+        return twonn(X, **kw)
+    if method == "mle":
+        return mle(X, **kw)
+    if method.startswith("skdim:"):
+        import skdim
+
+        est = getattr(skdim.id, method.split(":", 1)[1], None)
+        if est is None:
+            raise ValueError(f"scikit-dimension has no estimator {method.split(':', 1)[1]!r}")
+        return float(est(**kw).fit(_t(X).cpu().numpy()).dimension_)
+    raise ValueError(f"method must be 'twonn', 'mle' or 'skdim:NAME', got {method!r}")
+
+
+# ----------------------------------------------------------------------------- anisotropy
+
+def pc1_ratio(X: Array, tol: float = 1e-10, max_iter: int = 500, seed: int = 0) -> float:
+    """λ₁/Σλ of the centred covariance, by block power iteration (no full SVD).
+
+    Σλ = ‖X − x̄‖²_F; λ₁ is the top eigenvalue of the Gram of the centred data, found with an
+    8-vector subspace iteration to relative change ``tol``.
+    """
+    x = _t(X)
+    x = x - x.mean(0, keepdim=True)
+    total = float((x ** 2).sum())
+    if total == 0:
+        return 1.0
+    n, d = x.shape
+    small = x @ x.T if n <= d else x.T @ x  # the smaller Gram has the same non-zero spectrum
+    m = small.shape[0]
+    if m <= 64:
+        return float(torch.linalg.eigvalsh(small)[-1]) / total
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(m, min(8, m), generator=g, dtype=torch.float64).to(x.device)).Q
+    lam_old = 0.0
+    for _ in range(max_iter):
+        z = small @ q
+        q, r = torch.linalg.qr(z)
+        lam = float(torch.linalg.eigvalsh(q.T @ small @ q)[-1])
+        if abs(lam - lam_old) <= tol * lam:
+            break
+        lam_old = lam
+    return lam / total
+
+
+def mean_cosine(X: Array) -> float:
+    """Mean cosine similarity over distinct pairs: (‖Σ uᵢ‖² − n) / (n(n − 1)), uᵢ = xᵢ/‖xᵢ‖."""
+    x = _t(X)
+    n = len(x)
+    if n < 2:
+        raise ValueError("mean_cosine needs at least 2 vectors")
+    u = x / x.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    s = u.sum(0)
+    return float(((s @ s) - (u * u).sum()) / (n * (n - 1)))
+
+
+def anisotropy(X: Array, kind: str = "pc1") -> float:
+    """Anisotropy of a point cloud: ``kind="pc1"`` (:func:`pc1_ratio`) or ``"cosine"`` (:func:`mean_cosine`)."""
+    if kind == "pc1":
+        return pc1_ratio(X)
+    if kind == "cosine":
+        return mean_cosine(X)
+    raise ValueError(f"kind must be 'pc1' or 'cosine', got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+def bootstrap(fn: Callable[..., float], *arrays: Array, n_boot: int = 20, frac: float = 0.8,
+              level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of ``fn(*arrays)`` over ``n_boot`` row subsamples of size ``frac·n``.
+
+    Subsampling without replacement (duplicated rows would break nearest-neighbour estimators);
+    the same rows are taken from every array.
+    """
+    n = len(arrays[0])
+    g = np.random.default_rng(seed)
+    m = max(3, int(frac * n))
+    vals = []
+    for _ in range(n_boot):
+        idx = np.sort(g.choice(n, size=m, replace=False))
+        vals.append(fn(*[a[torch.as_tensor(idx)] if isinstance(a, torch.Tensor) else a[idx] for a in arrays]))
+    a = (1 - level) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def balanced_indices(groups: Sequence[str], n: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Row indices per group, all of the same size (``n`` or the smallest group's size)."""
+    groups = np.asarray(groups)
+    names = [g for g in dict.fromkeys(groups.tolist())]
+    sizes = {g: int((groups == g).sum()) for g in names}
+    m = min(sizes.values()) if n is None else n
+    if m > min(sizes.values()):
+        raise ValueError(f"n={n} exceeds the smallest group ({sizes})")
+    rng = np.random.default_rng(seed)
+    return {g: np.sort(rng.choice(np.flatnonzero(groups == g), size=m, replace=False)) for g in names}
+
+
+# ----------------------------------------------------------------------------- over a store
+
+#: token roles pooled into each modality; ``template`` (BOS, chat-template words) is left out
+MODALITIES: dict[str, tuple[str, ...]] = {
+    "image": ("image",),
+    "text": ("question", "constraint", "last"),
+}
+METRICS = ("linearity", "linearity_wo_residual", "id_twonn", "id_mle", "anisotropy_pc1", "anisotropy_cosine")
+
+
+def _metric(name: str, x: torch.Tensor, y: torch.Tensor | None) -> tuple[Callable, tuple]:
+    fns = {
+        "linearity": (linearity, (x, y)),
+        "linearity_wo_residual": (linearity_without_residual, (x, y)),
+        "id_twonn": (twonn, (x,)),
+        "id_mle": (mle, (x,)),
+        "anisotropy_pc1": (pc1_ratio, (x,)),
+        "anisotropy_cosine": (mean_cosine, (x,)),
+    }
+    return fns[name]
+
+
+def _baseline(name: str, x: torch.Tensor, y: torch.Tensor | None, seed: int) -> float:
+    if name == "linearity":
+        return linearity_baseline(x, y, n_perm=3, seed=seed)
+    if name == "linearity_wo_residual":
+        return linearity_baseline(x, y - x, n_perm=3, seed=seed)
+    if name == "anisotropy_pc1":
+        return 1.0 / x.shape[1]  # isotropic floor
+    if name == "anisotropy_cosine":
+        return 0.0  # isotropic, zero-mean data
+    return float("nan")  # intrinsic dimension has no chance level
+
+
+def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: Sequence[str] = METRICS,
+            n: int | None = None, layers: Sequence[int] | None = None, n_boot: int = 10, seed: int = 0,
+            device: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Geometry of every layer and modality of an activation store, as a tidy DataFrame.
+
+    Columns: model, layer, role, metric, value, ci_low, ci_high, n, baseline.
+    ``modalities`` maps a name to the token roles it pools (default :data:`MODALITIES`); every
+    modality uses the same number of tokens ``n`` (default: the smallest modality's count),
+    drawn once per run with ``seed`` so that image and text scores are comparable. Linearity
+    rows at ``layer = l`` measure the map from layer ``l`` to the next stored layer.
+    ``baseline``: linearity's permutation chance level, 1/d for the PC1 ratio, 0 for the cosine.
+    """
+    from tqdm.auto import tqdm
+
+    modalities = dict(modalities or MODALITIES)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; metrics are {list(METRICS)}")
+    all_layers = list(store.layers)
+    layers = all_layers if layers is None else list(layers)
+    missing = [lay for lay in layers if lay not in all_layers]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the store; it holds {all_layers}")
+    tokens = store.tokens()
+    role_of = {r: m for m, rs in modalities.items() for r in rs}
+    group = tokens["role"].map(role_of)
+    present = group.dropna()
+    idx = balanced_indices(present.to_numpy(), n=n, seed=seed)
+    idx = {m: present.index.to_numpy()[i] for m, i in idx.items()}
+    rows = []
+    pairs = {lay: all_layers[all_layers.index(lay) + 1] if all_layers.index(lay) + 1 < len(all_layers) else None
+             for lay in layers}
+    cache: dict[int, torch.Tensor] = {}
+
+    def acts(lay: int) -> torch.Tensor:
+        if lay not in cache:
+            x, _ = store.load(lay)
+            cache.clear() if len(cache) > 2 else None
+            cache[lay] = x.to(device or "cpu", torch.float64)
+        return cache[lay]
+
+    for lay in tqdm(layers, desc="geometry", disable=not progress):
+        for m, ix in idx.items():
+            sel = torch.as_tensor(ix)
+            x = acts(lay)[sel]
+            y = acts(pairs[lay])[sel] if pairs[lay] is not None else None
+            for name in metrics:
+                if name.startswith("linearity") and y is None:
+                    continue
+                fn, args = _metric(name, x, y)
+                value = fn(*args)
+                lo, hi = bootstrap(fn, *args, n_boot=n_boot, seed=seed) if n_boot else (np.nan, np.nan)
+                rows.append({"model": store.meta["model"], "layer": lay, "role": m, "metric": name,
+                             "value": value, "ci_low": lo, "ci_high": hi, "n": len(ix),
+                             "baseline": _baseline(name, x, y, seed)})
+    return pd.DataFrame(rows)
+
+
+def pca_2d(X: Array) -> np.ndarray:
+    """Coordinates of the centred points on their first two principal axes, (n, 2)."""
+    x = _t(X)
+    x = x - x.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(x if len(x) <= 4096 else x[torch.randperm(len(x))[:4096]], full_matrices=False)
+    return (x @ v[:2].T).cpu().numpy()

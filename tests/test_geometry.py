@@ -1,0 +1,133 @@
+"""Known-answer tests of the geometry metrics, and the store profile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skdim
+import torch
+
+from microscope import geometry as G
+from microscope.data import shapes
+from microscope.extract import extract
+
+
+def linear_manifold(n: int, k: int, D: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, k)) @ rng.standard_normal((k, D))
+
+
+def sphere(n: int, k: int, D: int, seed: int) -> np.ndarray:
+    """The unit k-sphere (curved, intrinsic dimension k), randomly rotated into R^D."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, k + 1))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    q, _ = np.linalg.qr(rng.standard_normal((D, k + 1)))
+    return z @ q.T
+
+
+@pytest.mark.parametrize("k", [2, 5, 10])
+@pytest.mark.parametrize("make", [linear_manifold, sphere])
+def test_intrinsic_dimension_known_answers(k, make):
+    X = make(4000, k, 96, seed=k)
+    ours = G.intrinsic_dimension(X, "twonn")
+    assert abs(ours - k) <= 0.10 * k, ours
+    ref = skdim.id.TwoNN(discard_fraction=0.1).fit(X).dimension_
+    assert abs(ours - ref) <= 0.05 * ref, (ours, ref)
+    ml = G.intrinsic_dimension(X, "mle")
+    assert abs(ml - k) <= 0.10 * k, ml
+
+
+def test_id_deduplicates_and_rejects_tiny_inputs():
+    X = linear_manifold(1000, 3, 64, seed=0)
+    assert G.twonn(np.vstack([X, X[:300]])) == pytest.approx(G.twonn(X))  # duplicates would give r1 = 0
+    with pytest.raises(ValueError, match="at least 10 distinct points"):
+        G.twonn(X[:5])
+    with pytest.raises(ValueError, match="method"):
+        G.intrinsic_dimension(X, "pca")
+
+
+def test_linearity_known_answers():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 32))
+    W = rng.standard_normal((32, 32))
+    assert G.linearity(X, X @ W) == pytest.approx(1.0, abs=1e-6)
+    assert G.linearity(X, X @ W + 5.0) == pytest.approx(1.0, abs=1e-6)  # constants are centred away
+    assert G.linearity_without_residual(X, X + X @ W) == pytest.approx(1.0, abs=1e-6)
+    # independent noise: at its chance level rank(X)/(n-1), and so is the permutation baseline
+    Xn, Yn = rng.standard_normal((4000, 32)), rng.standard_normal((4000, 32))
+    chance = 32 / 3999
+    assert G.linearity(Xn, Yn) == pytest.approx(chance, rel=0.35)
+    assert G.linearity_baseline(Xn, Yn, n_perm=3) == pytest.approx(chance, rel=0.35)
+    # n <= d: any Y is "linear" -- the reason a baseline is always reported
+    assert G.linearity(rng.standard_normal((20, 64)), rng.standard_normal((20, 64))) == pytest.approx(1.0, abs=1e-9)
+    # a non-linear map scores well below 1 but above chance
+    Z = np.tanh(3 * X @ W / np.sqrt(32))
+    assert chance < G.linearity(X, Z) < 0.9
+    # agrees with numpy's least squares
+    Yp = X @ W + 0.5 * rng.standard_normal((600, 32))
+    xs, ys = X - X.mean(0), Yp - Yp.mean(0)
+    xs, ys = xs / np.linalg.norm(xs), ys / np.linalg.norm(ys)
+    A = np.linalg.lstsq(xs, ys, rcond=None)[0]
+    assert G.linearity(X, Yp) == pytest.approx(1 - np.linalg.norm(xs @ A - ys) ** 2, abs=1e-10)
+    with pytest.raises(ValueError, match="same number of rows"):
+        G.linearity(X, X[:10])
+
+
+def test_anisotropy_known_answers():
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal(48)
+    rank1 = rng.standard_normal((500, 1)) * v
+    assert G.anisotropy(rank1, "pc1") == pytest.approx(1.0, abs=1e-9)
+    iso = rng.standard_normal((20000, 32))
+    assert G.anisotropy(iso, "pc1") == pytest.approx(1 / 32, rel=0.15)
+    assert abs(G.anisotropy(iso, "cosine")) < 0.01
+    shifted = iso + 100.0
+    assert G.anisotropy(shifted, "cosine") > 0.99
+    assert G.anisotropy(shifted, "pc1") == pytest.approx(G.anisotropy(iso, "pc1"), rel=1e-6)
+    # the power iteration equals a full SVD
+    X = rng.standard_normal((700, 300)) * np.linspace(0.1, 3, 300)
+    s = np.linalg.svd(X - X.mean(0), compute_uv=False)
+    assert G.pc1_ratio(X) == pytest.approx(s[0] ** 2 / (s ** 2).sum(), rel=1e-8)
+    Xw = rng.standard_normal((80, 500)) * np.linspace(0.1, 3, 500)  # n < d branch
+    s = np.linalg.svd(Xw - Xw.mean(0), compute_uv=False)
+    assert G.pc1_ratio(Xw) == pytest.approx(s[0] ** 2 / (s ** 2).sum(), rel=1e-8)
+    # cosine = brute-force mean over distinct pairs
+    Y = rng.standard_normal((50, 8)) + 0.5
+    U = Y / np.linalg.norm(Y, axis=1, keepdims=True)
+    C = U @ U.T
+    assert G.mean_cosine(Y) == pytest.approx((C.sum() - np.trace(C)) / (50 * 49), abs=1e-12)
+    with pytest.raises(ValueError, match="kind"):
+        G.anisotropy(Y, "pc2")
+
+
+def test_torch_and_numpy_inputs_agree():
+    X = linear_manifold(500, 4, 32, seed=3)
+    assert G.twonn(torch.tensor(X, dtype=torch.float32)) == pytest.approx(G.twonn(X.astype(np.float32)))
+    assert G.pc1_ratio(torch.tensor(X)) == pytest.approx(G.pc1_ratio(X))
+
+
+def test_bootstrap_and_balanced_sampling():
+    X = linear_manifold(1500, 5, 64, seed=4)
+    lo, hi = G.bootstrap(G.twonn, X, n_boot=10)
+    assert lo <= G.twonn(X) * 1.05 and hi >= G.twonn(X) * 0.95 and lo < hi
+    idx = G.balanced_indices(["a"] * 10 + ["b"] * 4 + ["a"] * 5)
+    assert {k: len(v) for k, v in idx.items()} == {"a": 4, "b": 4}
+    with pytest.raises(ValueError, match="exceeds the smallest group"):
+        G.balanced_indices(["a", "b"], n=3)
+
+
+def test_profile_of_a_store(handles, tmp_path):
+    h = handles["llava15"]
+    store = extract(h, shapes.generate(40, seed=1), tmp_path / "s", batch_size=20, progress=False)
+    df = G.profile(store, n_boot=3, progress=False)
+    assert set(df.columns) == {"model", "layer", "role", "metric", "value", "ci_low", "ci_high", "n", "baseline"}
+    assert set(df.role) == {"image", "text"} and set(df.metric) == set(G.METRICS)
+    assert df.groupby("role").n.first().nunique() == 1  # the same n for every modality
+    lin = df[df.metric == "linearity"]
+    assert sorted(lin.layer.unique()) == store.layers[:-1]
+    assert (lin.value >= lin.baseline - 1e-9).all()
+    pc1 = df[df.metric == "anisotropy_pc1"]
+    assert (pc1.value >= pc1.baseline).all() and (pc1.value <= 1).all()
+    with pytest.raises(ValueError, match="unknown metric"):
+        G.profile(store, metrics=["curvature"])

@@ -1,0 +1,69 @@
+"""Every notebook runs headlessly under papermill at small parameters, through the suite runner."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from microscope import suite
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    summary = suite.run(root / "run", root / "figures", small=True)
+    return root, summary
+
+
+def test_notebooks_are_stored_without_outputs_and_have_parameters():
+    books = suite.notebooks()
+    assert [b.name for b in books][:2] == ["00_tour.ipynb", "01_extraction.ipynb"]
+    for b in books:
+        nb = nbformat.read(b, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), b.name
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), b.name
+
+
+def test_suite_writes_executed_notebooks_figures_and_summary(run):
+    root, summary = run
+    books = suite.notebooks()
+    assert set(summary["notebooks"]) == {b.stem for b in books}
+    on_disk = json.loads((root / "run" / "summary.json").read_text())
+    assert on_disk["notebooks"].keys() == summary["notebooks"].keys()
+    for b in books:
+        assert (root / "run" / b.name).is_file()
+    figs = {p.name for p in (root / "figures").iterdir()}
+    for name in ("00_tour_sample", "00_tour_roles", "01_extraction_norms"):
+        assert {f"{name}.pdf", f"{name}.png"} <= figs
+
+
+def test_tour_and_extraction_headline_numbers(run):
+    root, summary = run
+    tour = summary["notebooks"]["00_tour"]
+    assert tour["n_image_tokens"] == 36 and tour["n_image_tokens"] > tour["n_text_tokens"]
+    assert 0.0 <= tour["p_answer"] <= 1.0 and len(tour["topk"]) == 5
+    ext = summary["notebooks"]["01_extraction"]
+    assert ext["n_samples"] == 24 and ext["layers"] == list(range(-1, 6))
+    assert ext["tokens_per_role"]["image"] == 24 * 36 and ext["tokens_per_role"]["last"] == 24
+    store = root / "run" / "01_extraction" / "store"
+    assert len(list(store.glob("shard-*.safetensors"))) == 2  # 24 samples, batch 16
+    assert (root / "run" / "01_extraction" / "norms.parquet").is_file()
+
+
+def test_geometry_notebook_reuses_the_store_and_reports_per_modality_means(run):
+    root, summary = run
+    geo = summary["notebooks"]["02_geometry"]
+    means = geo["per_modality_mean"]
+    assert set(means) == {"linearity", "linearity_wo_residual", "id_twonn", "id_mle", "anisotropy_pc1",
+                          "anisotropy_cosine"}
+    for m in means.values():
+        assert set(m) == {"image", "text"}
+    assert 0 < means["linearity"]["image"] <= 1 and means["id_twonn"]["text"] > 0
+    # equal token counts per modality, from notebook 01's store (24 samples: ~10 text tokens each)
+    assert 100 < geo["tokens_per_modality"] <= 24 * 36
+    assert not (root / "run" / "02_geometry" / "store").exists()
+    figs = {p.name for p in (root / "figures").iterdir()}
+    assert {"02_geometry_panel.pdf", "02_geometry_pca.png"} <= figs
