@@ -501,8 +501,8 @@ def conversation(sample: Sample, turns: int, rng: np.random.Generator, aux: bool
     The first is the sample's own question; the others are drawn from the other categories
     in random order, each with the first answer (in random order) the scene admits; a
     category with no possible question is skipped. ``aux=True`` also draws from the
-    training-only :data:`AUX_CATEGORIES` and asks ChooseRel and CompareAttr first. Used for multi-turn visual instruction tuning, as in
-    LLaVA's conversation data.
+    training-only :data:`AUX_CATEGORIES` and asks ChooseRel and CompareAttr first. Used for
+    multi-turn visual instruction tuning, as in LLaVA's conversation data.
     """
     out = [(sample.question, sample.answer, sample.category)]
     cats = CATEGORIES + (AUX_CATEGORIES if aux else ())
