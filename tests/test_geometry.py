@@ -131,3 +131,27 @@ def test_profile_of_a_store(handles, tmp_path):
     assert (pc1.value >= pc1.baseline).all() and (pc1.value <= 1).all()
     with pytest.raises(ValueError, match="unknown metric"):
         G.profile(store, metrics=["curvature"])
+
+
+def test_panel_overlays_two_models():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from microscope.plotting import geometry_panel, metric_by_layer
+
+    rows = []
+    for model in ("a", "b"):
+        for role in ("image", "text"):
+            for layer in range(3):
+                for metric in ("linearity", "id_twonn"):
+                    rows.append({"model": model, "layer": layer, "role": role, "metric": metric, "value": layer + 1.0,
+                                 "ci_low": layer + 0.5, "ci_high": layer + 1.5, "n": 10,
+                                 "baseline": 0.1 if metric == "linearity" else float("nan")})
+    df = __import__("pandas").DataFrame(rows)
+    fig = metric_by_layer(df, "linearity")
+    ax = fig.axes[0]
+    labelled = [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+    assert len(labelled) == 4 and len(ax.lines) == 8  # 2 models x 2 modalities, each with its baseline
+    styles = {ln.get_linestyle() for ln in ax.lines if ln.get_marker() == "o"}
+    assert styles == {"-", "--"}  # one line style per model
+    assert len(geometry_panel(df).axes) == 2

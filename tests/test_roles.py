@@ -83,3 +83,30 @@ def test_load_errors_are_clear(tmp_path, monkeypatch):
         microscope.load("llava-9000")
     with pytest.raises(ModelNotFoundError, match=str(tmp_path)):
         microscope.load(str(tmp_path))
+
+
+def test_load_from_the_hf_cache_offline(tiny_dirs, tmp_path):
+    """A hub id already in the HF cache loads offline, like a downloaded llava-hf checkpoint."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--llava-hf--tiny-llava" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_dirs["llava15"], snap)
+    (cache / "models--llava-hf--tiny-llava" / "refs").mkdir()
+    (cache / "models--llava-hf--tiny-llava" / "refs" / "main").write_text("0123abcd")
+    code = ("import microscope; h = microscope.load('llava-hf/tiny-llava'); "
+            "print(type(h.model).__name__, h.adapter.n_layers, h.model.config._attn_implementation)")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["LlavaForConditionalGeneration", "4", "sdpa"]
+
+
+def test_dtype_and_attention_choice(tiny_dirs):
+    h = microscope.load(str(tiny_dirs["llava15"]), dtype="bfloat16", attn_implementation="eager")
+    assert h.dtype == torch.bfloat16 and h.model.config._attn_implementation == "eager"
+    b = microscope.prepare_samples(h, shapes.generate(2, seed=0))
+    assert h.model(**b.inputs).logits.dtype == torch.bfloat16
