@@ -24,10 +24,19 @@ MODELS = ("shapes-llava",)
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     from microscope.zoo.training import Recipe
 
+    def flag(text: str) -> bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+    types = {"int": int, "float": float, "bool": flag}
     for f in dataclasses.fields(Recipe):
-        if f.type in ("int", "float", int, float):
-            p.add_argument("--" + f.name.replace("_", "-"), type=int if "int" in str(f.type) else float,
-                           default=None, help=f"recipe.{f.name} (default {f.default})")
+        t = types.get(str(f.type))
+        if t is not None:
+            p.add_argument("--" + f.name.replace("_", "-"), type=t, default=None,
+                           help=f"recipe.{f.name} (default {f.default})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 1. **Vision pre-training.** The CLIP tower alone learns per-patch labels (colour and shape of
    the object covering most of each patch, or background, and the patch's row and column, so
-   that the features say where a patch is) through temporary linear heads
+   that the features say where a patch is; with ``vision_centers`` also the covering object's
+   centre as two regressed scalars) through temporary linear heads
    on the hidden state LLaVA feeds the projector (``hidden_states[vision_feature_layer]``
    without CLS). The heads are thrown away afterwards.
 2. **Visual instruction tuning.** The tower is frozen (as in LLaVA-1.5); its features for a
@@ -49,6 +50,7 @@ class Recipe:
     vision_steps: int = 800
     vision_batch: int = 64
     vision_lr: float = 2e-3
+    vision_centers: bool = False
     pool_samples: int = 120_000
     steps: int = 4000
     batch: int = 64
@@ -73,25 +75,31 @@ def pixel_values(processor, images: list) -> torch.Tensor:
 
 
 def patch_labels(samples: list[shapes.Sample], min_fraction: float = 0.15
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch colour and shape class of the object covering most of each patch.
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch colour class, shape class and object centre of the object covering most of
+    each patch.
 
     Class 0 is background (no object covers ``min_fraction`` of the patch); colour ``c`` is
-    ``1 + index in COLORS``, shape ``s`` is ``1 + index in SHAPES``.
+    ``1 + index in COLORS``, shape ``s`` is ``1 + index in SHAPES``. The centre is the object's
+    box centre scaled to [-1, 1] (x, y); it is NaN on background patches.
     """
     colors, shape_names = list(shapes.COLORS), list(shapes.SHAPES)
     g = samples[0].grid
     col = torch.zeros(len(samples), g * g, dtype=torch.long)
     shp = torch.zeros_like(col)
+    ctr = torch.full((len(samples), g * g, 2), float("nan"))
     for i, s in enumerate(samples):
         best = np.zeros(g * g)
         for o in s.objects:
+            cx, cy = o.center
             for p, f in zip(o.patches, o.patch_fraction):
                 if f >= min_fraction and f > best[p]:
                     best[p] = f
                     col[i, p] = 1 + colors.index(o.color)
                     shp[i, p] = 1 + shape_names.index(o.shape)
-    return col, shp
+                    ctr[i, p, 0] = 2 * cx / s.image_size - 1
+                    ctr[i, p, 1] = 2 * cy / s.image_size - 1
+    return col, shp, ctr
 
 
 def vision_features(model, pix: torch.Tensor, batch: int = 512) -> torch.Tensor:
@@ -175,12 +183,13 @@ def train_vision(model, processor, r: Recipe, log: Callable[[str], None]) -> dic
     head_s = torch.nn.Linear(hid, 1 + len(shapes.SHAPES))
     grid = ARCH["image_size"] // ARCH["patch_size"]
     head_p = torch.nn.Linear(hid, 2 * grid)  # patch column and row, so features say *where*
+    head_o = torch.nn.Linear(hid, 2)  # the covering object's centre (x, y), if r.vision_centers
     cols = torch.arange(grid * grid) % grid
     rows = torch.arange(grid * grid) // grid
     samples = shapes.generate(r.vision_samples, TRAIN_SEED_BASE + r.seed)
     pix = pixel_values(processor, [s.image for s in samples])
-    col, shp = patch_labels(samples)
-    params = [p for m in (vt, head_c, head_s, head_p) for p in m.parameters()]
+    col, shp, ctr = patch_labels(samples)
+    params = [p for m in (vt, head_c, head_s, head_p, head_o) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=r.vision_lr, weight_decay=r.weight_decay)
     sched = _schedule(opt, r.vision_steps, warmup=min(50, r.vision_steps // 5 + 1))
     layer = model.config.vision_feature_layer
@@ -195,6 +204,9 @@ def train_vision(model, processor, r: Recipe, log: Callable[[str], None]) -> dic
             F.cross_entropy(ls.flatten(0, 1), shp[idx].flatten()) + \
             F.cross_entropy(lp[..., :grid].flatten(0, 1), cols.repeat(len(idx))) + \
             F.cross_entropy(lp[..., grid:].flatten(0, 1), rows.repeat(len(idx)))
+        if r.vision_centers:
+            on = ~torch.isnan(ctr[idx][..., 0])
+            loss = loss + 4.0 * F.mse_loss(head_o(h)[on], ctr[idx][on])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, r.clip)
