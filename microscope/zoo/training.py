@@ -50,7 +50,7 @@ class Recipe:
     vision_steps: int = 800
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    vision_centers: bool = False
+    vision_centers: bool = True
     pool_samples: int = 120_000
     steps: int = 4000
     batch: int = 64
@@ -254,6 +254,27 @@ def _pool(model, processor, n: int, seed: int, max_objects: int, length: int, tu
             "cats": torch.cat(cats)}
 
 
+def _aux_pool(model, processor, n: int, seed: int, length: int) -> dict[str, torch.Tensor]:
+    """Single-turn validation pool of the training-only auxiliary questions."""
+    ss = shapes.generate(n, seed)
+    rng = np.random.default_rng([seed, 17])
+    cats = list(shapes.CATEGORIES) + list(shapes.AUX_CATEGORIES)
+    keep, qs, ans, cat_ids = [], [], [], []
+    for i, s in enumerate(ss):
+        cat = shapes.AUX_CATEGORIES[i % len(shapes.AUX_CATEGORIES)]
+        answers = shapes.AUX_ANSWERS[cat]
+        a = answers[int(rng.integers(len(answers)))]
+        asked = shapes.ask(s.objects, cat, a, rng)
+        if asked is not None:
+            keep.append(i)
+            qs.append(asked[0])
+            ans.append(a)
+            cat_ids.append(cats.index(cat))
+    feats = vision_features(model, pixel_values(processor, [ss[i].image for i in keep]))
+    ids = encode_text(processor, qs, ans, length)
+    return {"feats": feats, "ids": ids, "labels": ids, "cats": torch.tensor(cat_ids)}
+
+
 def seq_length(processor) -> int:
     """Fixed padded length of a training sequence (longest question + answer + </s>)."""
     longest = "Is the triangle right of or left of the triangle?"
@@ -271,7 +292,9 @@ def evaluate_pool(model, pool: dict[str, torch.Tensor], batch: int = 256) -> dic
             logits = decoder_logits(model, ids[:, :-2], pool["feats"][i:i + batch])
             correct.append(logits[:, -1].argmax(-1) == ids[:, -2])
     c = torch.cat(correct)
-    out = {cat: c[pool["cats"] == k].float().mean().item() for k, cat in enumerate(shapes.CATEGORIES)}
+    cats = list(shapes.CATEGORIES) + list(shapes.AUX_CATEGORIES)
+    out = {cat: c[pool["cats"] == k].float().mean().item() for k, cat in enumerate(cats)
+           if (pool["cats"] == k).any()}
     out["overall"] = c.float().mean().item()
     return out
 
@@ -289,6 +312,8 @@ def train_decoder(model, processor, r: Recipe, log: Callable[[str], None]) -> di
                            conv_length if r.turns > 1 else length, r.turns, r.aux_questions))
         log(f"pool max_objects={mo}: {per} samples in {time.time() - t:.0f}s")
     val = _pool(model, processor, r.eval_samples, TRAIN_SEED_BASE + 99, 5, length)
+    aux_val = _aux_pool(model, processor, r.eval_samples, TRAIN_SEED_BASE + 98, length) \
+        if r.aux_questions else None
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -320,6 +345,9 @@ def train_decoder(model, processor, r: Recipe, log: Callable[[str], None]) -> di
         sched.step()
         if step % r.eval_every == 0 or step == r.steps - 1:
             acc = evaluate_pool(model, val)
+            if aux_val is not None:
+                aux_acc = evaluate_pool(model, aux_val)
+                acc.update({c: aux_acc[c] for c in aux_acc if c in shapes.AUX_CATEGORIES})
             model.train()
             model.model.vision_tower.eval()
             history.append({"step": step, "loss": loss.item(), **acc})
