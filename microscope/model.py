@@ -109,7 +109,8 @@ def adapter_for(model) -> Adapter:
 def _resolve(name_or_path: str) -> Path:
     from microscope.zoo import BUNDLED, model_dir
 
-    if name_or_path in BUNDLED or Path(name_or_path).expanduser().is_dir():
+    looks_like_path = name_or_path.startswith((".", "~", "/")) or Path(name_or_path).expanduser().is_dir()
+    if name_or_path in BUNDLED or looks_like_path:
         return model_dir(name_or_path)
     if "/" in name_or_path and not Path(name_or_path).is_absolute():
         from huggingface_hub import snapshot_download

@@ -41,19 +41,12 @@ def model_dir(name_or_dir: str | Path) -> Path:
 
 
 def load_pretrained(name_or_dir: str | Path = "shapes-llava", device: str | None = None):
-    """``(model, processor)`` of a bundled model or a local LLaVA directory, offline, in eval mode."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """``(model, processor)`` of a bundled model or a local LLaVA directory, offline, in eval mode.
 
-    path = model_dir(name_or_dir)
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # corrupt json / safetensors / mismatched shapes
-        raise ModelNotFoundError(
-            f"model directory {path} could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
-            "its files are corrupt or from another model: re-create or reinstall it"
-        ) from e
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model, processor
+    A thin wrapper of :func:`microscope.load` (the suite's one loader) for code that wants the
+    two HF objects only.
+    """
+    from microscope.model import load
+
+    h = load(str(name_or_dir), device=device)
+    return h.model, h.processor
