@@ -75,6 +75,13 @@ def main() -> None:
     Y = X @ (rng.standard_normal((a.d, a.d)) / np.sqrt(a.d)) + 0.1 * rng.standard_normal((a.n, a.d))
     Xt, Yt = torch.tensor(X, device=a.device), torch.tensor(Y, device=a.device)
     print(f"n={a.n} d={a.d} device={a.device} torch threads={torch.get_num_threads()}")
+    # warm every code path (BLAS/LAPACK thread pools, allocator) so no method pays start-up costs
+    Xs, Ys = X[:256, :256], Y[:256, :256]
+    for fn, args in ((G.twonn, (torch.tensor(Xs),)), (G.pc1_ratio, (torch.tensor(Xs),)),
+                     (G.linearity, (torch.tensor(Xs), torch.tensor(Ys))), (published_anisotropy, (Xs,)),
+                     (published_linearity, (Xs, Ys)),
+                     (lambda z: skdim.id.TwoNN(discard_fraction=0.1).fit(z).dimension_, (Xs,))):
+        fn(*args)
     rows = []
     ours_id, t_ours_id = timed(G.twonn, Xt)
     pub_id, t_pub_id = timed(published_twonn, X)
