@@ -329,10 +329,11 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     cache: dict[int, torch.Tensor] = {}
 
     def acts(lay: int) -> torch.Tensor:
+        """Layer ``lay``'s activations; only the two layers of the current pair stay in memory."""
         if lay not in cache:
-            x, _ = store.load(lay)
-            cache.clear() if len(cache) > 2 else None
-            cache[lay] = x.to(device or "cpu", torch.float64)
+            for old in [k for k in cache if k not in (lay, pairs.get(lay))]:
+                del cache[old]
+            cache[lay] = store.load(lay)[0].to(device or "cpu", torch.float64)
         return cache[lay]
 
     for lay in tqdm(layers, desc="geometry", disable=not progress):

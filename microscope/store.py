@@ -95,16 +95,24 @@ class ActivationStore:
     def complete(self) -> bool:
         return len(self.shards) == self.meta["n_shards"]
 
+    def _table(self) -> pd.DataFrame:
+        """All complete shards' token tables, read once per set of shards (not per ``load``)."""
+        shards = tuple(self.shards)
+        if getattr(self, "_cached", (None,))[0] != shards:
+            frames = []
+            for k in shards:
+                t = pd.read_parquet(self.shard_path(k, "parquet"))
+                t["shard"] = k
+                t["row"] = range(len(t))
+                frames.append(t)
+            df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+                columns=["sample_index", "sample_id", "position", "role", "shard", "row"])
+            self._cached = (shards, df)
+        return self._cached[1]
+
     def tokens(self, roles: str | Sequence[str] | None = None) -> pd.DataFrame:
         """Token table of every complete shard (optionally only ``roles``), in storage order."""
-        frames = []
-        for k in self.shards:
-            t = pd.read_parquet(self.shard_path(k, "parquet"))
-            t["shard"] = k
-            t["row"] = range(len(t))
-            frames.append(t)
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-            columns=["sample_index", "sample_id", "position", "role", "shard", "row"])
+        df = self._table().copy()
         if roles is not None:
             role_codes(roles)  # validates names
             df = df[df["role"].isin([roles] if isinstance(roles, str) else list(roles))]

@@ -351,6 +351,14 @@ def _unique(objects: Sequence[ShapeObject], attr: str) -> list[int]:
     return [i for i, v in enumerate(vals) if vals.count(v) == 1]
 
 
+def _referent(objects: Sequence[ShapeObject], key: str, attr: str, value: str,
+              rng: np.random.Generator) -> int | None:
+    """A random object whose ``key`` (shape or colour) is unique in the scene and whose ``attr``
+    equals ``value``, i.e. one that a question naming its ``key`` refers to unambiguously."""
+    cand = [i for i in _unique(objects, key) if getattr(objects[i], attr) == value]
+    return cand[int(rng.integers(len(cand)))] if cand else None
+
+
 def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.random.Generator
         ) -> tuple[str, tuple[int, ...], tuple[str, ...], tuple[str, ...]] | None:
     """A question of ``category`` about a scene whose correct answer is ``answer``.
@@ -378,17 +386,15 @@ def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.rand
         shape = objects[t].shape
         return f"Is the {shape} on the left or on the right?", (t,), (shape,), ("left", "right")
     if category == "QueryCat":
-        cand = [i for i in _unique(objects, "color") if objects[i].shape == answer]
-        if not cand:
+        t = _referent(objects, "color", "shape", answer, rng)
+        if t is None:
             return None
-        t = cand[int(rng.integers(len(cand)))]
         color = objects[t].color
         return f"What shape is the {color} object?", (t,), (color,), ()
     if category in ("QueryAttr", "ChooseAttr"):
-        cand = [i for i in _unique(objects, "shape") if objects[i].color == answer]
-        if not cand:
+        t = _referent(objects, "shape", "color", answer, rng)
+        if t is None:
             return None
-        t = cand[int(rng.integers(len(cand)))]
         shape = objects[t].shape
         if category == "QueryAttr":
             return f"What color is the {shape}?", (t,), (shape,), ()
@@ -396,10 +402,9 @@ def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.rand
         opts = (answer, other) if rng.random() < 0.5 else (other, answer)
         return f"Is the {shape} {opts[0]} or {opts[1]}?", (t,), (shape,), opts
     if category == "ChooseCat":
-        cand = [i for i in _unique(objects, "color") if objects[i].shape == answer]
-        if not cand:
+        t = _referent(objects, "color", "shape", answer, rng)
+        if t is None:
             return None
-        t = cand[int(rng.integers(len(cand)))]
         color = objects[t].color
         other = _pick(rng, SHAPES, [answer])
         opts = (answer, other) if rng.random() < 0.5 else (other, answer)
