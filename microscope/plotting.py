@@ -166,3 +166,72 @@ def pca_scatter(df: pd.DataFrame, ax=None, title: str = ""):
     if title:
         ax.set_title(title)
     return ax.figure
+
+
+#: Okabe-Ito colours per knockout edge
+EDGE_COLORS = {
+    "image↛question": "#0072B2", "image↛last": "#56B4E9", "question↛last": "#E69F00", "last↛last": "#009E73",
+    "related-image↛question": "#D55E00", "other-image↛question": "#CC79A7", "image↛text": "#000000",
+}
+
+
+def _mean_ci(g: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    s = g.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
+    s["half"] = 1.96 * s["std"].fillna(0) / np.sqrt(s["count"].clip(lower=1))
+    return s
+
+
+def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, title: str = ""):
+    """Mean % change of p(answer) per window centre, one line per edge, 95% CI bands
+    (normal approximation over samples), zero drawn in."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    edges = edges or list(dict.fromkeys(df.edge))
+    for e in edges:
+        g = df[df.edge == e]
+        if g.empty:
+            continue
+        s = _mean_ci(g, "layer", "change")
+        c = EDGE_COLORS.get(e)
+        ax.plot(s.layer, s["mean"], color=c, marker="o", ms=3, label=e)
+        ax.fill_between(s.layer, s["mean"] - s.half, s["mean"] + s.half, color=c, alpha=0.2, lw=0)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xlabel(f"window centre layer (k = {int(df.window.iloc[0])})" if len(df) else "layer")
+    ax.set_ylabel("change of p(answer), %")
+    if title:
+        ax.set_title(title)
+    return ax.figure
+
+
+def knockout_by_category(df: pd.DataFrame, edges: list[str] | None = None, categories: list[str] | None = None):
+    """Small multiples: one :func:`knockout_curves` panel per question category."""
+    categories = categories or list(dict.fromkeys(df.category))
+    cols = min(3, max(1, len(categories)))
+    rows = (len(categories) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    for ax, cat in zip(axes.flat, categories):
+        d = df[df.category == cat]
+        knockout_curves(d, edges, ax=ax, title=f"{cat} (n = {d.sample_id.nunique()})")
+    for ax in list(axes.flat)[len(categories):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def logit_lens_curve(df: pd.DataFrame, ax=None, title: str = "logit lens at the last position"):
+    """Mean probability of the answer token per layer, one line per variant (lower-case /
+    capitalised), with 95% CI bands."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    colors = {"lower": "#0072B2", "capitalised": "#D55E00"}
+    for v, g in df.groupby("variant", sort=False):
+        s = _mean_ci(g, "layer", "prob")
+        ax.plot(s.layer, s["mean"], marker="o", ms=3, color=colors.get(v), label=f"answer ({v})")
+        ax.fill_between(s.layer, s["mean"] - s.half, s["mean"] + s.half, color=colors.get(v), alpha=0.2, lw=0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("p(answer token)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend()
+    return ax.figure

@@ -19,7 +19,8 @@ def run(tmp_path_factory):
 
 def test_notebooks_are_stored_without_outputs_and_have_parameters():
     books = suite.notebooks()
-    assert [b.name for b in books][:2] == ["00_tour.ipynb", "01_extraction.ipynb"]
+    assert [b.name for b in books][:4] == ["00_tour.ipynb", "01_extraction.ipynb", "02_geometry.ipynb",
+                                        "03_attention_knockout.ipynb"]
     for b in books:
         nb = nbformat.read(b, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -67,3 +68,25 @@ def test_geometry_notebook_reuses_the_store_and_reports_per_modality_means(run):
     assert not (root / "run" / "02_geometry" / "store").exists()
     figs = {p.name for p in (root / "figures").iterdir()}
     assert {"02_geometry_panel.pdf", "02_geometry_pca.png"} <= figs
+
+
+def test_knockout_notebook_reports_accuracies_and_largest_drops(run):
+    root, summary = run
+    ko = summary["notebooks"]["03_attention_knockout"]
+    assert ko["n_samples"] == 36 and 0 < ko["n_correct"] <= 36 and ko["window"] == 3
+    assert ko["base_accuracy"] == ko["n_correct"] / 36
+    # the image blocked from every text position in all layers: near the question-only prior
+    assert ko["accuracy_image_blocked"] < ko["base_accuracy"] - 0.2
+    assert abs(ko["accuracy_image_blocked"] - ko["question_only_prior"]) < 0.25
+    edges = {"image↛question", "image↛last", "question↛last", "last↛last", "related-image↛question",
+             "other-image↛question"}
+    assert set(ko["largest_drop"]) == edges
+    for d in ko["largest_drop"].values():
+        assert 0 <= d["layer"] < 6 and -100 <= d["change"] <= 100
+    assert ko["largest_drop"]["question↛last"]["change"] < -20
+    import pandas as pd
+
+    df = pd.read_parquet(root / "run" / "03_attention_knockout" / "knockout.parquet")
+    assert set(df.edge) == edges and df.sample_id.nunique() == ko["n_correct"]
+    figs = {p.name for p in (root / "figures").iterdir()}
+    assert {"03_knockout_by_category.pdf", "03_knockout_related_vs_other.png", "03_logit_lens.pdf"} <= figs

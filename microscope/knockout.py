@@ -1,0 +1,399 @@
+"""Attention knockout: stop chosen query positions from reading chosen key positions.
+
+    plan = [Block(source=batch.role_mask("image"), target=batch.role_mask("last"), layers=[2, 3])]
+    with knockout(handle, plan):          # nothing is patched outside the block
+        logits = handle.model(**batch.inputs).logits
+
+    df = sweep(handle, samples)           # % change of p(answer) per edge × window centre
+    acc = predict(handle, samples, "image↛text")   # accuracy with image blocked in all layers
+
+How: the decoder's attention is routed, for the duration of the ``with`` block, through an
+attention function registered with transformers' ``AttentionInterface`` (and its mask
+function with ``AttentionMaskInterface``). It wraps the model's own ``sdpa`` or ``eager``
+function and, in the planned decoder layers only, removes the blocked (query, key) pairs from
+the attention mask before calling it: a boolean mask gets ``False``, an additive mask gets the
+dtype's minimum. No module's ``forward`` is replaced, the vision tower's attention (which reads
+the vision config) is untouched, and an empty plan calls the original function with the
+original mask, so it reproduces the unpatched logits exactly.
+
+Edges (DESIGN §2.2) are written ``source↛target`` (``->`` works too): ``source`` positions are
+the keys whose information is blocked, ``target`` the queries that can no longer attend to
+them. Sides are role names (:data:`~microscope.roles.ROLES`), ``question`` (question incl.
+constraint tokens), ``text`` (every non-image prompt position), ``related-image`` (image tokens
+of the patches covering the referred object(s)) and ``other-image`` (the remaining image tokens).
+
+Knockout effect (DESIGN §6): ``(p_blocked − p_base) / p_base × 100`` for the first token of the
+correct answer at the last position, with attention blocked in a window of ``k`` consecutive
+layers centred at ``l`` (clipped at the ends), on samples the model answers correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from microscope.answers import answer_ids
+from microscope.extract import capture
+from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
+
+QUESTION = ("question", "constraint")
+TEXT = ("template", "question", "constraint", "last")
+#: the edges of Zhang et al. (CVPR 2025) swept by default, plus image↛text (image blocked from
+#: every text position: what remains is the question-only prediction)
+EDGES: dict[str, tuple[str, str]] = {
+    "image↛question": ("image", "question"),
+    "image↛last": ("image", "last"),
+    "question↛last": ("question", "last"),
+    "last↛last": ("last", "last"),
+    "related-image↛question": ("related-image", "question"),
+    "other-image↛question": ("other-image", "question"),
+    "image↛text": ("image", "text"),
+}
+SWEEP_EDGES = tuple(e for e in EDGES if e != "image↛text")
+GROUPS = {"question": QUESTION, "text": TEXT}
+_PATCH_GROUPS = ("related-image", "other-image")
+_BASES = ("sdpa", "eager")
+_NAME = "microscope_knockout_{}"
+
+
+@dataclass
+class Block:
+    """Block attention from ``source`` keys to ``target`` queries in ``layers``.
+
+    ``source``/``target``: boolean ``(B, T)`` masks (or ``(T,)``, shared by every row).
+    ``layers``: decoder layer indices applied to every row, or a boolean ``(B, n_layers)``
+    tensor giving each row its own layers (one forward can then hold a whole window sweep).
+    """
+
+    source: torch.Tensor
+    target: torch.Tensor
+    layers: Sequence[int] | torch.Tensor
+
+
+class _Plan:
+    """A list of blocks compiled to per-layer (rows, source, target) entries."""
+
+    def __init__(self, blocks: Sequence[Block], n_layers: int, check_layers):
+        self.by_layer: dict[int, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {}
+        for j, b in enumerate(blocks):
+            src, tgt = torch.as_tensor(b.source, dtype=torch.bool), torch.as_tensor(b.target, dtype=torch.bool)
+            if src.shape != tgt.shape or src.ndim not in (1, 2):
+                raise ValueError(f"block {j}: source {tuple(src.shape)} and target {tuple(tgt.shape)} must "
+                                 "be boolean masks of the same shape, (T,) or (B, T)")
+            if isinstance(b.layers, torch.Tensor) and b.layers.dtype == torch.bool:
+                lay = b.layers
+                if lay.ndim != 2 or lay.shape[1] != n_layers or (src.ndim == 2 and lay.shape[0] != src.shape[0]):
+                    raise ValueError(f"block {j}: per-row layers must be a (B, {n_layers}) boolean tensor, got "
+                                     f"{tuple(lay.shape)}")
+                for layer in lay.any(0).nonzero().flatten().tolist():
+                    self.by_layer.setdefault(layer, []).append((lay[:, layer], src, tgt))
+            else:
+                for layer in check_layers(list(b.layers), allow_embedding=False):
+                    self.by_layer.setdefault(layer, []).append((None, src, tgt))
+
+    def blocked(self, layer: int, batch: int, q_len: int, k_len: int, device) -> torch.Tensor | None:
+        """``(B, Q, K)`` boolean: True where query q may not read key k in ``layer``."""
+        entries = self.by_layer.get(layer)
+        if not entries:
+            return None
+        if q_len != k_len:
+            raise RuntimeError("knockout applies to full forwards (no KV cache): call the model with "
+                               "use_cache=False and the whole prompt, not generate()")
+        out = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=device)
+        for rows, src, tgt in entries:
+            if src.shape[-1] != k_len or (src.ndim == 2 and src.shape[0] != batch):
+                raise ValueError(f"knockout plan was built for inputs of shape {tuple(src.shape)} but the "
+                                 f"forward has batch {batch} × {k_len} tokens; build the plan from the "
+                                 "same batch you run")
+            m = tgt.to(device)[..., :, None] & src.to(device)[..., None, :]
+            if rows is not None:
+                m = m & rows.to(device)[:, None, None]
+            out |= m
+        return out
+
+
+# id(attention module) -> (plan, layer index) while a knockout context is open
+_ACTIVE: dict[int, tuple[_Plan, int]] = {}
+
+
+def _base_function(module, base: str):
+    if base == "sdpa":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward in its module; "
+                           "use the sdpa implementation for knockout")
+    return fn
+
+
+def _apply(mask: torch.Tensor | None, blocked: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    if mask is None:  # sdpa skipped the causal mask: materialise it before editing
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=blocked.device).tril(k_len - q_len)[None, None]
+    if mask.dtype == torch.bool:
+        return mask & ~blocked[:, None]
+    return mask.masked_fill(blocked[:, None], torch.finfo(mask.dtype).min)
+
+
+def _wrapped(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        fn = _base_function(module, base)
+        entry = _ACTIVE.get(id(module))
+        if entry is not None:
+            plan, layer = entry
+            blocked = plan.blocked(layer, query.shape[0], query.shape[-2], key.shape[-2], query.device)
+            if blocked is not None:
+                attention_mask = _apply(attention_mask, blocked, query.shape[-2], key.shape[-2])
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = _NAME.format(base)
+    return attention
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for base in _BASES:
+        name = _NAME.format(base)
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _wrapped(base))
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+def _text_config(handle):
+    lm_attn = handle.adapter.layers[0].self_attn
+    return lm_attn.config
+
+
+@contextlib.contextmanager
+def knockout(handle, plan: Sequence[Block], implementation: str | None = None) -> Iterator[None]:
+    """Run forwards of ``handle.model`` inside the block with ``plan``'s attention edges removed.
+
+    ``implementation``: ``"sdpa"`` or ``"eager"`` (default: the one the model was loaded with).
+    Everything is restored on exit, even on error; contexts do not nest.
+    """
+    cfg = _text_config(handle)
+    current = cfg._attn_implementation
+    base = implementation or current
+    if base not in _BASES:
+        raise ValueError(f"knockout needs the 'sdpa' or 'eager' attention implementation, got {base!r}: "
+                         "load the model with microscope.load(..., attn_implementation='sdpa')")
+    layers = handle.adapter.layers
+    if any(id(layer.self_attn) in _ACTIVE for layer in layers):
+        raise RuntimeError("a knockout context is already open on this model; contexts do not nest — "
+                           "put every block in one plan")
+    compiled = _Plan(plan, handle.adapter.n_layers, handle.adapter.check_layers)
+    _register()
+    try:
+        for i, layer in enumerate(layers):
+            _ACTIVE[id(layer.self_attn)] = (compiled, i)
+        cfg._attn_implementation = _NAME.format(base)
+        yield
+    finally:
+        cfg._attn_implementation = current
+        for layer in layers:
+            _ACTIVE.pop(id(layer.self_attn), None)
+
+
+# ---------------------------------------------------------------------------------------- edges
+
+def parse_edge(edge: str) -> tuple[str, str]:
+    """``"image↛last"`` / ``"image->last"`` / a name in :data:`EDGES` → ``(source, target)``."""
+    if edge in EDGES:
+        return EDGES[edge]
+    for sep in ("↛", "->"):
+        if sep in edge:
+            src, tgt = (s.strip() for s in edge.split(sep, 1))
+            for side in (src, tgt):
+                if side not in GROUPS and side not in _PATCH_GROUPS:
+                    role_codes(side)
+            if tgt in _PATCH_GROUPS:
+                raise ValueError(f"edge {edge!r}: related/other image patches can only be a source")
+            return src, tgt
+    raise ValueError(f"edge {edge!r} is not 'source↛target' (or 'source->target'); named edges are "
+                     f"{list(EDGES)}")
+
+
+def image_patch_positions(handle, batch: Batch, row: int) -> torch.Tensor:
+    """Sequence positions of row ``row``'s image tokens, in patch (raster) order.
+
+    Only for models whose image tokens are exactly the vision tower's patch grid (LLaVA-1.5
+    style); ``ValueError`` otherwise (LLaVA-NeXT's anyres crops and newline tokens have no
+    single patch grid — give image positions directly as a :class:`Block`).
+    """
+    pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
+    vc = handle.model.config.vision_config
+    grid = vc.image_size // vc.patch_size
+    if len(pos) != grid * grid:
+        raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {grid}×{grid} patch grid (anyres "
+                         "crops or newline tokens?); related/other-image edges need one token per patch — "
+                         "pass image positions in a Block instead")
+    return pos
+
+
+def edge_masks(handle, batch: Batch, edge: str, related: Sequence[Sequence[int]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``(B, T)`` (source, target) masks of ``edge`` on ``batch``.
+
+    ``related[i]``: patch indices (raster order on the vision tower's grid) covering the object(s)
+    row ``i``'s question refers to; needed for ``related-image``/``other-image`` sources.
+    """
+    src, tgt = parse_edge(edge)
+
+    def side(name: str) -> torch.Tensor:
+        if name in _PATCH_GROUPS:
+            if related is None or len(related) != batch.roles.shape[0]:
+                raise ValueError(f"edge {edge!r} needs related patches, one list per row "
+                                 f"(got {None if related is None else len(related)})")
+            m = torch.zeros_like(batch.roles, dtype=torch.bool)
+            for i, patches in enumerate(related):
+                pos = image_patch_positions(handle, batch, i)
+                sel = torch.zeros(len(pos), dtype=torch.bool)
+                idx = torch.as_tensor(list(patches), dtype=torch.long)
+                if len(idx) and (idx.min() < 0 or idx.max() >= len(pos)):
+                    raise ValueError(f"row {i}: related patch indices must lie in 0..{len(pos) - 1}")
+                sel[idx] = True
+                m[i, pos[sel if name == "related-image" else ~sel]] = True
+            return m
+        return batch.role_mask(GROUPS.get(name, name))
+
+    return side(src), side(tgt)
+
+
+# ---------------------------------------------------------------------------------------- sweep
+
+def default_window(n_layers: int) -> int:
+    """Window size scaled to depth: the smallest odd ``k >= 9 · n_layers / 32`` (Zhang et al. use
+    k = 9 on 32 layers; 13 for 40 layers, 3 for the embedded model's 6)."""
+    return max(1, 2 * math.ceil((9 * n_layers / 32 - 1) / 2) + 1)
+
+
+def window_layers(center: int, window: int, n_layers: int) -> range:
+    """The ``window`` layers centred at ``center``, clipped to ``0..n_layers-1``."""
+    lo = max(0, center - (window - 1) // 2)
+    hi = min(n_layers, center + window // 2 + 1)
+    return range(lo, hi)
+
+
+def _related(sample) -> tuple[int, ...] | None:
+    f = getattr(sample, "referred_patches", None)
+    return tuple(f()) if callable(f) else None
+
+
+def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window: int | None = None,
+          batch_size: int = 64, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Knockout effect for every sample × edge × window centre, batched.
+
+    Per sample: one ordinary forward (base probability, and the decoder's input embeddings with
+    the image features merged in), then every (edge, centre) pair as one row of a batch of
+    ``inputs_embeds`` forwards with per-row layer masks — ``ceil(E·L / batch_size)`` forwards
+    instead of ``E·L``. Samples answered wrongly are skipped when ``only_correct``; edges on
+    related/other image patches are skipped for samples whose question refers to no patch.
+
+    Returns one row per (sample, edge, centre): ``model, sample_id, category, edge, layer``
+    (window centre), ``layer_lo, layer_hi, window, p_base, p_blocked, change`` (%).
+    """
+    a = handle.adapter
+    L = a.n_layers
+    window = default_window(L) if window is None else int(window)
+    if window < 1:
+        raise ValueError(f"window must be >= 1 layer, got {window}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for e in edges:
+        parse_edge(e)
+    wins = [window_layers(c, window, L) for c in range(L)]
+    layer_rows = torch.zeros(L, L, dtype=torch.bool)
+    for c, w in enumerate(wins):
+        layer_rows[c, w.start:w.stop] = True
+    records = []
+    device = handle.device
+    for s in tqdm(samples, desc="knockout sweep", disable=not progress, mininterval=5):
+        batch = prepare_samples(handle, [s])
+        inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+        gold = answer_ids(handle.processor, [s.answer])[0]
+        with torch.no_grad(), capture(handle, [-1]) as acts:
+            logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+        if only_correct and int(logits.argmax()) != gold:
+            continue
+        p_base = float(logits.softmax(-1)[gold])
+        emb = acts["resid.-1"]
+        rel = _related(s)
+        todo = []
+        for e in edges:
+            src_name, _ = parse_edge(e)
+            if src_name in _PATCH_GROUPS and not rel:
+                continue
+            src, tgt = edge_masks(handle, batch, e, [rel] if src_name in _PATCH_GROUPS else None)
+            todo += [(e, c, src[0], tgt[0]) for c in range(L)]
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            r = len(chunk)
+            block = Block(source=torch.stack([t[2] for t in chunk]), target=torch.stack([t[3] for t in chunk]),
+                          layers=layer_rows[[t[1] for t in chunk]])
+            with torch.no_grad(), knockout(handle, [block]):
+                out = handle.model(inputs_embeds=emb.expand(r, -1, -1),
+                                   attention_mask=inputs["attention_mask"].expand(r, -1),
+                                   use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            p = out.softmax(-1)[:, gold].cpu()
+            for (e, c, _, _), pb in zip(chunk, p.tolist()):
+                records.append({
+                    "model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
+                    "edge": e, "layer": c, "layer_lo": wins[c].start, "layer_hi": wins[c].stop - 1,
+                    "window": window, "p_base": p_base, "p_blocked": pb,
+                    "change": (pb - p_base) / p_base * 100.0,
+                })
+    cols = ["model", "sample_id", "category", "edge", "layer", "layer_lo", "layer_hi", "window", "p_base",
+            "p_blocked", "change"]
+    return pd.DataFrame.from_records(records, columns=cols)
+
+
+def predict(handle, samples: Sequence, edge: str | None = None, layers: Sequence[int] | None = None,
+            batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Greedy first-token answers with ``edge`` knocked out in ``layers`` (default: all layers).
+
+    ``edge=None`` predicts without intervention. One row per sample: ``model, sample_id,
+    category, answer, prediction, correct, p_answer``.
+    """
+    layers = list(range(handle.adapter.n_layers)) if layers is None else handle.adapter.check_layers(
+        layers, allow_embedding=False)
+    if edge is not None:
+        parse_edge(edge)
+    rows = []
+    for i in tqdm(range(0, len(samples), batch_size), desc="predict", disable=not progress, mininterval=5):
+        chunk = samples[i:i + batch_size]
+        batch = prepare_samples(handle, chunk)
+        inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
+        plan = []
+        if edge is not None:
+            src, tgt = edge_masks(handle, batch, edge, [_related(s) or () for s in chunk])
+            plan = [Block(src, tgt, layers)]
+        with torch.no_grad(), knockout(handle, plan):
+            logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        probs = logits.softmax(-1).cpu()
+        gold = answer_ids(handle.processor, [s.answer for s in chunk])
+        pred = probs.argmax(-1).tolist()
+        names = handle.processor.tokenizer.convert_ids_to_tokens(pred)
+        for s, g, p, nm, pr in zip(chunk, gold, pred, names, probs):
+            rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
+                         "answer": s.answer, "prediction": nm, "correct": p == g, "p_answer": float(pr[g])})
+    return pd.DataFrame(rows, columns=["model", "sample_id", "category", "answer", "prediction", "correct",
+                                       "p_answer"])
+
+
+def largest_drops(df: pd.DataFrame) -> dict[str, dict]:
+    """Per edge, the window centre with the most negative mean change and that mean (%)."""
+    out = {}
+    for e, g in df.groupby("edge", sort=False):
+        m = g.groupby("layer")["change"].mean()
+        out[e] = {"layer": int(m.idxmin()), "change": float(m.min()), "n_samples": int(g.sample_id.nunique())}
+    return out

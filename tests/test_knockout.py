@@ -1,0 +1,251 @@
+"""Attention knockout: invariants (DESIGN §2.2), the batched sweep against one forward per
+window, edges, errors, and the logit lens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import microscope
+from microscope import knockout as ko
+from microscope.data import shapes
+from microscope.extract import capture
+from microscope.lens import logit_lens
+
+HANDLES = ["shapes", "llava15", "llava_next"]
+
+
+def _samples(handle, n=6, seed=11):
+    vc = handle.model.config.vision_config
+    return shapes.generate(n, seed, image_size=vc.image_size, patch_size=vc.patch_size)
+
+
+def _logits(handle, batch):
+    with torch.no_grad():
+        return handle.model(**batch.inputs, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", HANDLES)
+def test_empty_plan_gives_identical_logits(handles, name):
+    h = handles[name]
+    batch = microscope.prepare_samples(h, _samples(h))
+    base = _logits(h, batch)
+    for impl in (None, "sdpa"):
+        with ko.knockout(h, [], implementation=impl):
+            same = _logits(h, batch)
+        assert torch.equal(base, same)
+
+
+@pytest.mark.parametrize("name", HANDLES)
+def test_eager_and_sdpa_agree_under_a_plan(handles, name):
+    h = handles[name]
+    batch = microscope.prepare_samples(h, _samples(h))  # different lengths: left padding included
+    src, tgt = ko.edge_masks(h, batch, "question↛last")
+    src2, tgt2 = ko.edge_masks(h, batch, "image↛question")
+    plan = [ko.Block(src, tgt, [0, 1]), ko.Block(src2, tgt2, [1, 2])]
+    real = batch.roles != microscope.roles.ROLE_CODE["pad"]
+    with ko.knockout(h, plan, implementation="sdpa"):
+        a = _logits(h, batch)
+    with ko.knockout(h, plan, implementation="eager"):
+        b = _logits(h, batch)
+    base = _logits(h, batch)
+    assert (a[real] - b[real]).abs().max() < 1e-4
+    assert (a[:, -1] - base[:, -1]).abs().max() > 1e-3  # the plan did something
+
+
+@pytest.mark.parametrize("name", HANDLES)
+def test_blocking_image_from_all_text_makes_last_logits_image_independent(handles, name):
+    h = handles[name]
+    s = _samples(h, n=2, seed=5)
+    q = s[0].question
+    batch = microscope.prepare(h, [s[0].image, s[1].image], [q, q])
+    base = _logits(h, batch)[:, -1]
+    assert (base[0] - base[1]).abs().max() > 1e-3  # the image matters without the knockout
+    src, tgt = ko.edge_masks(h, batch, "image↛text")
+    with ko.knockout(h, [ko.Block(src, tgt, range(h.adapter.n_layers))]):
+        blocked = _logits(h, batch)[:, -1]
+    assert (blocked[0] - blocked[1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", HANDLES)
+def test_a_plan_on_layer_l_leaves_everything_below_unchanged(handles, name):
+    h = handles[name]
+    batch = microscope.prepare_samples(h, _samples(h, n=3))
+    L = h.adapter.n_layers
+    layers = list(range(-1, L))
+    src, tgt = ko.edge_masks(h, batch, "question↛last")
+    with torch.no_grad(), capture(h, layers) as clean:
+        h.model(**batch.inputs)
+    clean = dict(clean)
+    lay = 2
+    with torch.no_grad(), capture(h, layers) as acts, ko.knockout(h, [ko.Block(src, tgt, [lay])]):
+        h.model(**batch.inputs)
+    for i in range(-1, lay):
+        assert torch.equal(acts[f"resid.{i}"], clean[f"resid.{i}"]), i
+    assert not torch.allclose(acts[f"resid.{lay}"], clean[f"resid.{lay}"])
+
+
+def test_the_vision_tower_is_untouched_and_everything_is_restored_after_an_error(shapes_handle):
+    h = shapes_handle
+    batch = microscope.prepare_samples(h, _samples(h, n=2))
+    pv = batch.inputs["pixel_values"]
+    with torch.no_grad():
+        feats = h.model.model.get_image_features(pixel_values=pv)
+    src, tgt = ko.edge_masks(h, batch, "image↛text")
+    before = h.adapter.layers[0].self_attn.config._attn_implementation
+    with pytest.raises(KeyError), ko.knockout(h, [ko.Block(src, tgt, range(6))]):
+        with torch.no_grad():
+            inside = h.model.model.get_image_features(pixel_values=pv)
+        raise KeyError("boom")
+    f0 = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    f1 = inside.pooler_output if hasattr(inside, "pooler_output") else inside
+    for x, y in zip(f0, f1):
+        assert torch.equal(x, y)
+    assert h.adapter.layers[0].self_attn.config._attn_implementation == before
+    assert not ko._ACTIVE
+    batch2 = microscope.prepare_samples(h, _samples(h, n=2))
+    with ko.knockout(h, []):
+        pass
+    assert torch.equal(_logits(h, batch2), _logits(h, batch2))
+
+
+def test_related_and_other_image_partition_the_image_tokens(shapes_handle):
+    h = shapes_handle
+    s = [x for x in _samples(h, n=12) if x.referred_patches()][:4]
+    batch = microscope.prepare_samples(h, s)
+    rel = [x.referred_patches() for x in s]
+    r, q = ko.edge_masks(h, batch, "related-image↛question", rel)
+    o, _ = ko.edge_masks(h, batch, "other-image↛question", rel)
+    img = batch.role_mask("image")
+    assert torch.equal(r | o, img) and not (r & o).any()
+    assert r.sum(1).tolist() == [len(p) for p in rel]
+    assert torch.equal(q, batch.role_mask(["question", "constraint"]))
+    # the related tokens are the patches the referred object covers, in raster order
+    pos = ko.image_patch_positions(h, batch, 0)
+    assert r[0].nonzero().flatten().tolist() == pos[list(rel[0])].tolist()
+
+
+def test_sweep_equals_one_full_forward_per_window_centre(shapes_handle):
+    h = shapes_handle
+    s = _samples(h, n=8, seed=2)
+    df = ko.sweep(h, s, window=3, batch_size=7, progress=False)
+    assert len(df) > 0 and df.window.eq(3).all()
+    assert set(df.edge) <= set(ko.SWEEP_EDGES)
+    sid = df.sample_id.iloc[0]
+    sample = next(x for x in s if x.id == sid)
+    batch = microscope.prepare_samples(h, [sample])
+    gold = microscope.answers.answer_ids(h.processor, [sample.answer])[0]
+    for edge in ("image↛question", "question↛last", "related-image↛question"):
+        src, tgt = ko.edge_masks(h, batch, edge, [sample.referred_patches()])
+        for c in range(6):
+            w = ko.window_layers(c, 3, 6)
+            with ko.knockout(h, [ko.Block(src, tgt, list(w))]):
+                p = _logits(h, batch)[0, -1].softmax(-1)[gold].item()
+            row = df[(df.sample_id == sid) & (df.edge == edge) & (df.layer == c)].iloc[0]
+            assert row.p_blocked == pytest.approx(p, abs=1e-5)
+            assert (row.layer_lo, row.layer_hi) == (w.start, w.stop - 1)
+            assert row.change == pytest.approx((row.p_blocked - row.p_base) / row.p_base * 100)
+    # the base probability is the unpatched model's
+    assert df[df.sample_id == sid].p_base.iloc[0] == pytest.approx(
+        _logits(h, batch)[0, -1].softmax(-1)[gold].item(), abs=1e-6)
+
+
+def test_sweep_keeps_only_correct_samples_and_predict_reports_accuracy(shapes_handle):
+    h = shapes_handle
+    s = _samples(h, n=16, seed=4)
+    plain = ko.predict(h, s, progress=False)
+    df = ko.sweep(h, s, edges=["image↛last"], progress=False)
+    assert set(df.sample_id) == set(plain.sample_id[plain.correct])
+    assert len(df) == plain.correct.sum() * h.adapter.n_layers
+    blind = ko.predict(h, s, "image↛text", progress=False)
+    assert plain.correct.mean() > 0.8
+    # without the image in any layer, the prediction is one per question text
+    batch_q = {}
+    for row, smp in zip(blind.itertuples(), s):
+        batch_q.setdefault(smp.question, set()).add(row.prediction)
+    assert all(len(v) == 1 for v in batch_q.values())
+
+
+def test_window_defaults_and_clipping():
+    assert ko.default_window(32) == 9
+    assert ko.default_window(40) == 13
+    assert ko.default_window(6) == 3
+    assert ko.default_window(1) == 1
+    assert list(ko.window_layers(0, 9, 32)) == list(range(0, 5))
+    assert list(ko.window_layers(31, 9, 32)) == list(range(27, 32))
+    assert list(ko.window_layers(10, 9, 32)) == list(range(6, 15))
+    assert list(ko.window_layers(2, 1, 6)) == [2]
+
+
+def test_bad_input_gets_clear_errors(handles):
+    h = handles["shapes"]
+    batch = microscope.prepare_samples(h, _samples(h, n=2))
+    with pytest.raises(ValueError, match="named edges"):
+        ko.parse_edge("image to last")
+    with pytest.raises(ValueError, match="unknown role"):
+        ko.parse_edge("pixels↛last")
+    with pytest.raises(ValueError, match="only be a source"):
+        ko.parse_edge("question->related-image")
+    src, tgt = ko.edge_masks(h, batch, "image->last")
+    with pytest.raises(ValueError, match="out of range"), ko.knockout(h, [ko.Block(src, tgt, [6])]):
+        pass
+    with pytest.raises(ValueError, match="sdpa' or 'eager"), ko.knockout(h, [], implementation="flash_attention_2"):
+        pass
+    with pytest.raises(ValueError, match="related patches"):
+        ko.edge_masks(h, batch, "related-image↛question")
+    with pytest.raises(ValueError, match="window"):
+        ko.sweep(h, _samples(h, n=1), window=0)
+    other = microscope.prepare_samples(h, _samples(h, n=3))
+    with pytest.raises(ValueError, match="same batch"), ko.knockout(h, [ko.Block(src, tgt, [0])]):
+        _logits(h, other)
+    nxt = handles["llava_next"]
+    nb = microscope.prepare_samples(nxt, _samples(nxt, n=1))
+    with pytest.raises(ValueError, match="patch grid"):
+        ko.edge_masks(nxt, nb, "related-image↛question", [[0]])
+    assert not ko._ACTIVE
+
+
+def test_logit_lens_last_layer_is_the_model_output(shapes_handle):
+    h = shapes_handle
+    s = _samples(h, n=5)
+    df = logit_lens(h, s, progress=False)
+    assert set(df.layer) == set(range(6)) and set(df.variant) == {"lower"}  # word-level vocab: no "Red"
+    batch = microscope.prepare_samples(h, s)
+    probs = _logits(h, batch)[:, -1].softmax(-1)
+    gold = microscope.answers.answer_ids(h.processor, [x.answer for x in s])
+    last = df[df.layer == 5].set_index("sample_id")
+    for x, g, p in zip(s, gold, probs):
+        assert last.loc[x.id, "prob"] == pytest.approx(p[g].item(), abs=1e-5)
+        assert last.loc[x.id, "rank"] == int((p > p[g]).sum())
+    assert ((df.prob >= 0) & (df.prob <= 1)).all() and (df["rank"] >= 0).all()
+
+
+def test_answer_variants_find_capitalised_tokens_when_the_vocabulary_has_them():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "red": 1, "Red": 2, "blue": 3}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    assert microscope.answers.variant_id(tok, "red", "capitalised") == 2
+    assert microscope.answers.variant_id(tok, "blue", "capitalised") is None
+    assert microscope.answers.answer_ids(tok, ["red", "blue"]) == [1, 3]
+    with pytest.raises(ValueError, match="no token"):
+        microscope.answers.answer_ids(tok, ["green"])
+
+
+@pytest.mark.parametrize("name", ["llava15", "llava_next"])
+def test_sweep_on_other_layouts_matches_full_forwards(handles, name):
+    h = handles[name]
+    s = _samples(h, n=2, seed=8)
+    df = ko.sweep(h, s, edges=["image↛question", "question↛last"], window=1, only_correct=False, progress=False)
+    assert len(df) == 2 * 2 * h.adapter.n_layers
+    for row in df.sample(6, random_state=0).itertuples():
+        sample = next(x for x in s if x.id == row.sample_id)
+        batch = microscope.prepare_samples(h, [sample])
+        gold = microscope.answers.answer_ids(h.processor, [sample.answer])[0]
+        src, tgt = ko.edge_masks(h, batch, row.edge)
+        with ko.knockout(h, [ko.Block(src, tgt, [row.layer])]):
+            p = _logits(h, batch)[0, -1].softmax(-1)[gold].item()
+        assert row.p_blocked == pytest.approx(p, rel=1e-4, abs=1e-7)
