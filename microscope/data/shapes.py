@@ -156,6 +156,14 @@ class Sample:
         """Number of patches along one side of the image."""
         return self.image_size // self.patch_size
 
+    def replacements(self, word: str) -> list[str]:
+        """Other words of the same kind as ``word`` (colours for a colour, shapes for a shape,
+        sizes for a size): the token-replacement corruption of causal tracing draws from these."""
+        for kind in (COLORS, SHAPES, SIZES):
+            if word in kind:
+                return [w for w in kind if w != word]
+        return []
+
     def referred_patches(self) -> tuple[int, ...]:
         """Sorted union of the patches covered by the referred objects."""
         out: set[int] = set()

@@ -1,0 +1,190 @@
+"""Causal tracing (DESIGN §2.3): invariants, determinism, groups, errors; visual-token attribution."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import microscope
+from microscope import attribution as at
+from microscope import tracing as tr
+from microscope.data import shapes
+from microscope.extract import capture
+
+
+def _samples(handle, n=6, seed=2):
+    vc = handle.model.config.vision_config
+    return shapes.generate(n, seed, image_size=vc.image_size, patch_size=vc.patch_size)
+
+
+@pytest.fixture(scope="module")
+def corrupted(shapes_handle):
+    s = _samples(shapes_handle)[1]  # QueryAttr: "What color is the cross?"
+    return tr.corrupt(shapes_handle, s, n_noise=4, seed=3)
+
+
+def test_restoring_the_whole_residual_stream_of_a_layer_gives_back_the_clean_probability(shapes_handle, corrupted):
+    c = corrupted
+    assert c.p_corrupted < c.p_clean - 0.05  # the corruption does something
+    T, L = c.n_tokens, shapes_handle.adapter.n_layers
+    jobs = [("resid", [layer], list(range(T))) for layer in range(-1, L)]
+    jobs.append(("resid", list(range(-1, L)), list(range(T))))  # every layer at every token
+    jobs.append(("resid", [L - 1], [T - 1]))  # the last position's final state is all the logits read
+    p = tr.restore(c, jobs, batch_size=5)
+    assert p == pytest.approx([c.p_clean] * len(jobs), abs=1e-5)
+
+
+def test_zero_noise_gives_zero_effect_and_the_same_seed_the_same_numbers(shapes_handle):
+    h = shapes_handle
+    s = _samples(h)[0]
+    zero = tr.trace(h, s, kinds=["resid", "mlp"], n_noise=2, scale=0.0, sigma=0.05)
+    assert (zero.p_corrupted == zero.p_clean).all()
+    assert zero.effect.abs().max() < 1e-6
+    a = tr.trace(h, s, kinds=["attn"], n_noise=3, sigma=0.05, seed=1)
+    b = tr.trace(h, s, kinds=["attn"], n_noise=3, sigma=0.05, seed=1)
+    pd.testing.assert_frame_equal(a, b)
+    c = tr.trace(h, s, kinds=["attn"], n_noise=3, sigma=0.05, seed=2)
+    assert not a.effect.equals(c.effect)
+
+
+def test_the_map_covers_every_layer_and_token_and_skips_only_what_causality_fixes(shapes_handle, corrupted):
+    h, c = shapes_handle, corrupted
+    df = tr.trace(h, c.sample, corrupted=c, batch_size=64)
+    T, L = c.n_tokens, h.adapter.n_layers
+    assert len(df) == (3 * L + 1) * T
+    assert set(df.kind) == {"resid", "mlp", "attn"} and set(df.layer) == set(range(-1, L))
+    assert set(df[df.kind == "mlp"].layer) == set(range(L))
+    first = int(c.positions.nonzero().min())
+    before = df[df.position < first]
+    assert (before.effect == 0).all() and (before.role == "image").sum() == (3 * L + 1) * 36
+    # running one of the skipped positions for real gives the same zero effect
+    p = tr.restore(c, [("resid", [2], [first - 1]), ("mlp", [1, 2, 3], [5])])
+    assert p == pytest.approx([c.p_corrupted] * 2, abs=1e-6)
+    # batch size does not change the numbers
+    small = tr.trace(h, c.sample, kinds=["mlp"], corrupted=c, batch_size=7)
+    big = df[df.kind == "mlp"].reset_index(drop=True)
+    assert (small.p_restored - big.p_restored).abs().max() < 1e-5
+    # restoring the (only) corrupted token's input undoes the corruption
+    cons = df[(df.kind == "resid") & (df.layer == -1) & (df.role == "constraint")]
+    assert cons.p_restored.iloc[0] == pytest.approx(c.p_clean, abs=1e-5)
+    # the embedded model reads the constraint into the last position in its first layers: restoring the
+    # last position's state after layer 0 brings the answer back, restoring the constraint's does not
+    res = df[df.kind == "resid"].set_index(["layer", "role"]).effect
+    assert res[(0, "last")] > 0.9 * (c.p_clean - c.p_corrupted)
+    assert abs(res[(0, "constraint")]) < 0.05 * (c.p_clean - c.p_corrupted)
+
+
+def test_groups_and_aggregation(shapes_handle):
+    h = shapes_handle
+    s = [x for x in _samples(h, n=12, seed=5) if x.category in ("CompareAttr", "QueryAttr")][:3]
+    df = tr.trace_dataset(h, s, kinds=["resid"], n_noise=2, only_correct=False, progress=False)
+    assert set(df.sample_id) == {x.id for x in s}
+    g = set(df.group)
+    assert {"last constraint", "other question", "related image", "other image", "template", "last"} <= g
+    cmp_ = df[(df.category == "CompareAttr") & (df.role == "constraint")]
+    assert set(cmp_.group) == {"first constraint", "last constraint"}  # "the triangle and the square"
+    agg = tr.aggregate(df)
+    one = agg[(agg.kind == "resid") & (agg.layer == 0) & (agg.group == "last")]
+    manual = df[(df.layer == 0) & (df.group == "last")].groupby("sample_id").effect.mean().mean()
+    assert one.effect.iloc[0] == pytest.approx(manual)
+    assert (agg.ci_low <= agg.effect).all() and (agg.effect <= agg.ci_high).all()
+    peaks = tr.peak_layers(agg)
+    assert set(peaks) == {"resid"} and 0 <= peaks["resid"]["layer"] < 6
+
+
+def test_token_replacement_writes_other_words_of_the_same_kind(shapes_handle):
+    h = shapes_handle
+    s = _samples(h)[1]  # "What color is the cross?"
+    c = tr.corrupt(h, s, "replace", n_noise=6, seed=0)
+    t = int(c.positions.nonzero()[0])
+    emb = h.adapter.embed.weight
+    shape_ids = microscope.answers.answer_ids(h.processor, ["circle", "square", "triangle"])
+    for n in range(6):
+        d = (emb[shape_ids] - c.corrupted[n, t]).abs().sum(-1)
+        assert d.min() < 1e-6  # exactly one of the other shapes' embeddings
+    assert c.p_corrupted < c.p_clean
+
+
+def test_image_targets_corrupt_only_their_patches(shapes_handle):
+    h = shapes_handle
+    s = _samples(h)[1]
+    rel = tr.corrupt(h, s, target="related-image", n_noise=2, sigma=0.5)
+    oth = tr.corrupt(h, s, target="other-image", n_noise=2, sigma=0.5)
+    img = tr.corrupt(h, s, target="image", n_noise=2, sigma=0.5)
+    assert torch.equal(rel.positions | oth.positions, img.positions) and not (rel.positions & oth.positions).any()
+    assert int(rel.positions.sum()) == len(s.referred_patches())
+    changed = (rel.corrupted[0] != rel.clean["resid.-1"]).any(-1)
+    assert torch.equal(changed, rel.positions)
+
+
+def test_tracing_runs_on_llava_next(handles):
+    h = handles["llava_next"]
+    s = _samples(h, n=2)[1]
+    c = tr.corrupt(h, s, n_noise=2, sigma=0.1)
+    L, T = h.adapter.n_layers, c.n_tokens
+    p = tr.restore(c, [("resid", [1], list(range(T)))])
+    assert p[0] == pytest.approx(c.p_clean, abs=1e-5)
+    df = tr.trace(h, s, kinds=["mlp"], corrupted=c)
+    assert len(df) == L * T and df.effect.notna().all()
+
+
+def test_bad_tracing_input_gets_clear_errors(shapes_handle, corrupted):
+    h = shapes_handle
+    s = _samples(h)[0]
+    with pytest.raises(ValueError, match="unknown corruption"):
+        tr.corrupt(h, s, "blur")
+    with pytest.raises(ValueError, match="unknown target"):
+        tr.corrupt(h, s, target="pixels")
+    with pytest.raises(ValueError, match="constraint words"):
+        tr.corrupt(h, s, "replace", target="image")
+    with pytest.raises(ValueError, match="n_noise"):
+        tr.corrupt(h, s, n_noise=0)
+    with pytest.raises(ValueError, match="unknown kind"):
+        tr.restore(corrupted, [("mlp_out", [0], [1])])
+    with pytest.raises(ValueError, match="out of range"):
+        tr.restore(corrupted, [("mlp", [6], [1])])
+    with pytest.raises(ValueError, match="out of range"):
+        tr.restore(corrupted, [("attn", [-1], [1])])
+    with pytest.raises(ValueError, match="positions"):
+        tr.restore(corrupted, [("resid", [0], [999])])
+    with pytest.raises(tr.NothingToCorrupt):
+        blank = microscope.data.shapes.generate(1, 0)[0]
+        blank.constraints = ()
+        tr.corrupt(h, blank)
+
+
+def test_attention_contributions_decompose_the_attention_output_exactly(shapes_handle):
+    h = shapes_handle
+    batch = microscope.prepare_samples(h, _samples(h, n=3))
+    for layer in (0, 3):
+        alpha, outs = at.head_contributions(h, batch, layer)
+        with torch.no_grad(), capture(h, [layer], ["attn"]) as acts:
+            h.model(**batch.inputs)
+        rec = torch.einsum("bhqk,bkhd->bqd", alpha, outs)
+        real = batch.roles != 0
+        assert (rec - acts[f"attn.{layer}"])[real].abs().max() < 1e-4
+    assert not at._RECORD
+    assert h.adapter.layers[0].self_attn.config._attn_implementation == "sdpa"
+
+
+def test_precision_at_k_known_answers():
+    rows = []
+    for sid, good in (("a", True), ("b", False)):
+        for p in range(10):
+            rel = p in (2, 3)
+            score = (1.0 if rel else 0.0) if good else (1.0 if p in (7, 8) else 0.0)
+            rows.append({"sample_id": sid, "category": "X", "patch": p, "score": score, "related": rel})
+    prec = at.precision_at_k(pd.DataFrame(rows))
+    assert prec.set_index("sample_id").precision.to_dict() == {"a": 1.0, "b": 0.0}
+    assert (prec.chance == 0.2).all() and (prec.k == 2).all()
+    assert at.summary(prec) == {"precision": 0.5, "chance": 0.2, "n_samples": 2}
+
+
+def test_restoring_single_image_tokens_finds_the_referred_object(shapes_handle):
+    h = shapes_handle
+    s = [x for x in _samples(h, n=24, seed=7) if x.category in ("QueryAttr", "ChooseAttr")][:6]
+    rs = at.restoration_scores(h, s, n_noise=4, progress=False)
+    summ = at.summary(at.precision_at_k(rs))
+    assert summ["n_samples"] >= 4
+    assert summ["precision"] > summ["chance"] + 0.3
