@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from microscope.answers import answer_ids
 from microscope.extract import capture
+from microscope.prefix import expand, prefix_cache
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
@@ -103,16 +104,14 @@ class _Plan:
         entries = self.by_layer.get(layer)
         if not entries:
             return None
-        if q_len != k_len:
-            raise RuntimeError("knockout applies to full forwards (no KV cache): call the model with "
-                               "use_cache=False and the whole prompt, not generate()")
         out = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=device)
         for rows, src, tgt in entries:
             if src.shape[-1] != k_len or (src.ndim == 2 and src.shape[0] != batch):
                 raise ValueError(f"knockout plan was built for inputs of shape {tuple(src.shape)} but the "
                                  f"forward has batch {batch} × {k_len} tokens; build the plan from the "
-                                 "same batch you run")
-            m = tgt.to(device)[..., :, None] & src.to(device)[..., None, :]
+                                 "same batch you run (with a KV cache: masks over cache + new tokens)")
+            # queries are the last q_len positions (all of them without a cache)
+            m = tgt.to(device)[..., k_len - q_len:, None] & src.to(device)[..., None, :]
             if rows is not None:
                 m = m & rows.to(device)[:, None, None]
             out |= m
@@ -296,7 +295,9 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     Per sample: one ordinary forward (base probability, and the decoder's input embeddings with
     the image features merged in), then every (edge, centre) pair as one row of a batch of
     ``inputs_embeds`` forwards with per-row layer masks — ``ceil(E·L / batch_size)`` forwards
-    instead of ``E·L``. Samples answered wrongly are skipped when ``only_correct``; edges on
+    instead of ``E·L``. Positions before the first target query cannot change (causal
+    attention), so those forwards start after them from the clean key/value cache
+    (:mod:`microscope.prefix`). Samples answered wrongly are skipped when ``only_correct``; edges on
     related/other image patches are skipped for samples whose question refers to no patch.
 
     Returns one row per (sample, edge, centre): ``model, sample_id, category, edge, layer``
@@ -334,16 +335,24 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             if src_name in _PATCH_GROUPS and not rel:
                 continue
             src, tgt = edge_masks(handle, batch, e, [rel] if src_name in _PATCH_GROUPS else None)
-            todo += [(e, c, src[0], tgt[0]) for c in range(L)]
+            if tgt[0].any():
+                todo += [(e, c, src[0], tgt[0]) for c in range(L)]
+        if not todo:
+            continue
+        # positions before the first target query are untouched by every row's plan (causal
+        # attention): take them from the clean run's key/value cache and compute only the rest
+        first = min(int(t[3].nonzero().min()) for t in todo)
+        prefix = prefix_cache(handle, emb, first)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             r = len(chunk)
             block = Block(source=torch.stack([t[2] for t in chunk]), target=torch.stack([t[3] for t in chunk]),
                           layers=layer_rows[[t[1] for t in chunk]])
             with torch.no_grad(), knockout(handle, [block]):
-                out = handle.model(inputs_embeds=emb.expand(r, -1, -1),
+                out = handle.model(inputs_embeds=emb[:, first:].expand(r, -1, -1),
                                    attention_mask=inputs["attention_mask"].expand(r, -1),
-                                   use_cache=False, logits_to_keep=1).logits[:, -1].float()
+                                   past_key_values=expand(handle, prefix, r), use_cache=prefix is not None,
+                                   logits_to_keep=1).logits[:, -1].float()
             p = out.softmax(-1)[:, gold].cpu()
             for (e, c, _, _), pb in zip(chunk, p.tolist()):
                 records.append({

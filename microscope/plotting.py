@@ -235,3 +235,98 @@ def logit_lens_curve(df: pd.DataFrame, ax=None, title: str = "logit lens at the 
     ax.set_title(title)
     ax.legend()
     return ax.figure
+
+
+KIND_LABELS = {"resid": "residual state", "mlp": "MLP output", "attn": "attention output"}
+GROUP_COLORS = {
+    "first constraint": "#F0B27A", "middle constraint": "#E69F00", "last constraint": "#D55E00",
+    "other question": "#CC79A7", "related image": "#0072B2", "other image": "#56B4E9", "template": "#999999",
+    "last": "#009E73",
+}
+
+
+def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image: bool = True,
+                  vmax: float | None = None):
+    """One sample's indirect effects as a layer × token heatmap (diverging, centred at 0), tokens
+    labelled and coloured by role. Image tokens before the first corrupted token have effect 0 by
+    causality; with ``collapse_image`` a run of them is drawn as one column."""
+    d = df[df.kind == kind]
+    m = d.pivot_table(index="layer", columns="position", values="effect")
+    info = d.drop_duplicates("position").set_index("position").loc[m.columns]
+    keep = list(m.columns)
+    zero_img: list = []
+    if collapse_image:
+        zero_img = [p for p in keep if info.loc[p, "role"] == "image" and (m[p].abs() < 1e-12).all()]
+        if len(zero_img) > 1:
+            keep = [p for p in keep if p not in zero_img[1:]]
+    m = m[keep]
+    info = info.loc[keep]
+    labels = []
+    for p in keep:
+        if len(zero_img) > 1 and p == zero_img[0]:
+            labels.append(f"<image>×{len(zero_img)} (0)")
+        else:
+            labels.append(str(info.loc[p, "token"]).replace("\n", "\\n"))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(keep) + 1.5), 0.35 * len(m) + 1.6))
+    v = vmax or max(1e-6, float(np.nanmax(np.abs(m.values))))
+    im = ax.imshow(m.values, aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, origin="lower")
+    ax.set_yticks(range(len(m)))
+    ax.set_yticklabels([str(x) for x in m.index])
+    ax.set_xticks(range(len(keep)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    for tick, p in zip(ax.get_xticklabels(), keep):
+        tick.set_color(ROLE_COLORS.get(info.loc[p, "role"], "black"))
+    ax.set_ylabel("layer")
+    ax.grid(False)
+    s = d.iloc[0]
+    ax.set_title(f"{KIND_LABELS.get(kind, kind)} · p clean {s.p_clean:.2f} → corrupted {s.p_corrupted:.2f}",
+                 fontsize=9)
+    ax.figure.colorbar(im, ax=ax, label="indirect effect", shrink=0.8)
+    return ax.figure
+
+
+def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None):
+    """Dataset-level indirect effect per layer, one panel per kind, one line per token group, with
+    the 95% CI band (the table of :func:`microscope.tracing.aggregate`)."""
+    kinds = [k for k in KIND_LABELS if k in set(agg.kind)]
+    groups = groups or [g for g in GROUP_COLORS if g in set(agg.group)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.9 * len(kinds), 3.0), squeeze=False, sharey=True)
+    for ax, k in zip(axes.flat, kinds):
+        for gname in groups:
+            g = agg[(agg.kind == k) & (agg.group == gname)].sort_values("layer")
+            if g.empty:
+                continue
+            c = GROUP_COLORS.get(gname)
+            ax.plot(g.layer, g.effect, marker="o", ms=3, color=c, label=gname)
+            ax.fill_between(g.layer, g.ci_low, g.ci_high, color=c, alpha=0.2, lw=0)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_title(KIND_LABELS[k])
+        ax.set_xlabel("layer (-1 = decoder input)" if k == "resid" else "layer (window centre)")
+    axes.flat[0].set_ylabel("mean indirect effect")
+    axes.flat[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def attribution_precision(prec: pd.DataFrame, ax=None, title: str = "top-k image tokens vs referred object"):
+    """Mean top-k precision per method and category against the chance level (table with columns
+    ``method, category, precision, chance``)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3))
+    methods = list(dict.fromkeys(prec.method))
+    cats = list(dict.fromkeys(prec.category))
+    w = 0.8 / (len(methods) + 1)
+    colors = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"]
+    for i, m in enumerate(methods):
+        g = prec[prec.method == m].groupby("category").precision.mean().reindex(cats)
+        ax.bar(np.arange(len(cats)) + i * w, g.values, w, color=colors[i % 4], label=m)
+    ch = prec.groupby("category").chance.mean().reindex(cats)
+    ax.bar(np.arange(len(cats)) + len(methods) * w, ch.values, w, color="0.7", label="chance")
+    ax.set_xticks(np.arange(len(cats)) + w * len(methods) / 2)
+    ax.set_xticklabels(cats, rotation=20)
+    ax.set_ylabel("precision@k")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax.figure

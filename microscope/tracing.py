@@ -21,8 +21,10 @@ The math, line by line (Meng et al. 2022; Basu et al. 2024 for MLLMs):
    rest of the forward run. ``p_restored = mean_n p(answer | corrupted_n, restored)``.
 4. **Indirect effect** ``IE = p_restored − p_corrupted`` (DESIGN §6).
 
-Positions before the first corrupted one cannot differ from the clean run (causal attention),
-so their effect is exactly 0 and :func:`trace` does not run them. Batching: every
+Positions before the first corrupted one cannot differ from the clean run (causal attention):
+their effect is exactly 0, :func:`trace` does not run them, and every restoration forward starts
+after them from the clean run's key/value cache (transformers' ``DynamicCache``), computing only
+the suffix — with 36 image tokens before the question that is most of the prompt. Batching: every
 (restoration, noise sample) pair is one row of a batch of ``inputs_embeds``
 forwards, with forward hooks writing the clean values into the rows that restore them; the full
 map of one kind (L layers × T tokens × N) takes ``ceil(L·T·N / batch_size)`` forwards.
@@ -45,6 +47,7 @@ from tqdm.auto import tqdm
 from microscope.answers import answer_ids
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions
+from microscope.prefix import expand, length, prefix_cache
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
@@ -126,6 +129,8 @@ class Corrupted:
     correct: bool                       # the clean run's top token is the answer's
     groups: list[str]
     related_positions: torch.Tensor | None
+    first: int = 0                      # first corrupted position
+    prefix: list | None = None          # clean (key, value) per layer of the positions before it
 
     @property
     def n_noise(self) -> int:
@@ -147,9 +152,13 @@ def _related(handle, batch: Batch, sample) -> torch.Tensor | None:
     return pos[list(f())] if len(f()) else pos[:0]
 
 
-def _forward_p(handle, embeds: torch.Tensor, answer: int) -> torch.Tensor:
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    logits = handle.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None) -> torch.Tensor:
+    """p(answer) at the last position; ``prefix``: the clean cache of the positions before
+    ``embeds`` (:mod:`microscope.prefix`), so only the suffix is computed."""
+    R, T = embeds.shape[:2]
+    mask = torch.ones((R, T + length(prefix)), dtype=torch.long, device=embeds.device)
+    logits = handle.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=expand(handle, prefix, R),
+                          use_cache=prefix is not None, logits_to_keep=1).logits
     return logits[:, -1].float().softmax(-1)[:, answer]
 
 
@@ -200,6 +209,7 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     if not pos.any():
         raise NothingToCorrupt(f"sample {sample.id!r} has no {target} tokens to corrupt")
     e = clean["resid.-1"]
+    first = int(pos.nonzero().min())
     g = torch.Generator().manual_seed(int(seed))
     rep = e.unsqueeze(0).repeat(n_noise, 1, 1)
     posd = pos.to(e.device)
@@ -231,12 +241,14 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
         p_cor = float(_forward_p(handle, rep, gold).mean())
     return Corrupted(handle=handle, sample=sample, batch=batch, answer_id=gold, clean=clean, corrupted=rep,
                      positions=pos, p_clean=p_clean, p_corrupted=p_cor, correct=int(logits.argmax()) == gold,
-                     groups=token_groups(batch, 0, rel), related_positions=rel)
+                     groups=token_groups(batch, 0, rel), related_positions=rel, first=first,
+                     prefix=prefix_cache(handle, e, first))
 
 
 @contextlib.contextmanager
-def _restoring(handle, clean: dict, spec: dict) -> Iterator[None]:
-    """Forward hooks writing ``clean`` values into ``spec[(site, layer)] = (rows, positions)``."""
+def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[None]:
+    """Forward hooks writing ``clean`` values into ``spec[(site, layer)] = (rows, positions)``;
+    ``positions`` index the forward's tokens, which start at prompt position ``offset``."""
     a = handle.adapter
     hooks = []
 
@@ -244,7 +256,7 @@ def _restoring(handle, clean: dict, spec: dict) -> Iterator[None]:
         def hook(_m, _inp, out):
             h = out[0] if isinstance(out, tuple) else out
             h = h.clone()
-            h[rows, pos] = clean[key][pos].to(h.dtype)
+            h[rows, pos] = clean[key][pos + offset].to(h.dtype)
             return (h, *out[1:]) if isinstance(out, tuple) else h
         return hook
 
@@ -255,10 +267,10 @@ def _restoring(handle, clean: dict, spec: dict) -> Iterator[None]:
                 def pre(_m, args, kwargs, rows=rows, pos=pos, key=key):
                     if args:
                         h = args[0].clone()
-                        h[rows, pos] = clean[key][pos].to(h.dtype)
+                        h[rows, pos] = clean[key][pos + offset].to(h.dtype)
                         return (h, *args[1:]), kwargs
                     h = kwargs["hidden_states"].clone()
-                    h[rows, pos] = clean[key][pos].to(h.dtype)
+                    h[rows, pos] = clean[key][pos + offset].to(h.dtype)
                     return args, {**kwargs, "hidden_states": h}
                 hooks.append(a.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
                 continue
@@ -285,6 +297,10 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
         if any(not 0 <= int(p) < c.n_tokens for p in positions):
             raise ValueError(f"positions must lie in 0..{c.n_tokens - 1}")
     N = c.n_noise
+    # positions before the first corrupted one are clean in every row: they come from the prefix
+    # cache and are not recomputed; restoring one of them is a no-op
+    off = c.first if c.prefix else 0
+    jobs = [(k, lay, [int(p) - off for p in ps if int(p) >= off]) for k, lay, ps in jobs]
     rows = [(j, n) for j in range(len(jobs)) for n in range(N)]
     out = np.zeros(len(jobs))
     it = range(0, len(rows), batch_size)
@@ -297,10 +313,11 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
                 rr, pp = spec.setdefault((kind, int(layer)), ([], []))
                 rr += [r] * len(positions)
                 pp += [int(p) for p in positions]
-        spec_t = {k: (torch.tensor(v[0]), torch.tensor(v[1])) for k, v in spec.items()}
-        emb = c.corrupted[[n for _j, n in chunk]]
-        with torch.no_grad(), _restoring(h, c.clean, spec_t):
-            p = _forward_p(h, emb, c.answer_id).cpu().numpy()
+        spec_t = {k: (torch.tensor(v[0], dtype=torch.long), torch.tensor(v[1], dtype=torch.long))
+                  for k, v in spec.items() if v[0]}
+        emb = c.corrupted[[n for _j, n in chunk], off:]
+        with torch.no_grad(), _restoring(h, c.clean, spec_t, off):
+            p = _forward_p(h, emb, c.answer_id, c.prefix if off else None).cpu().numpy()
         for (j, _n), pj in zip(chunk, p):
             out[j] += pj / N
     return out
@@ -330,7 +347,7 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
         else list(positions)
     # causal attention: states before the first corrupted position equal the clean ones, so
     # restoring them changes nothing (effect exactly 0) and they need no forward
-    first = int(c.positions.nonzero().min())
+    first = c.first
     run = [t for t in positions if t >= first]
     ids = c.batch.inputs["input_ids"][0]
     toks = handle.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
@@ -397,10 +414,14 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 def peak_layers(agg: pd.DataFrame, groups: Sequence[str] | None = None) -> dict[str, dict]:
     """Per kind, the decoder layer (``>= 0``: restoring the decoder input at a corrupted token
     merely undoes the corruption) with the largest mean effect in any of ``groups`` (default the
-    constraint groups), the group and that effect."""
+    constraint groups), the group and that effect. Near-ties (within 1% of the maximum, e.g. the
+    last position's residual state, equal at every layer after the information arrived) go to the
+    earliest layer: where the information is first there."""
     groups = list(groups or ("first constraint", "middle constraint", "last constraint"))
     out = {}
     for kind, g in agg[agg.group.isin(groups) & (agg.layer >= 0)].groupby("kind", sort=False):
-        best = g.loc[g.effect.idxmax()]
+        top = g.effect.max()
+        near = g[g.effect >= top - 0.01 * abs(top)].sort_values(["layer", "effect"], ascending=[True, False])
+        best = near.iloc[0]
         out[kind] = {"layer": int(best.layer), "group": str(best.group), "effect": float(best.effect)}
     return out

@@ -19,8 +19,8 @@ def run(tmp_path_factory):
 
 def test_notebooks_are_stored_without_outputs_and_have_parameters():
     books = suite.notebooks()
-    assert [b.name for b in books][:4] == ["00_tour.ipynb", "01_extraction.ipynb", "02_geometry.ipynb",
-                                        "03_attention_knockout.ipynb"]
+    assert [b.name for b in books] == ["00_tour.ipynb", "01_extraction.ipynb", "02_geometry.ipynb",
+                                       "03_attention_knockout.ipynb", "04_information_tracing.ipynb"]
     for b in books:
         nb = nbformat.read(b, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -90,3 +90,24 @@ def test_knockout_notebook_reports_accuracies_and_largest_drops(run):
     assert set(df.edge) == edges and df.sample_id.nunique() == ko["n_correct"]
     figs = {p.name for p in (root / "figures").iterdir()}
     assert {"03_knockout_by_category.pdf", "03_knockout_related_vs_other.png", "03_logit_lens.pdf"} <= figs
+
+
+def test_tracing_notebook_reports_peak_layers_and_attribution_precision(run):
+    root, summary = run
+    t = summary["notebooks"]["04_information_tracing"]
+    assert 1 <= t["n_traced"] <= 6 and t["n_noise"] == 3 and t["window"] == 3
+    assert t["p_corrupted"] < t["p_clean"]
+    assert set(t["peak_layer"]) == {"resid", "mlp", "attn"}
+    for v in t["peak_layer"].values():
+        assert 0 <= v["layer"] < 6 and v["effect"] > 0
+    # the embedded model moves the answer into the last position in its first layers
+    assert t["peak_layer"]["attn"]["group"] == "last" and t["peak_layer"]["attn"]["layer"] <= 2
+    prec = t["topk_precision"]
+    assert set(prec) == {"attention → constraint", "attention → last", "restoration"}
+    assert prec["restoration"]["precision"] > prec["restoration"]["chance"] + 0.2
+    figs = {p.name for p in (root / "figures").iterdir()}
+    assert {"04_tracing_by_layer.pdf", "04_tracing_example.png", "04_attribution_precision.pdf"} <= figs
+    import pandas as pd
+
+    agg = pd.read_parquet(root / "run" / "04_information_tracing" / "trace_by_group.parquet")
+    assert {"kind", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"} <= set(agg.columns)

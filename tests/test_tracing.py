@@ -188,3 +188,15 @@ def test_restoring_single_image_tokens_finds_the_referred_object(shapes_handle):
     summ = at.summary(at.precision_at_k(rs))
     assert summ["n_samples"] >= 4
     assert summ["precision"] > summ["chance"] + 0.3
+
+
+def test_the_clean_prefix_cache_changes_no_number(shapes_handle, corrupted):
+    import dataclasses
+
+    c = corrupted
+    assert c.prefix is not None and c.first > 36  # the question comes after the image
+    whole = dataclasses.replace(c, prefix=None)
+    jobs = [(k, [lay], [t]) for k in ("resid", "mlp", "attn") for lay in (0, 3) for t in range(c.first, c.n_tokens)]
+    a = tr.restore(c, jobs)
+    b = tr.restore(whole, jobs)
+    assert abs(a - b).max() < 1e-5
