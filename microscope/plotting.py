@@ -31,7 +31,8 @@ def save(fig, name: str, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
     for p in paths:
-        fig.savefig(p)
+        # no creation date: the same figure gives the same bytes (clean diffs of figures/)
+        fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
     return paths
 
 
