@@ -39,6 +39,14 @@ def _t(x: Array, device=None) -> torch.Tensor:
     return t.to(device=device if device is not None else t.device, dtype=torch.float64)
 
 
+def _keep_float(x: Array) -> torch.Tensor:
+    """A 2-D float32 or float64 tensor (other dtypes become float64); no copy when possible."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.ndim != 2:
+        raise ValueError(f"expected a 2-D (n, d) array, got shape {tuple(t.shape)}")
+    return t if t.dtype in (torch.float32, torch.float64) else t.double()
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     x = x - x.mean(0, keepdim=True)
     nrm = torch.linalg.matrix_norm(x)
@@ -47,14 +55,42 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- linearity
 
-def _explained(x: torch.Tensor, y: torch.Tensor) -> float:
-    """‖P_X Y‖²_F, the part of Y in the column space of X, from the smaller Gram matrix.
+def _cholesky_ok(g: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor of the symmetric ``g`` when it is numerically positive definite with
+    every pivot² above numpy's pseudo-inverse cut-off (``max pivot² · size · eps``); else ``None``."""
+    L, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0:
+        return None
+    piv = torch.diagonal(L) ** 2
+    if not torch.isfinite(piv).all() or piv.min() <= piv.max() * len(g) * torch.finfo(torch.float64).eps * 10:
+        return None
+    return L
 
-    n ≥ d: eigh(XᵀX) = VΛVᵀ and ‖P_X Y‖² = Σᵢ (vᵢᵀXᵀY)²/λᵢ; n < d: eigh(XXᵀ) = UΛUᵀ and
-    ‖P_X Y‖² = Σᵢ (uᵢᵀY)². Eigenvalues below numpy's pseudo-inverse cut-off
-    (λ_max · max(n, d) · eps) are treated as zero.
+
+def _explained(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖P_X Y‖²_F, the part of Y in the column space of the centred X.
+
+    Fast paths (Cholesky, no eigen-decomposition), each used only when the Gram matrix is
+    numerically positive definite:
+
+    - n − 1 ≤ d: the centred X has rank ≤ n − 1; if ``XXᵀ + (s/n)·11ᵀ`` is positive definite the
+      rank is n − 1, range(X) is the whole centred subspace of Rⁿ, and since Y is centred
+      ``P_X Y = Y``: the fit is exact.
+    - n − 1 > d: ``XᵀX = LLᵀ`` and ``‖P_X Y‖² = ‖L⁻¹XᵀY‖²``.
+
+    Otherwise (rank-deficient): eigh of the smaller Gram, ``‖P_X Y‖² = Σᵢ (vᵢᵀXᵀY)²/λᵢ`` (or
+    ``Σᵢ (uᵢᵀY)²`` on the n side), eigenvalues below ``λ_max · max(n, d) · eps`` treated as zero.
     """
     n, d = x.shape
+    if n - 1 <= d:
+        k = x @ x.T
+        s = torch.trace(k) / n
+        if s > 0 and _cholesky_ok(k + s / n) is not None:  # + (s/n)·11ᵀ fills the constant direction
+            return float((y ** 2).sum())
+    else:
+        L = _cholesky_ok(x.T @ x)
+        if L is not None:
+            return float((torch.linalg.solve_triangular(L, x.T @ y, upper=False) ** 2).sum())
     if n >= d:
         lam, v = torch.linalg.eigh(x.T @ x)
         c2 = (v.T @ (x.T @ y)) ** 2
@@ -100,31 +136,70 @@ def linearity_baseline(X: Array, Y: Array, n_perm: int = 5, seed: int = 0) -> fl
 # ----------------------------------------------------------------------------- intrinsic dimension
 
 def _dedup(x: torch.Tensor) -> torch.Tensor:
+    """Distinct rows of ``x``. Duplicates are found from a random projection (equal rows have
+    equal keys; candidates are confirmed exactly), so data without them costs one matvec."""
+    if len(x) < 2:
+        return x
+    g = torch.Generator(device="cpu").manual_seed(0)
+    key = x @ torch.randn(x.shape[1], generator=g, dtype=x.dtype).to(x.device)
+    order = torch.argsort(key)
+    ks = key[order]
+    same = ks[1:] == ks[:-1]
+    if not bool(same.any()):
+        return x
     return torch.unique(x, dim=0)
 
 
-def knn_distances(X: Array, k: int, chunk: int = 1024, margin: int = 6) -> torch.Tensor:
+def knn_distances(X: Array, k: int, chunk: int = 1024, margin: int = 4) -> torch.Tensor:
     """Distances to the ``k`` nearest other points, (n, k), ascending, exact in float64.
 
-    Candidates come from chunked float32 matmuls (‖a‖² + ‖b‖² − 2a·b, the fast path); the
-    ``k + margin`` best candidates of every point are then re-measured exactly in float64 as
-    ‖a − b‖ and the ``k`` smallest kept. The margin absorbs float32 rounding between near ties.
+    Candidates come from chunked float32 matmuls (‖a‖² + ‖b‖² − 2a·b of the centred data, the
+    fast path; each block of the symmetric matrix is computed once and serves both its rows
+    and its columns); the ``k + margin`` best candidates of every point are then re-measured as
+    ‖a − b‖ in float64 from the input values (exact differences for float32 or float64 input)
+    and the ``k`` smallest kept. The margin absorbs float32 rounding between near ties.
     """
-    x64 = _t(X)
-    n = len(x64)
+    xo = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+    if xo.ndim != 2:
+        raise ValueError(f"expected a 2-D (n, d) array, got shape {tuple(xo.shape)}")
+    if xo.dtype not in (torch.float32, torch.float64):
+        xo = xo.double()
+    n = len(xo)
     if k >= n:
         raise ValueError(f"k={k} needs more than k points, got {n}")
-    x32 = (x64 - x64.mean(0, keepdim=True)).float()
+    x32 = (xo - xo.mean(0, keepdim=True, dtype=torch.float64).to(xo.dtype)).float()
     sq = (x32 ** 2).sum(1)
     c = min(n - 1, k + margin)
-    out = torch.empty(n, k, dtype=torch.float64, device=x64.device)
-    for i in range(0, n, chunk):
-        rows = torch.arange(i, min(n, i + chunk), device=x64.device)
-        d2 = sq[rows, None] + sq[None, :] - 2.0 * (x32[rows] @ x32.T)
-        d2[torch.arange(len(rows)), rows] = float("inf")
-        cand = d2.topk(c, dim=1, largest=False).indices                      # (m, c)
-        exact = (x64[cand] - x64[rows, None, :]).norm(dim=-1)                # (m, c) float64
-        out[rows] = exact.topk(k, dim=1, largest=False).values
+    dev = xo.device
+    best_v = torch.full((n, c), float("inf"), device=dev)
+    best_i = torch.zeros((n, c), dtype=torch.long, device=dev)
+
+    def merge(rows: slice, v: torch.Tensor, idx: torch.Tensor) -> None:
+        vv = torch.cat([best_v[rows], v], 1)
+        ii = torch.cat([best_i[rows], idx], 1)
+        top = vv.topk(c, dim=1, largest=False)
+        best_v[rows], best_i[rows] = top.values, ii.gather(1, top.indices)
+
+    starts = list(range(0, n, chunk))
+    for a in starts:  # the distance matrix is symmetric: compute each block pair once
+        ra = slice(a, min(n, a + chunk))
+        for b in starts[starts.index(a):]:
+            rb = slice(b, min(n, b + chunk))
+            # ‖a‖² + ‖b‖² − 2a·b in one fused GEMM
+            blk = torch.addmm(sq[ra, None] + sq[None, rb], x32[ra], x32[rb].T, beta=1.0, alpha=-2.0)
+            cc = min(c, blk.shape[1])
+            if a == b:
+                blk.fill_diagonal_(float("inf"))
+            t = blk.topk(cc, dim=1, largest=False)
+            merge(ra, t.values, t.indices + b)
+            if a != b:
+                t = blk.topk(min(c, blk.shape[0]), dim=0, largest=False)
+                merge(rb, t.values.T, t.indices.T + a)
+    out = torch.empty(n, k, dtype=torch.float64, device=dev)
+    for j in range(0, n, 32):  # exact re-measure in small blocks that stay in cache
+        r = slice(j, min(n, j + 32))
+        exact = (xo[best_i[r]].double() - xo[r, None, :].double()).norm(dim=-1)
+        out[r] = exact.topk(k, dim=1, largest=False).values
     return out
 
 
@@ -134,7 +209,7 @@ def twonn(X: Array, discard: float = 0.1) -> float:
     μᵢ = r₂/r₁; sort μ; F(μ₍ᵢ₎) = i/N; keep the smallest (1 − discard) fraction;
     d = Σ log μ · (−log(1 − F)) / Σ (log μ)².
     """
-    x = _dedup(_t(X))
+    x = _dedup(_keep_float(X))
     n = len(x)
     if n < 10:
         raise ValueError(f"TwoNN needs at least 10 distinct points, got {n}")
@@ -152,7 +227,7 @@ def mle(X: Array, k: int = 20) -> float:
     For each point, ``1/m̂(x) = (1/(k−1)) Σ_{j<k} log(T_k/T_j)``; the estimate is
     ``(mean_x 1/m̂(x))⁻¹``.
     """
-    x = _dedup(_t(X))
+    x = _dedup(_keep_float(X))
     if len(x) <= k:
         raise ValueError(f"MLE with k={k} needs more than k distinct points, got {len(x)}")
     t = knn_distances(x, k)
@@ -179,11 +254,14 @@ def intrinsic_dimension(X: Array, method: str = "twonn", **kw) -> float:
 
 # ----------------------------------------------------------------------------- anisotropy
 
-def pc1_ratio(X: Array, tol: float = 1e-10, max_iter: int = 500, seed: int = 0) -> float:
-    """λ₁/Σλ of the centred covariance, by block power iteration (no full SVD).
+def pc1_ratio(X: Array, tol: float = 1e-7, max_iter: int = 1000, seed: int = 0) -> float:
+    """λ₁/Σλ of the centred covariance, without a full SVD.
 
-    Σλ = ‖X − x̄‖²_F; λ₁ is the top eigenvalue of the Gram of the centred data, found with an
-    8-vector subspace iteration to relative change ``tol``.
+    Σλ = ‖X − x̄‖²_F in float64. λ₁: an 8-vector subspace iteration on the smaller Gram matrix
+    formed in float32 (finds the top eigenvector's direction), then a Rayleigh–Ritz step in
+    float64 on the data itself, ``λ₁ = max eig(QᵀXᵀXQ)``. The iteration stops when the float32
+    Ritz value changes by less than ``tol`` (relative); the float64 Ritz value's error is second
+    order in the subspace's, below ``tol`` relative.
     """
     x = _t(X)
     x = x - x.mean(0, keepdim=True)
@@ -191,21 +269,30 @@ def pc1_ratio(X: Array, tol: float = 1e-10, max_iter: int = 500, seed: int = 0) 
     if total == 0:
         return 1.0
     n, d = x.shape
-    small = x @ x.T if n <= d else x.T @ x  # the smaller Gram has the same non-zero spectrum
-    m = small.shape[0]
-    if m <= 64:
+    if min(n, d) <= 64:
+        small = x @ x.T if n <= d else x.T @ x
         return float(torch.linalg.eigvalsh(small)[-1]) / total
+    x32 = x.float()
+    small = x32 @ x32.T if n <= d else x32.T @ x32  # the smaller Gram has the same non-zero spectrum
+    m = small.shape[0]
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(m, min(8, m), generator=g, dtype=torch.float64).to(x.device)).Q
+    q = torch.linalg.qr(torch.randn(m, 8, generator=g).to(x.device)).Q
+    def ritz(q: torch.Tensor) -> float:
+        """Rayleigh–Ritz in float64 on the data (q spans directions on the Gram's side)."""
+        z = x.T @ q.double() if n <= d else x @ q.double()
+        zq = torch.linalg.qr(z).Q
+        proj = x @ zq if n <= d else x.T @ zq
+        return float(torch.linalg.eigvalsh(proj.T @ proj)[-1])
+
     lam_old = 0.0
-    for _ in range(max_iter):
-        z = small @ q
-        q, r = torch.linalg.qr(z)
-        lam = float(torch.linalg.eigvalsh(q.T @ small @ q)[-1])
-        if abs(lam - lam_old) <= tol * lam:
-            break
-        lam_old = lam
-    return lam / total
+    for it in range(max_iter):
+        q, _ = torch.linalg.qr(small @ q)
+        if it % 5 == 4:
+            lam = float(torch.linalg.eigvalsh(q.T @ small @ q)[-1])  # float32 Ritz value
+            if abs(lam - lam_old) <= tol * lam:
+                break
+            lam_old = lam
+    return ritz(q) / total
 
 
 def mean_cosine(X: Array) -> float:

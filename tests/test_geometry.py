@@ -155,3 +155,43 @@ def test_panel_overlays_two_models():
     styles = {ln.get_linestyle() for ln in ax.lines if ln.get_marker() == "o"}
     assert styles == {"-", "--"}  # one line style per model
     assert len(geometry_panel(df).axes) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nearest_neighbours_equal_brute_force(dtype):
+    rng = np.random.default_rng(4)
+    X = (rng.standard_normal((1300, 6)) @ rng.standard_normal((6, 80)) + 0.05 * rng.standard_normal((1300, 80)))
+    X[:, 3] += 500.0  # a large common offset in one dimension, as in LLM hidden states
+    X = X.astype(dtype)
+    from scipy.spatial.distance import cdist
+
+    D = cdist(X.astype(np.float64), X.astype(np.float64))
+    np.fill_diagonal(D, np.inf)
+    ref = np.sort(D, axis=1)[:, :5]
+    for chunk in (256, 500, 4096):  # several blocks, uneven last block, one block
+        got = G.knn_distances(X, 5, chunk=chunk).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+
+
+def test_linearity_fast_paths_agree_with_least_squares():
+    rng = np.random.default_rng(6)
+
+    def lstsq_score(X, Y):
+        xs, ys = X - X.mean(0), Y - Y.mean(0)
+        xs, ys = xs / np.linalg.norm(xs), ys / np.linalg.norm(ys)
+        A = np.linalg.lstsq(xs, ys, rcond=None)[0]
+        return 1 - np.linalg.norm(xs @ A - ys) ** 2
+
+    # n - 1 <= d with full rank: the centred fit is exact
+    X, Y = rng.standard_normal((60, 64)), rng.standard_normal((60, 16))
+    assert G.linearity(X, Y) == 1.0
+    # n <= d but rank-deficient (rank 10): falls back to the eigen-decomposition
+    Xr = rng.standard_normal((60, 10)) @ rng.standard_normal((10, 64))
+    assert G.linearity(Xr, Y) == pytest.approx(lstsq_score(Xr, Y), abs=1e-9)
+    assert G.linearity(Xr, Y) < 0.5
+    # n > d, full column rank: Cholesky path
+    X2, Y2 = rng.standard_normal((500, 40)), rng.standard_normal((500, 40))
+    assert G.linearity(X2, Y2) == pytest.approx(lstsq_score(X2, Y2), abs=1e-10)
+    # n > d with collinear columns: Cholesky refused, eigen path
+    X3 = np.hstack([X2, X2[:, :5] * 2.0])
+    assert G.linearity(X3, Y2) == pytest.approx(lstsq_score(X3, Y2), abs=1e-9)
