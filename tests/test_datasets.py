@@ -1,0 +1,166 @@
+"""Real data-set loaders on tiny fixture files in each published layout, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import microscope
+from microscope.data import gqa, load_samples, scienceqa, vqa_constraints
+from microscope.data.vqa import DatasetError, box_patches
+
+
+def _img(path, w=120, h=80, color=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), color).save(path)
+
+
+@pytest.fixture()
+def gqa_files(tmp_path):
+    qs = {
+        "101": {"question": "Is the cup on the table red or blue?", "answer": "red", "imageId": "n1",
+                "types": {"structural": "choose", "semantic": "attr", "detailed": "chooseAttr"},
+                "annotations": {"question": {"2": "o1", "5": "o2"}, "answer": {}, "fullAnswer": {}}},
+        "102": {"question": "What color is the tall lamp?", "answer": "yellow", "imageId": "n2",
+                "types": {"structural": "query", "semantic": "attr"},
+                "annotations": {"question": {"4:6": "o3"}}},
+        "103": {"question": "Is it overcast?", "answer": "no", "imageId": "n1",
+                "types": {"structural": "verify", "semantic": "global"}, "annotations": {"question": {}}},
+    }
+    graphs = {"n1": {"width": 120, "height": 80, "objects": {"o1": {"name": "cup", "x": 20, "y": 0, "w": 10, "h": 10},
+                                                             "o2": {"name": "table", "x": 20, "y": 40, "w": 80,
+                                                                    "h": 40}}},
+              "n2": {"width": 120, "height": 80, "objects": {"o3": {"name": "lamp", "x": 100, "y": 0, "w": 20,
+                                                                    "h": 80}}}}
+    (tmp_path / "questions.json").write_text(json.dumps(qs))
+    (tmp_path / "graphs.json").write_text(json.dumps(graphs))
+    _img(tmp_path / "images" / "n1.jpg")
+    _img(tmp_path / "images" / "n2.jpg", color=(240, 240, 240))
+    return tmp_path
+
+
+def test_gqa_categories_constraints_and_boxes(gqa_files):
+    d = gqa_files
+    s = gqa.load(d / "questions.json", d / "images", scene_graphs=d / "graphs.json")
+    assert [x.id for x in s] == ["101", "102"]  # VerifyGlobal is not one of the six
+    a, b = s
+    assert (a.category, b.category) == ("ChooseAttr", "QueryAttr")
+    assert [c.word for c in a.constraints] == ["cup", "table"]
+    assert all(a.question[c.start:c.end] == c.word for c in a.constraints)
+    assert [c.word for c in b.constraints] == ["tall lamp"]  # the "4:6" word range, "?" excluded
+    assert a.boxes == ((20, 0, 30, 10), (20, 40, 100, 80))
+    assert a.image.size == (120, 80)
+    assert len(gqa.load(d / "questions.json", d / "images", categories=None)) == 3
+    assert len(gqa.load(d / "questions.json", d / "images", n=1, seed=0)) == 1
+
+
+def test_box_patches_follow_clip_resize_and_centre_crop():
+    assert box_patches((0, 0, 16, 16), 96, 96, 6) == (0,)
+    assert box_patches((16, 16, 33, 32), 96, 96, 6) == (7, 8)
+    # 200 x 100: the crop is the middle 100 x 100 (x from 50 to 150)
+    assert box_patches((50, 0, 60, 10), 200, 100, 4) == (0,)
+    assert box_patches((0, 0, 40, 100), 200, 100, 4) == ()  # entirely outside the crop
+    assert box_patches((140, 90, 200, 100), 200, 100, 4) == (15,)
+
+
+def test_gqa_samples_run_through_roles_and_knockout(gqa_files, handles):
+    h = handles["llava15"]
+    d = gqa_files
+    s = load_samples("gqa", handle=h, questions=d / "questions.json", images=d / "images",
+                     scene_graphs=d / "graphs.json")
+    # 120 x 80 image, centre crop x 20..100, grid 4 (cells of 20 px): the cup (x 20..30, y 0..10) is patch 0
+    assert s[0].grid == 4 and 0 in s[0].referred_patches()
+    batch = microscope.prepare_samples(h, s)
+    cons = batch.role_mask("constraint")
+    assert cons.sum().item() >= 3  # cup, table, tall lamp
+    from microscope import knockout as ko
+
+    src, _ = ko.edge_masks(h, batch, "related-image↛question", [x.referred_patches() for x in s])
+    assert src[0].sum().item() == len(s[0].referred_patches())
+    df = ko.predict(h, s, "image↛text", progress=False)
+    assert len(df) == 2
+
+
+def test_gqa_errors_name_the_file(gqa_files, tmp_path):
+    d = gqa_files
+    with pytest.raises(DatasetError, match="missing.json does not exist"):
+        gqa.load(d / "missing.json", d / "images")
+    with pytest.raises(DatasetError, match="images folder"):
+        gqa.load(d / "questions.json", d / "nope")
+    (d / "bad.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="bad.json is not valid JSON"):
+        gqa.load(d / "bad.json", d / "images")
+    (d / "noanswer.json").write_text(json.dumps({"1": {"question": "Is it red?", "imageId": "n1",
+                                                       "types": {"structural": "verify", "semantic": "attr"}}}))
+    with pytest.raises(DatasetError, match="question 1 lacks 'answer'"):
+        gqa.load(d / "noanswer.json", d / "images", categories=None)
+    (d / "images" / "n2.jpg").unlink()
+    s = gqa.load(d / "questions.json", d / "images")
+    with pytest.raises(DatasetError, match="n2.jpg does not exist"):
+        _ = s[1].image
+    graphs = json.loads((d / "graphs.json").read_text())
+    del graphs["n2"]
+    (d / "graphs2.json").write_text(json.dumps(graphs))
+    with pytest.raises(DatasetError, match="has no image n2"):
+        gqa.load(d / "questions.json", d / "images", scene_graphs=d / "graphs2.json")
+
+
+def test_scienceqa_keeps_image_questions_with_letter_answers(tmp_path):
+    probs = {
+        "7": {"question": "Which animal is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "Look.",
+              "image": "image.png", "split": "test", "category": "Classification", "subject": "natural science"},
+        "8": {"question": "What is 2+2?", "choices": ["3", "4"], "answer": 1, "hint": "", "image": None,
+              "split": "test", "category": "Math"},
+        "9": {"question": "Which is hotter?", "choices": ["ice", "lava", "snow"], "answer": 1, "hint": "",
+              "image": "image.png", "split": "train", "category": "Physics"},
+    }
+    (tmp_path / "problems.json").write_text(json.dumps(probs))
+    _img(tmp_path / "images" / "test" / "7" / "image.png")
+    _img(tmp_path / "images" / "train" / "9" / "image.png")
+    s = scienceqa.load(tmp_path / "problems.json", tmp_path / "images")
+    assert [x.id for x in s] == ["7", "9"]
+    assert s[0].answer == "B" and s[0].options == ("A", "B") and s[0].category == "Classification"
+    assert s[0].question.splitlines() == ["Context: Look.", "Which animal is a mammal?", "A. frog", "B. whale",
+                                          scienceqa.INSTRUCTION]
+    assert s[1].image.size == (120, 80)
+    assert [x.id for x in scienceqa.load(tmp_path / "problems.json", tmp_path / "images", splits=["train"])] == ["9"]
+    probs["9"]["answer"] = 5
+    (tmp_path / "p2.json").write_text(json.dumps(probs))
+    with pytest.raises(DatasetError, match="problem 9 answer 5"):
+        scienceqa.load(tmp_path / "p2.json", tmp_path / "images")
+
+
+def test_vqa_constraints_csv(tmp_path):
+    (tmp_path / "movies.csv").write_text(
+        "Question,Constraint,Image,Answer\n"
+        "Who directed the movie in this poster?,the movie,posters/a.png,Nolan\n"
+        "Which year was The Matrix released?,The Matrix,posters/b.png,1999\n")
+    _img(tmp_path / "posters" / "a.png")
+    s = vqa_constraints.load(tmp_path / "movies.csv")
+    assert [x.category for x in s] == ["movies", "movies"]
+    c = s[1].constraints[0]
+    assert s[1].question[c.start:c.end] == "The Matrix" and s[1].answer == "1999"
+    assert s[0].image.size == (120, 80)
+    (tmp_path / "bad.csv").write_text("question,entity,image,answer\nWhat is this?,a cat,x.png,dog\n")
+    with pytest.raises(DatasetError, match="bad.csv, row 2: constraint 'a cat' does not occur"):
+        vqa_constraints.load(tmp_path / "bad.csv")
+    (tmp_path / "nocol.csv").write_text("question,image,answer\nq,x.png,a\n")
+    with pytest.raises(DatasetError, match="no constraint column"):
+        vqa_constraints.load(tmp_path / "nocol.csv")
+    with pytest.raises(DatasetError, match="does not exist"):
+        vqa_constraints.load(tmp_path / "none.csv")
+
+
+def test_load_samples_dispatch_and_errors(shapes_handle):
+    s = load_samples("shapes", n=4, seed=1, handle=shapes_handle)
+    assert len(s) == 4 and s[0].image_size == 96
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_samples("coco", n=3)
+    with pytest.raises(ValueError, match=r"needs \['questions', 'images'\]"):
+        load_samples("gqa", n=3)
+    with pytest.raises(ValueError, match="does not take"):
+        load_samples("scienceqa", problems="p.json", images="i", colour="red")
+    assert np.all([x.category in microscope.data.shapes.CATEGORIES for x in s])
