@@ -164,3 +164,27 @@ def test_load_samples_dispatch_and_errors(shapes_handle):
     with pytest.raises(ValueError, match="does not take"):
         load_samples("scienceqa", problems="p.json", images="i", colour="red")
     assert np.all([x.category in microscope.data.shapes.CATEGORIES for x in s])
+
+
+def test_gqa_layout_of_shapes_samples_gives_the_same_roles_and_answers(shapes_handle, tmp_path):
+    """The GQA loader, fed the Shapes world written in GQA's layout, reproduces the samples."""
+    from microscope import knockout as ko
+    from microscope.data import shapes
+    from tests.gqa_fixture import write_gqa
+
+    h = shapes_handle
+    orig = shapes.generate(24, 9)
+    files = write_gqa(orig, tmp_path)
+    loaded = load_samples("gqa", handle=h, **files)
+    by_id = {s.id: s for s in loaded}
+    assert set(by_id) == {s.id for s in orig}
+    loaded = [by_id[s.id] for s in orig]
+    assert [s.category for s in loaded] == [s.category for s in orig]
+    a, b = microscope.prepare_samples(h, orig), microscope.prepare_samples(h, loaded)
+    assert (a.roles == b.roles).all()
+    pa, pb = ko.predict(h, orig, progress=False), ko.predict(h, loaded, progress=False)
+    assert (pa.correct.values == pb.correct.values).all()
+    assert np.allclose(pa.p_answer, pb.p_answer, atol=1e-6)
+    for o, s in zip(orig, loaded):  # boxes cover at least the patches the objects' pixels touch
+        if o.referred and len(o.referred) == len(o.constraints):
+            assert set(o.referred_patches()) <= set(s.referred_patches())

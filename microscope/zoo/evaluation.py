@@ -110,3 +110,27 @@ def evaluate(model, processor, n: int = 2000, seed: int = 7, batch: int = 64,
         "question_only_prior": float(real["prior_correct"].mean()),
         "question_only_prior_per_category": {c: float(g["prior_correct"].mean()[c]) for c in cats},
     }
+
+
+def leave_one_out_prior(samples: Sequence) -> pd.Series:
+    """Per-sample correctness of the question-only predictor fitted on the *other* samples: the
+    most frequent answer to the same question string, else in the same category (for data sets
+    that cannot be re-drawn like the Shapes world). Ties go to the alphabetically first answer."""
+    by_q: dict[str, Counter] = defaultdict(Counter)
+    by_cat: dict[str, Counter] = defaultdict(Counter)
+    for s in samples:
+        by_q[s.question][s.answer] += 1
+        by_cat[s.category][s.answer] += 1
+    out = []
+    for s in samples:
+        for table, key in ((by_q, s.question), (by_cat, s.category)):
+            c = table[key].copy()
+            c[s.answer] -= 1
+            c = +c
+            if c:
+                top = max(c.values())
+                out.append(min(a for a, v in c.items() if v == top) == s.answer)
+                break
+        else:
+            out.append(False)
+    return pd.Series(out, index=[s.id for s in samples], name="prior_correct")
