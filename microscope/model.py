@@ -130,11 +130,21 @@ def _resolve(name_or_path: str) -> Path:
 
 
 def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None, attn_implementation: str = DEFAULT_ATTENTION) -> Handle:
+         dtype: torch.dtype | str | None = None, attn_implementation: str = DEFAULT_ATTENTION,
+         device_map: str | dict | None = None) -> Handle:
     """Load a model, its processor and adapter, offline, in eval mode.
 
     ``dtype`` defaults to the checkpoint's own (float32 for shapes-llava); ``device`` to CPU.
+    ``device_map`` (e.g. ``"auto"``) shards a large model over the visible GPUs with accelerate,
+    as ``from_pretrained`` does; hooks and interventions work on the sharded model unchanged.
     """
+    if device_map is not None and device is not None:
+        raise ValueError("give either device (one device) or device_map (sharding), not both")
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError as e:
+            raise MicroscopeError("device_map needs the accelerate package: pip install accelerate") from e
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
@@ -152,8 +162,9 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
         dtype = getattr(torch, dtype)
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        extra = {"device_map": device_map} if device_map is not None else {}
         model = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
-                                    attn_implementation=attn_implementation)
+                                    attn_implementation=attn_implementation, **extra)
     except Exception as e:
         raise ModelNotFoundError(
             f"model directory {path} could not be loaded ({type(e).__name__}: {str(e)[:300]}); its files "
