@@ -55,7 +55,7 @@ class Recipe:
     vision_batch: int = 64
     vision_lr: float = 2e-3
     pool_samples: int = 120_000
-    steps: int = 4000
+    steps: int = 3000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 150
@@ -68,7 +68,7 @@ class Recipe:
     #: weight of the projector read-out loss: the projector's first dimensions must reproduce the
     #: vision tower's supervised read-out dimensions (colour, shape, object centre, patch
     #: position), so they reach the decoder with their full size (0 disables)
-    projector_readout: float = 0.0
+    projector_readout: float = 1.0
     eval_every: int = 250
     eval_samples: int = 600
     threads: int = 2
