@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from microscope import tracing
 from microscope.knockout import image_patch_positions
-from microscope.roles import ROLE_CODE, prepare_samples
+from microscope.roles import prepare_samples
 
 _NAME = "microscope_record_eager"
 _RECORD: dict[int, tuple[dict, int]] = {}
@@ -168,11 +168,7 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
         c = tracing.corrupt(handle, s, "noise", "image", n_noise=n_noise, scale=scale, sigma=sigma, seed=seed + k)
         if only_correct and not c.correct:
             continue
-        pos = (c.batch.roles[0] == ROLE_CODE["image"]).nonzero().flatten()
-        try:
-            pos = image_patch_positions(handle, c.batch, 0)
-        except ValueError:
-            pass
+        pos = image_patch_positions(handle, c.batch, 0)
         p = tracing.restore(c, [("resid", [layer], [int(t)]) for t in pos], batch_size=batch_size)
         related = set(getattr(s, "referred_patches", lambda: ())())
         for j, (t, pj) in enumerate(zip(pos.tolist(), p)):

@@ -223,20 +223,24 @@ def parse_edge(edge: str) -> tuple[str, str]:
 
 
 def image_patch_positions(handle, batch: Batch, row: int) -> torch.Tensor:
-    """Sequence positions of row ``row``'s image tokens, in patch (raster) order.
+    """Sequence positions of row ``row``'s image tokens that form the vision tower's patch grid,
+    in patch (raster) order.
 
-    Only for models whose image tokens are exactly the vision tower's patch grid (LLaVA-1.5
-    style); ``ValueError`` otherwise (LLaVA-NeXT's anyres crops and newline tokens have no
-    single patch grid — give image positions directly as a :class:`Block`).
+    LLaVA-1.5 style: every image token, one per patch. LLaVA-NeXT (anyres): its image tokens
+    start with the base (whole-image) view's grid, followed by the high-resolution crops and
+    newline tokens; the base grid is returned, so related/other-image edges compare patches
+    *of the base view* and leave the crop tokens out of both. ``ValueError`` for other layouts
+    (give image positions directly as a :class:`Block`).
     """
     pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
     vc = handle.model.config.vision_config
     grid = vc.image_size // vc.patch_size
-    if len(pos) != grid * grid:
-        raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {grid}×{grid} patch grid (anyres "
-                         "crops or newline tokens?); related/other-image edges need one token per patch — "
-                         "pass image positions in a Block instead")
-    return pos
+    if len(pos) == grid * grid:
+        return pos
+    if getattr(handle.model.config, "model_type", "") == "llava_next" and len(pos) > grid * grid:
+        return pos[:grid * grid]
+    raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {grid}×{grid} patch grid; related/other-"
+                     "image edges need the patch grid's tokens — pass image positions in a Block instead")
 
 
 def edge_masks(handle, batch: Batch, edge: str, related: Sequence[Sequence[int]] | None = None
@@ -261,7 +265,7 @@ def edge_masks(handle, batch: Batch, edge: str, related: Sequence[Sequence[int]]
                 if len(idx) and (idx.min() < 0 or idx.max() >= len(pos)):
                     raise ValueError(f"row {i}: related patch indices must lie in 0..{len(pos) - 1}")
                 sel[idx] = True
-                m[i, pos[sel if name == "related-image" else ~sel]] = True
+                m[i, pos[sel if name == "related-image" else ~sel]] = True  # both within the patch grid
             return m
         return batch.role_mask(GROUPS.get(name, name))
 

@@ -200,9 +200,22 @@ def test_bad_input_gets_clear_errors(handles):
         _logits(h, other)
     nxt = handles["llava_next"]
     nb = microscope.prepare_samples(nxt, _samples(nxt, n=1))
-    with pytest.raises(ValueError, match="patch grid"):
-        ko.edge_masks(nxt, nb, "related-image↛question", [[0]])
+    with pytest.raises(ValueError, match="must lie in"):
+        ko.edge_masks(nxt, nb, "related-image↛question", [[16]])
     assert not ko._ACTIVE
+
+
+def test_llava_next_related_patches_are_the_base_view_grid(handles):
+    h = handles["llava_next"]
+    batch = microscope.prepare_samples(h, _samples(h, n=1))
+    img = batch.role_mask("image")[0].nonzero().flatten()
+    assert len(img) > 16  # base view (4 x 4) + anyres crops + newline tokens
+    pos = ko.image_patch_positions(h, batch, 0)
+    assert pos.tolist() == img[:16].tolist()
+    r, _ = ko.edge_masks(h, batch, "related-image↛question", [[0, 5]])
+    o, _ = ko.edge_masks(h, batch, "other-image↛question", [[0, 5]])
+    assert r[0].nonzero().flatten().tolist() == [int(img[0]), int(img[5])]
+    assert int(o.sum()) == 14 and not (r & o).any()
 
 
 def test_logit_lens_last_layer_is_the_model_output(shapes_handle):

@@ -48,7 +48,10 @@ def write_model_card(out: str | Path, info: dict, report: dict | None = None) ->
         f"{r['pool_samples']} generated scenes, curriculum "
         f"max objects {list(r['curriculum'])} over the first {r['curriculum_fraction']:.0%} of steps, "
         f"AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine), clip {r['clip']}, weight decay "
-        f"{r['weight_decay']}; loss on answer and `</s>` tokens only.",
+        f"{r['weight_decay']}; loss on answer and `</s>` tokens only"
+        + (f", plus {r['projector_readout']} × a projector read-out loss: the projector's first 16 output "
+           "dimensions must reproduce the tower's 16 read-out dimensions (MSE / 4), so colour, shape and "
+           "above all position reach the decoder at full size." if r.get("projector_readout") else "."),
         f"- seed {r['seed']}; training seeds of the generator are >= 1000, evaluation seeds < 1000.",
         f"- training time: {sec['total'] / 60:.1f} min on {info['threads']} CPU threads "
         f"(vision {sec['vision']:.0f} s, decoder {sec['decoder']:.0f} s), torch {info['torch']}.",
@@ -77,6 +80,23 @@ def write_model_card(out: str | Path, info: dict, report: dict | None = None) ->
         lines.append("Validation during training (600 samples, generator seed 1099): " +
                      ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in ("step", "loss")))
     lines += ["", "## Training curve", "", "```", json.dumps(hist[-6:], indent=None)[:3000], "```", ""]
+    if r.get("projector_readout"):
+        lines += [
+            "## Why the projector read-out loss",
+            "",
+            "Without it (the previous shipped model, 0.909 overall), ChooseRel stayed at chance (0.505) and",
+            "even the single-object `Is the circle on the left or on the right?` at 0.55, although the frozen",
+            "tower's features encoded the object's centre (linear probe R² 0.99). Measured on that model: after",
+            "the projector, the centre was still decodable (probe R² 0.976) but lay in a direction holding about",
+            "1e-9 of the projector output's variance — too small for the decoder to learn to read. Tying the",
+            "projector's first dimensions to the tower's read-out dimensions fixed it: in a 1200-step run from",
+            "the same tower, ChooseRel reached 1.000 and the left/right question 0.958 by step 800 (this",
+            "recipe reproduces that run step for step). Caveat, measured: a longer run with the same loss",
+            "(120,000 scenes, 3000 steps) learned the left/right question (0.99) but not ChooseRel by step",
+            "2000 (0.43), when it was stopped. The two-object comparison appears abruptly (between steps 600",
+            "and 800 here); more steps do not guarantee it, so retrain with this exact recipe.",
+            "",
+        ]
     path = out / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path

@@ -54,8 +54,8 @@ class Recipe:
     vision_steps: int = 800
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    pool_samples: int = 120_000
-    steps: int = 3000
+    pool_samples: int = 24_000
+    steps: int = 1200
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 150
@@ -69,8 +69,8 @@ class Recipe:
     #: vision tower's supervised read-out dimensions (colour, shape, object centre, patch
     #: position), so they reach the decoder with their full size (0 disables)
     projector_readout: float = 1.0
-    eval_every: int = 250
-    eval_samples: int = 600
+    eval_every: int = 200
+    eval_samples: int = 400
     threads: int = 2
 
 
