@@ -20,8 +20,13 @@ def _samples(handle, n=6, seed=2):
 
 @pytest.fixture(scope="module")
 def corrupted(shapes_handle):
-    s = _samples(shapes_handle)[1]  # QueryAttr: "What color is the cross?"
-    return tr.corrupt(shapes_handle, s, n_noise=4, seed=3)
+    """The first QueryAttr sample (one constraint word) whose answer the noise really moves."""
+    for s in _samples(shapes_handle, n=60, seed=2):
+        if s.category == "QueryAttr":
+            c = tr.corrupt(shapes_handle, s, n_noise=4, seed=3)
+            if c.correct and c.p_corrupted < c.p_clean - 0.2:
+                return c
+    raise AssertionError("no QueryAttr sample in 60 is moved by 3-sigma noise")
 
 
 def test_restoring_the_whole_residual_stream_of_a_layer_gives_back_the_clean_probability(shapes_handle, corrupted):
