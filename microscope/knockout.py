@@ -299,7 +299,8 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     Per sample: one ordinary forward (base probability, and the decoder's input embeddings with
     the image features merged in), then every (edge, centre) pair as one row of a batch of
     ``inputs_embeds`` forwards with per-row layer masks — ``ceil(E·L / batch_size)`` forwards
-    instead of ``E·L``. Positions before the first target query cannot change (causal
+    instead of ``E·L``. Related/other-image edges are skipped (with a warning) on models whose
+    image tokens have no patch grid. Positions before the first target query cannot change (causal
     attention), so those forwards start after them from the clean key/value cache
     (:mod:`microscope.prefix`). Samples answered wrongly are skipped when ``only_correct``; edges on
     related/other image patches are skipped for samples whose question refers to no patch.
@@ -322,8 +323,19 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         layer_rows[c, w.start:w.stop] = True
     records = []
     device = handle.device
+    patch_edges_ok: bool | None = None
     for s in tqdm(samples, desc="knockout sweep", disable=not progress, mininterval=5):
         batch = prepare_samples(handle, [s])
+        if patch_edges_ok is None:
+            try:
+                image_patch_positions(handle, batch, 0)
+                patch_edges_ok = True
+            except ValueError as e:
+                patch_edges_ok = False
+                if any(parse_edge(e_)[0] in _PATCH_GROUPS for e_ in edges):
+                    import warnings
+
+                    warnings.warn(f"related/other-image edges skipped: {e}", stacklevel=2)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         gold = answer_ids(handle.processor, [s.answer])[0]
         with torch.no_grad(), capture(handle, [-1]) as acts:
@@ -336,7 +348,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         todo = []
         for e in edges:
             src_name, _ = parse_edge(e)
-            if src_name in _PATCH_GROUPS and not rel:
+            if src_name in _PATCH_GROUPS and (not rel or not patch_edges_ok):
                 continue
             src, tgt = edge_masks(handle, batch, e, [rel] if src_name in _PATCH_GROUPS else None)
             if tgt[0].any():

@@ -26,6 +26,7 @@ DEFAULT_ATTENTION = "sdpa"
 SUPPORTED = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
 }
 
 
@@ -89,7 +90,7 @@ class Handle:
 
 def _language_model(model):
     inner = getattr(model, "model", model)
-    lm = getattr(inner, "language_model", None)
+    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)  # Idefics3: text_model
     if lm is None:
         raise MicroscopeError(f"{type(model).__name__}: no language_model found; not an image-text-to-text "
                               "model this suite supports")

@@ -131,9 +131,21 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
         p_text = [t for t in p_ids if t != img_id]
         row = ids[i]
         pos = [j for j in range(len(row)) if att[i, j] and row[j] != img_id]
-        if [int(row[j]) for j in pos] != p_text:
-            raise RuntimeError(f"internal: processor ids of sample {i} do not match its tokenised prompt")
-        for j, (a, b) in zip(pos, offs):
+        # the prompt's own tokens appear in order among the processor's non-image ids; ids the
+        # processor adds around images (Idefics3's <fake_token_around_image>, <global-img>) do not
+        matched: dict[int, int] = {}
+        k = 0
+        for j in pos:
+            if k < len(p_text) and int(row[j]) == p_text[k]:
+                matched[j] = k
+                k += 1
+        if k != len(p_text):
+            raise RuntimeError(f"internal: processor ids of sample {i} do not contain its tokenised prompt")
+        for j in pos:
+            if j not in matched:
+                roles[i, j] = ROLE_CODE["template"]
+                continue
+            a, b = offs[matched[j]]
             if a >= q0 and b <= q0 + len(q) and b > a:
                 code = ROLE_CODE["question"]
                 if any(a < e and b > s for s, e in spans):

@@ -21,7 +21,7 @@ from microscope.store import ActivationStore, StoreMismatchError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["shapes", "llava15", "llava_next"])
+@pytest.mark.parametrize("name", ["shapes", "llava15", "llava_next", "idefics3"])
 def test_capture_matches_output_hidden_states(handles, name):
     h = handles[name]
     b = microscope.prepare_samples(h, shapes.generate(3, seed=0))

@@ -12,7 +12,7 @@ from microscope.data import shapes
 from microscope.extract import capture
 from microscope.lens import logit_lens
 
-HANDLES = ["shapes", "llava15", "llava_next"]
+HANDLES = ["shapes", "llava15", "llava_next", "idefics3"]
 
 
 def _samples(handle, n=6, seed=11):
@@ -248,7 +248,7 @@ def test_answer_variants_find_capitalised_tokens_when_the_vocabulary_has_them():
         microscope.answers.answer_ids(tok, ["green"])
 
 
-@pytest.mark.parametrize("name", ["llava15", "llava_next"])
+@pytest.mark.parametrize("name", ["llava15", "llava_next", "idefics3"])
 def test_sweep_on_other_layouts_matches_full_forwards(handles, name):
     h = handles[name]
     s = _samples(h, n=2, seed=8)

@@ -136,3 +136,25 @@ def test_knockout_and_tracing_notebooks_run_on_a_gqa_layout(tmp_path, shapes_han
     assert 0 <= ko["question_only_prior"] <= 1  # leave-one-out prior on a real data set
     tr = out["04_information_tracing"]
     assert tr["n_traced"] >= 1 and tr["p_corrupted"] < tr["p_clean"]
+
+
+@pytest.mark.parametrize("name", ["llava15", "llava_next", "idefics3"])
+def test_every_notebook_runs_on_other_model_layouts(tmp_path, tiny_dirs, name):
+    """The whole suite through papermill parameters on tiny random-weight LLaVA-1.5, LLaVA-NeXT
+    and Idefics3 checkpoints (random weights answer at chance: every sample is kept)."""
+    import papermill as pm
+
+    run = tmp_path / "run"
+    for nb in suite.notebooks():
+        params = {"model": str(tiny_dirs[name]), "out_dir": str(run / nb.stem), "figures_dir": str(tmp_path / "fig"),
+                  "small": True, "run_dir": str(run)}
+        if nb.stem.startswith(("03", "04")):
+            params["only_correct"] = False
+        pm.execute_notebook(str(nb), str(tmp_path / nb.name), cwd=str(suite.NOTEBOOKS), progress_bar=False,
+                            parameters=params)
+    ext = json.loads((run / "01_extraction" / "summary.json").read_text())
+    assert ext["n_samples"] == 24 and ext["layers"] == list(range(-1, 4))
+    ko = json.loads((run / "03_attention_knockout" / "summary.json").read_text())
+    assert ko["n_correct"] == 36 and ko["window"] == 3  # all kept; 4 layers -> k = 3
+    tr = json.loads((run / "04_information_tracing" / "summary.json").read_text())
+    assert set(tr["peak_layer"]) <= {"resid", "mlp", "attn"} and tr["n_traced"] >= 1

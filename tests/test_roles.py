@@ -13,7 +13,7 @@ from microscope.errors import ModelNotFoundError
 from microscope.roles import ROLES, check_image
 
 
-@pytest.mark.parametrize("name", ["shapes", "llava15", "llava_next"])
+@pytest.mark.parametrize("name", ["shapes", "llava15", "llava_next", "idefics3"])
 def test_roles_follow_ids_and_offsets(handles, name):
     h = handles[name]
     samples = shapes.generate(12, seed=4)
@@ -31,6 +31,8 @@ def test_roles_follow_ids_and_offsets(handles, name):
         assert names[-1] == "last" and names.count("last") == 1  # left padding: last column
         tmpl = [t for t, r in zip(toks, names) if r == "template"]
         assert tmpl[0] == tok.bos_token and "USER" in tmpl and "ASSISTANT" in tmpl
+        if name == "idefics3":  # tokens the processor wraps around the image are template, not question
+            assert "<fake_token_around_image>" in tmpl and "<global-img>" in tmpl
     out = h.model(**b.inputs)
     assert out.logits.shape[:2] == ids.shape
 

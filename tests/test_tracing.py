@@ -123,8 +123,9 @@ def test_image_targets_corrupt_only_their_patches(shapes_handle):
     assert torch.equal(changed, rel.positions)
 
 
-def test_tracing_runs_on_llava_next(handles):
-    h = handles["llava_next"]
+@pytest.mark.parametrize("name", ["llava_next", "idefics3"])
+def test_tracing_runs_on_other_layouts(handles, name):
+    h = handles[name]
     s = _samples(h, n=2)[1]
     c = tr.corrupt(h, s, n_noise=2, sigma=0.1)
     L, T = h.adapter.n_layers, c.n_tokens

@@ -72,3 +72,29 @@ def build_llava_next(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return path
+
+
+def build_idefics3(path: Path, seed: int = 0) -> Path:
+    """Idefics3 layout (SmolVLM's family): SigLIP-style tower, pixel-shuffle connector (scale 2),
+    image tokens wrapped in <fake_token_around_image> / <global-img> tokens, Llama text model."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>",
+                                                         "<end_of_utterance>"]})
+    _, text = _configs(tok)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=SIZE, patch_size=PATCH)
+    cfg = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": SIZE}, max_image_size={"longest_edge": SIZE},
+                                   do_image_splitting=False)
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+                             image_seq_len=(SIZE // PATCH // 2) ** 2)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
