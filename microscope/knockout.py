@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -333,8 +334,6 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             except ValueError as e:
                 patch_edges_ok = False
                 if any(parse_edge(e_)[0] in _PATCH_GROUPS for e_ in edges):
-                    import warnings
-
                     warnings.warn(f"related/other-image edges skipped: {e}", stacklevel=2)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         gold = answer_ids(handle.processor, [s.answer])[0]

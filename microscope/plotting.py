@@ -36,17 +36,22 @@ def save(fig, name: str, out: str | Path) -> list[Path]:
     return paths
 
 
+def _mean_ci(g: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    s = g.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
+    s["half"] = 1.96 * s["std"].fillna(0) / np.sqrt(s["count"].clip(lower=1))
+    return s
+
+
 def line_by_layer(df: pd.DataFrame, y: str = "value", hue: str = "role", ax=None, title: str = "",
                   ylabel: str | None = None):
     """Mean of ``y`` per layer and ``hue`` with a 95% CI band (normal approx. over rows)."""
     if ax is None:
         _, ax = plt.subplots()
     for key, g in df.groupby(hue, sort=False):
-        s = g.groupby("layer")[y].agg(["mean", "std", "count"]).reset_index()
-        half = 1.96 * s["std"].fillna(0) / np.sqrt(s["count"].clip(lower=1))
+        s = _mean_ci(g, "layer", y)
         color = ROLE_COLORS.get(key) if hue == "role" else None
         ax.plot(s["layer"], s["mean"], label=str(key), color=color, marker="o", ms=3)
-        ax.fill_between(s["layer"], s["mean"] - half, s["mean"] + half, alpha=0.2, color=color, lw=0)
+        ax.fill_between(s["layer"], s["mean"] - s.half, s["mean"] + s.half, alpha=0.2, color=color, lw=0)
     ax.set_xlabel("layer (-1 = embedding output)")
     ax.set_ylabel(ylabel or y)
     if title:
@@ -174,12 +179,6 @@ EDGE_COLORS = {
     "image↛question": "#0072B2", "image↛last": "#56B4E9", "question↛last": "#E69F00", "last↛last": "#009E73",
     "related-image↛question": "#D55E00", "other-image↛question": "#CC79A7", "image↛text": "#000000",
 }
-
-
-def _mean_ci(g: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    s = g.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
-    s["half"] = 1.96 * s["std"].fillna(0) / np.sqrt(s["count"].clip(lower=1))
-    return s
 
 
 def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, title: str = ""):

@@ -149,7 +149,8 @@ def _related(handle, batch: Batch, sample) -> torch.Tensor | None:
         pos = image_patch_positions(handle, batch, 0)
     except ValueError:
         return None
-    return pos[list(f())] if len(f()) else pos[:0]
+    patches = list(f())
+    return pos[patches] if patches else pos[:0]
 
 
 def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None) -> torch.Tensor:
@@ -220,12 +221,9 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
         rep[:, posd] = rep[:, posd] + scale * sigma * z
     else:
         words = list(replace_with) if replace_with is not None else None
-        if words is None:
-            f = getattr(sample, "replacements", None)
-            if not callable(f):
-                raise ValueError("corruption='replace' needs replace_with=[words...] for samples without "
-                                 "replacements()")
-            words = None
+        if words is None and not callable(getattr(sample, "replacements", None)):
+            raise ValueError("corruption='replace' needs replace_with=[words...] for samples without "
+                             "replacements()")
         ids = batch.inputs["input_ids"][0]
         tok = handle.processor.tokenizer
         for t in pos.nonzero().flatten().tolist():

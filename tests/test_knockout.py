@@ -88,6 +88,7 @@ def test_a_plan_on_layer_l_leaves_everything_below_unchanged(handles, name):
 def test_the_vision_tower_is_untouched_and_everything_is_restored_after_an_error(shapes_handle):
     h = shapes_handle
     batch = microscope.prepare_samples(h, _samples(h, n=2))
+    untouched = _logits(h, batch)
     pv = batch.inputs["pixel_values"]
     with torch.no_grad():
         feats = h.model.model.get_image_features(pixel_values=pv)
@@ -103,10 +104,7 @@ def test_the_vision_tower_is_untouched_and_everything_is_restored_after_an_error
         assert torch.equal(x, y)
     assert h.adapter.layers[0].self_attn.config._attn_implementation == before
     assert not ko._ACTIVE
-    batch2 = microscope.prepare_samples(h, _samples(h, n=2))
-    with ko.knockout(h, []):
-        pass
-    assert torch.equal(_logits(h, batch2), _logits(h, batch2))
+    assert torch.equal(_logits(h, batch), untouched)  # nothing left patched after the error
 
 
 def test_related_and_other_image_partition_the_image_tokens(shapes_handle):

@@ -66,14 +66,20 @@ def evaluate_samples(model, processor, samples: Sequence[shapes.Sample], blank: 
     })
 
 
+def _answer_counts(samples: Sequence) -> tuple[dict[str, Counter], dict[str, Counter]]:
+    """Answer counts per question string and per category."""
+    by_q: dict[str, Counter] = defaultdict(Counter)
+    by_cat: dict[str, Counter] = defaultdict(Counter)
+    for s in samples:
+        by_q[s.question][s.answer] += 1
+        by_cat[s.category][s.answer] += 1
+    return by_q, by_cat
+
+
 def question_only_prior(samples: Sequence[shapes.Sample], reference: Sequence[shapes.Sample]
                         ) -> pd.Series:
     """Per-sample correctness of the best question-only predictor fitted on ``reference``."""
-    by_q: dict[str, Counter] = defaultdict(Counter)
-    by_cat: dict[str, Counter] = defaultdict(Counter)
-    for s in reference:
-        by_q[s.question][s.answer] += 1
-        by_cat[s.category][s.answer] += 1
+    by_q, by_cat = _answer_counts(reference)
     out = []
     for s in samples:
         c = by_q.get(s.question) or by_cat[s.category]
@@ -116,11 +122,7 @@ def leave_one_out_prior(samples: Sequence) -> pd.Series:
     """Per-sample correctness of the question-only predictor fitted on the *other* samples: the
     most frequent answer to the same question string, else in the same category (for data sets
     that cannot be re-drawn like the Shapes world). Ties go to the alphabetically first answer."""
-    by_q: dict[str, Counter] = defaultdict(Counter)
-    by_cat: dict[str, Counter] = defaultdict(Counter)
-    for s in samples:
-        by_q[s.question][s.answer] += 1
-        by_cat[s.category][s.answer] += 1
+    by_q, by_cat = _answer_counts(samples)
     out = []
     for s in samples:
         for table, key in ((by_q, s.question), (by_cat, s.category)):
