@@ -145,17 +145,24 @@ def metric_by_layer(df: pd.DataFrame, metric: str, ax=None, hue: str = "role", s
     return ax.figure
 
 
+def small_multiples(n: int, width: float = 3.6, height: float = 2.9, cols: int = 3, sharey: bool = False):
+    """A figure with ``n`` panels in rows of ``cols`` (spare panels hidden); returns (fig, axes list)."""
+    cols = min(cols, max(1, n))
+    rows = (max(1, n) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=sharey)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat
+
+
 def geometry_panel(df: pd.DataFrame, metrics: list[str] | None = None):
     """Small multiples: one panel per metric, modalities as colours, models as line styles."""
     metrics = metrics or [m for m in METRIC_LABELS if m in set(df.metric)]
-    cols = min(3, len(metrics))
-    rows = (len(metrics) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
-    for ax, m in zip(axes.flat, metrics):
+    fig, axes = small_multiples(len(metrics), width=3.6)
+    for ax, m in zip(axes, metrics):
         metric_by_layer(df, m, ax=ax)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -206,15 +213,11 @@ def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, t
 def knockout_by_category(df: pd.DataFrame, edges: list[str] | None = None, categories: list[str] | None = None):
     """Small multiples: one :func:`knockout_curves` panel per question category."""
     categories = categories or list(dict.fromkeys(df.category))
-    cols = min(3, max(1, len(categories)))
-    rows = (len(categories) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False, sharey=True)
-    for ax, cat in zip(axes.flat, categories):
+    fig, axes = small_multiples(len(categories), width=3.8, sharey=True)
+    for ax, cat in zip(axes, categories):
         d = df[df.category == cat]
         knockout_curves(d, edges, ax=ax, title=f"{cat} (n = {d.sample_id.nunique()})")
-    for ax in list(axes.flat)[len(categories):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
