@@ -23,6 +23,8 @@ from microscope.errors import MicroscopeError, ModelNotFoundError
 #: attention implementation the suite loads models with: its interventions work through
 #: transformers' attention interface, which ``sdpa`` and ``eager`` both honour
 DEFAULT_ATTENTION = "sdpa"
+#: families whose image (prefix) tokens attend bidirectionally: refused with a reason
+BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3")
 SUPPORTED = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -154,6 +156,12 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ModelNotFoundError(f"model directory {path}: config.json is missing or unreadable ({e})") from e
+    if config.model_type in BIDIRECTIONAL_IMAGE_ATTENTION:
+        raise MicroscopeError(
+            f"model type {config.model_type!r} of {path} is refused: its image tokens attend to each other "
+            "bidirectionally (a prefix-LM mask), while the suite's roles of 'earlier' and 'later' tokens, its "
+            "knockout edges and its tracing shortcuts assume causal attention. Supported: "
+            f"{sorted(SUPPORTED)}")
     cls_name = SUPPORTED.get(config.model_type)
     if cls_name is None:
         raise MicroscopeError(

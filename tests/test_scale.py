@@ -34,3 +34,27 @@ def test_scale_benchmark_runs_shrunk():
     assert out.returncode == 0, out.stderr[-2000:]
     for line in ("extraction:", "knockout sweep:", "tracing map:"):
         assert line in out.stdout
+
+
+def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_path):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PaliGemmaConfig
+
+    from microscope.errors import MicroscopeError
+
+    def complete(d):  # the other files of a checkpoint directory (only config.json is read before refusing)
+        for f in ("model.safetensors", "processor_config.json", "tokenizer.json"):
+            (d / f).write_text("{}")
+
+    pg = tmp_path / "paligemma"
+    PaliGemmaConfig().save_pretrained(pg)
+    complete(pg)
+    with pytest.raises(MicroscopeError, match="bidirectionally"):
+        microscope.load(str(pg))
+    other = tmp_path / "other"
+    d = LlavaConfig(vision_config=CLIPVisionConfig(), text_config=LlamaConfig()).to_dict()
+    d["model_type"] = "vipllava"
+    other.mkdir()
+    (other / "config.json").write_text(__import__("json").dumps(d))
+    complete(other)
+    with pytest.raises(MicroscopeError, match="not supported; supported"):
+        microscope.load(str(other))
