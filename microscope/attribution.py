@@ -31,12 +31,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from microscope import tracing
+from microscope import attention, tracing
 from microscope.knockout import image_patch_positions
 from microscope.roles import prepare_samples
 
 _NAME = "microscope_record_eager"
-_RECORD: dict[int, tuple[dict, int]] = {}
 
 
 def _recording_attention(module, query, key, value, attention_mask, **kwargs):
@@ -45,7 +44,7 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
         raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward; attention weights cannot be "
                            "recorded for this architecture")
     out, weights = fn(module, query, key, value, attention_mask, **kwargs)
-    entry = _RECORD.get(id(module))
+    entry = attention.state(module)
     if entry is not None:
         store, layer = entry
         store[layer] = weights.detach()
@@ -59,25 +58,10 @@ def record_attention(handle, layers: Sequence[int]) -> Iterator[dict[int, torch.
     The decoder runs its eager attention while the block is open (same outputs as sdpa up to
     float rounding); the configuration is restored on exit, even on error.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     layers = handle.adapter.check_layers(list(layers), allow_embedding=False)
-    if _NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_NAME, _recording_attention)
-        AttentionMaskInterface.register(_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    cfg = handle.adapter.layers[0].self_attn.config
-    current = cfg._attn_implementation
     store: dict[int, torch.Tensor] = {}
-    try:
-        for layer in layers:
-            _RECORD[id(handle.adapter.layers[layer].self_attn)] = (store, layer)
-        cfg._attn_implementation = _NAME
+    with attention.routed(handle, _NAME, _recording_attention, "eager", {lay: (store, lay) for lay in layers}):
         yield store
-    finally:
-        cfg._attn_implementation = current
-        for layer in handle.adapter.layers:
-            _RECORD.pop(id(layer.self_attn), None)
 
 
 def _head_outputs(attn, x: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from microscope import attention
 from microscope.answers import answer_ids
 from microscope.extract import capture
-from microscope.prefix import expand, prefix_cache
+from microscope.prefix import expand, prefix_of
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
@@ -119,10 +120,6 @@ class _Plan:
         return out
 
 
-# id(attention module) -> (plan, layer index) while a knockout context is open
-_ACTIVE: dict[int, tuple[_Plan, int]] = {}
-
-
 def _base_function(module, base: str):
     if base == "sdpa":
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -144,9 +141,9 @@ def _apply(mask: torch.Tensor | None, blocked: torch.Tensor, q_len: int, k_len: 
 
 
 def _wrapped(base: str):
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def knockout_attention(module, query, key, value, attention_mask, **kwargs):
         fn = _base_function(module, base)
-        entry = _ACTIVE.get(id(module))
+        entry = attention.state(module)
         if entry is not None:
             plan, layer = entry
             blocked = plan.blocked(layer, query.shape[0], query.shape[-2], key.shape[-2], query.device)
@@ -154,24 +151,8 @@ def _wrapped(base: str):
                 attention_mask = _apply(attention_mask, blocked, query.shape[-2], key.shape[-2])
         return fn(module, query, key, value, attention_mask, **kwargs)
 
-    attention.__name__ = _NAME.format(base)
-    return attention
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    for base in _BASES:
-        name = _NAME.format(base)
-        if name not in AttentionInterface._global_mapping:
-            AttentionInterface.register(name, _wrapped(base))
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-
-
-def _text_config(handle):
-    lm_attn = handle.adapter.layers[0].self_attn
-    return lm_attn.config
+    knockout_attention.__name__ = _NAME.format(base)
+    return knockout_attention
 
 
 @contextlib.contextmanager
@@ -179,29 +160,16 @@ def knockout(handle, plan: Sequence[Block], implementation: str | None = None) -
     """Run forwards of ``handle.model`` inside the block with ``plan``'s attention edges removed.
 
     ``implementation``: ``"sdpa"`` or ``"eager"`` (default: the one the model was loaded with).
-    Everything is restored on exit, even on error; contexts do not nest.
+    Everything is restored on exit, even on error; contexts do not nest (:mod:`microscope.attention`).
     """
-    cfg = _text_config(handle)
-    current = cfg._attn_implementation
-    base = implementation or current
+    base = implementation or handle.adapter.layers[0].self_attn.config._attn_implementation
     if base not in _BASES:
         raise ValueError(f"knockout needs the 'sdpa' or 'eager' attention implementation, got {base!r}: "
                          "load the model with microscope.load(..., attn_implementation='sdpa')")
-    layers = handle.adapter.layers
-    if any(id(layer.self_attn) in _ACTIVE for layer in layers):
-        raise RuntimeError("a knockout context is already open on this model; contexts do not nest — "
-                           "put every block in one plan")
     compiled = _Plan(plan, handle.adapter.n_layers, handle.adapter.check_layers)
-    _register()
-    try:
-        for i, layer in enumerate(layers):
-            _ACTIVE[id(layer.self_attn)] = (compiled, i)
-        cfg._attn_implementation = _NAME.format(base)
+    with attention.routed(handle, _NAME.format(base), _wrapped(base), base,
+                          {i: (compiled, i) for i in range(handle.adapter.n_layers)}):
         yield
-    finally:
-        cfg._attn_implementation = current
-        for layer in layers:
-            _ACTIVE.pop(id(layer.self_attn), None)
 
 
 # ---------------------------------------------------------------------------------------- edges
@@ -338,7 +306,8 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         gold = answer_ids(handle.processor, [s.answer])[0]
         with torch.no_grad(), capture(handle, [-1]) as acts:
-            logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+            out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1].float()
         if only_correct and int(logits.argmax()) != gold:
             continue
         p_base = float(logits.softmax(-1)[gold])
@@ -357,7 +326,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         # positions before the first target query are untouched by every row's plan (causal
         # attention): take them from the clean run's key/value cache and compute only the rest
         first = min(int(t[3].nonzero().min()) for t in todo)
-        prefix = prefix_cache(handle, emb, first)
+        prefix = prefix_of(out.past_key_values, first)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             r = len(chunk)

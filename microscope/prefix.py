@@ -1,12 +1,13 @@
 """Clean-prefix key/value caches: compute only the positions an intervention can change.
 
-    prefix = prefix_cache(handle, embeds, first)            # clean run of positions < first
+    out = model(**clean_inputs, use_cache=True)              # the clean run, once
+    prefix = prefix_of(out.past_key_values, first)          # its keys/values of positions < first
     model(inputs_embeds=rows[:, first:], past_key_values=expand(handle, prefix, len(rows)), ...)
 
 With causal attention, an intervention that first touches position ``first`` (a corrupted
 token, a knocked-out query) leaves every state of the positions before it exactly as in the
 clean run. Interventions batched as rows therefore share those positions' keys and values:
-they are computed once and handed to the model as a transformers ``DynamicCache``; each row
+they are taken from the clean run's own cache and handed to the model as a transformers ``DynamicCache``; each row
 computes only the suffix. The results equal whole-prompt forwards up to float rounding
 (tested against them in tests/ and benchmarks/).
 """
@@ -16,16 +17,13 @@ from __future__ import annotations
 import torch
 
 
-def prefix_cache(handle, embeds: torch.Tensor, first: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer clean ``(key, value)`` of decoder positions ``< first`` of ``embeds`` (1, T, d)
-    (the decoder input); ``None`` when ``first == 0`` (nothing to share)."""
+def prefix_of(past, first: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer clean ``(key, value)`` of positions ``< first``, sliced from the cache ``past`` a
+    clean forward returned with ``use_cache=True`` (no extra forward); ``None`` when ``first == 0``
+    (nothing to share)."""
     if first <= 0:
         return None
-    embeds = embeds if embeds.ndim == 3 else embeds[None]
-    mask = torch.ones((1, first), dtype=torch.long, device=embeds.device)
-    with torch.no_grad():
-        out = handle.model(inputs_embeds=embeds[:, :first], attention_mask=mask, use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys[..., :first, :], layer.values[..., :first, :]) for layer in past.layers]
 
 
 def expand(handle, prefix: list | None, rows: int):

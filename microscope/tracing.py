@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from microscope.answers import answer_ids
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions
-from microscope.prefix import expand, length, prefix_cache
+from microscope.prefix import expand, length, prefix_of
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
@@ -168,8 +168,9 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             seed: int = 0) -> Corrupted:
     """Run ``sample`` clean (recording every site) and build its corrupted decoder inputs.
 
-    ``sigma`` defaults to :func:`noise_sigma` over this sample (text or image modality to match
-    ``target``) — pass a data-set value for comparable runs. ``replace_with``: words whose first
+    ``sigma`` defaults to the standard deviation of this sample's own decoder-input embeddings
+    (text or image tokens, to match ``target``) — pass a data-set value (:func:`noise_sigma`) for
+    comparable runs. ``replace_with``: words whose first
     tokens replace the constraint tokens (drawn uniformly per noise sample); by default the
     sample's own ``replacements()`` when it has them (Shapes world: other words of the same kind).
     """
@@ -190,7 +191,8 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     gold = answer_ids(handle.processor, [sample.answer])[0]
     L = a.n_layers
     with torch.no_grad(), capture(handle, list(range(-1, L)), SITES) as acts:
-        logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+    logits = out.logits[0, -1].float()
     clean = {k: v[0] for k, v in acts.items()}
     p_clean = float(logits.softmax(-1)[gold])
     rel = _related(handle, batch, sample)
@@ -215,8 +217,9 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     rep = e.unsqueeze(0).repeat(n_noise, 1, 1)
     posd = pos.to(e.device)
     if corruption == "noise":
-        if sigma is None:
-            sigma = noise_sigma(handle, [sample], "image" if "image" in target else "text")
+        if sigma is None:  # this sample's decoder-input embeddings of the target's modality
+            img = roles == ROLE_CODE["image"]
+            sigma = float(e[(img if "image" in target else ~img).to(e.device)].float().std())
         z = torch.randn((n_noise, int(pos.sum()), e.shape[-1]), generator=g).to(e.device, e.dtype)
         rep[:, posd] = rep[:, posd] + scale * sigma * z
     else:
@@ -235,12 +238,12 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             new = torch.tensor(answer_ids(handle.processor, [pool[k] for k in pick]), device=e.device)
             with torch.no_grad():
                 rep[:, t] = a.embed(new).to(e.dtype)
+    prefix = prefix_of(out.past_key_values, first)
     with torch.no_grad():
-        p_cor = float(_forward_p(handle, rep, gold).mean())
+        p_cor = float(_forward_p(handle, rep[:, first:] if prefix else rep, gold, prefix).mean())
     return Corrupted(handle=handle, sample=sample, batch=batch, answer_id=gold, clean=clean, corrupted=rep,
                      positions=pos, p_clean=p_clean, p_corrupted=p_cor, correct=int(logits.argmax()) == gold,
-                     groups=token_groups(batch, 0, rel), related_positions=rel, first=first,
-                     prefix=prefix_cache(handle, e, first))
+                     groups=token_groups(batch, 0, rel), related_positions=rel, first=first, prefix=prefix)
 
 
 @contextlib.contextmanager

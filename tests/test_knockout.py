@@ -103,7 +103,7 @@ def test_the_vision_tower_is_untouched_and_everything_is_restored_after_an_error
     for x, y in zip(f0, f1):
         assert torch.equal(x, y)
     assert h.adapter.layers[0].self_attn.config._attn_implementation == before
-    assert not ko._ACTIVE
+    assert not microscope.attention.active()
     assert torch.equal(_logits(h, batch), untouched)  # nothing left patched after the error
 
 
@@ -200,7 +200,7 @@ def test_bad_input_gets_clear_errors(handles):
     nb = microscope.prepare_samples(nxt, _samples(nxt, n=1))
     with pytest.raises(ValueError, match="must lie in"):
         ko.edge_masks(nxt, nb, "related-image↛question", [[16]])
-    assert not ko._ACTIVE
+    assert not microscope.attention.active()
 
 
 def test_llava_next_related_patches_are_the_base_view_grid(handles):

@@ -135,6 +135,15 @@ def test_tracing_runs_on_other_layouts(handles, name):
     assert len(df) == L * T and df.effect.notna().all()
 
 
+def test_nested_interventions_are_refused(shapes_handle):
+    from microscope import knockout as ko
+
+    h = shapes_handle
+    with ko.knockout(h, []), pytest.raises(RuntimeError, match="do not nest"), at.record_attention(h, [0]):
+        pass
+    assert not microscope.attention.active()
+
+
 def test_bad_tracing_input_gets_clear_errors(shapes_handle, corrupted):
     h = shapes_handle
     s = _samples(h)[0]
@@ -170,7 +179,7 @@ def test_attention_contributions_decompose_the_attention_output_exactly(shapes_h
         rec = torch.einsum("bhqk,bkhd->bqd", alpha, outs)
         real = batch.roles != 0
         assert (rec - acts[f"attn.{layer}"])[real].abs().max() < 1e-4
-    assert not at._RECORD
+    assert not microscope.attention.active()
     assert h.adapter.layers[0].self_attn.config._attn_implementation == "sdpa"
 
 
@@ -206,3 +215,11 @@ def test_the_clean_prefix_cache_changes_no_number(shapes_handle, corrupted):
     a = tr.restore(c, jobs)
     b = tr.restore(whole, jobs)
     assert abs(a - b).max() < 1e-5
+    # p_corrupted (computed from the prefix) equals whole-prompt forwards of the corrupted inputs
+    with torch.no_grad():
+        p = tr._forward_p(shapes_handle, c.corrupted, c.answer_id).mean().item()
+    assert c.p_corrupted == pytest.approx(p, abs=1e-6)
+    # the default sigma is the sample's own text-embedding std, as noise_sigma measures it
+    d = tr.corrupt(shapes_handle, c.sample, n_noise=2, seed=3)
+    ref = tr.corrupt(shapes_handle, c.sample, n_noise=2, seed=3, sigma=tr.noise_sigma(shapes_handle, [c.sample]))
+    assert torch.allclose(d.corrupted, ref.corrupted, atol=1e-6)
