@@ -64,24 +64,35 @@ def record_attention(handle, layers: Sequence[int]) -> Iterator[dict[int, torch.
         yield store
 
 
+def output_projection(attn) -> torch.nn.Linear:
+    """The attention block's output projection W_O (``o_proj``; Phi's ``dense``). Its bias, where it
+    has one, is added once per position and belongs to no token."""
+    for name in ("o_proj", "dense"):
+        if isinstance(getattr(attn, name, None), torch.nn.Linear):
+            return getattr(attn, name)
+    raise RuntimeError(f"{type(attn).__name__} has no o_proj/dense: attention contributions need separate value "
+                       "and output projections")
+
+
 def _head_outputs(attn, x: torch.Tensor) -> torch.Tensor:
     """``W_O^h W_V^h x_j`` for every position and head: (B, T, H, d)."""
-    for name in ("v_proj", "o_proj"):
-        if not hasattr(attn, name):
-            raise RuntimeError(f"{type(attn).__name__} has no {name}: attention contributions need separate value "
-                               "and output projections")
+    o_proj = output_projection(attn)
+    if not hasattr(attn, "v_proj"):
+        raise RuntimeError(f"{type(attn).__name__} has no v_proj: attention contributions need separate value "
+                           "and output projections")
     hd = attn.head_dim
     v = attn.v_proj(x)
     B, T, _ = v.shape
     v = v.view(B, T, -1, hd)
     v = v.repeat_interleave(attn.config.num_attention_heads // v.shape[2], dim=2)  # GQA: share kv heads
-    W = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, hd)  # (d, H, hd)
+    W = o_proj.weight.view(o_proj.weight.shape[0], -1, hd)  # (d, H, hd)
     return torch.einsum("dhk,bthk->bthd", W, v)
 
 
 def head_contributions(handle, batch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(α, W_O^h W_V^h x)`` of ``layer`` for ``batch``: (B, H, T, T) attention probabilities and
-    (B, T, H, d) per-head value outputs; ``Σ_h α^h @ out[..., h, :]`` is the attention output."""
+    (B, T, H, d) per-head value outputs; ``Σ_h α^h @ out[..., h, :]`` (plus W_O's bias, if any) is
+    the attention output."""
     a = handle.adapter
     attn = a.layers[layer].self_attn
     seen = {}

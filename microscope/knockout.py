@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from microscope import attention
 from microscope.answers import answer_ids
 from microscope.extract import capture
-from microscope.prefix import expand, prefix_of
+from microscope.model import patch_grid
+from microscope.prefix import expand, position_kwargs, prefix_of
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
@@ -62,6 +63,8 @@ EDGES: dict[str, tuple[str, str]] = {
 SWEEP_EDGES = tuple(e for e in EDGES if e != "image↛text")
 GROUPS = {"question": QUESTION, "text": TEXT}
 _PATCH_GROUPS = ("related-image", "other-image")
+#: model types whose image tokens start with the base view's patch grid, followed by crops
+ANYRES = ("llava_next", "llava_onevision")
 _BASES = ("sdpa", "eager")
 _NAME = "microscope_knockout_{}"
 
@@ -195,18 +198,20 @@ def image_patch_positions(handle, batch: Batch, row: int) -> torch.Tensor:
     """Sequence positions of row ``row``'s image tokens that form the vision tower's patch grid,
     in patch (raster) order.
 
-    LLaVA-1.5 style: every image token, one per patch. LLaVA-NeXT (anyres): its image tokens
+    LLaVA-1.5 style: every image token, one per patch. LLaVA-NeXT and LLaVA-OneVision (anyres): the image tokens
     start with the base (whole-image) view's grid, followed by the high-resolution crops and
     newline tokens; the base grid is returned, so related/other-image edges compare patches
     *of the base view* and leave the crop tokens out of both. ``ValueError`` for other layouts
     (give image positions directly as a :class:`Block`).
     """
     pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
-    vc = handle.model.config.vision_config
-    grid = vc.image_size // vc.patch_size
+    grid = patch_grid(handle.model)
+    if grid is None:
+        raise ValueError(f"{handle.name}'s vision tower has no fixed patch grid (dynamic resolution); related/"
+                         "other-image edges need one — pass image positions in a Block instead")
     if len(pos) == grid * grid:
         return pos
-    if getattr(handle.model.config, "model_type", "") == "llava_next" and len(pos) > grid * grid:
+    if getattr(handle.model.config, "model_type", "") in ANYRES and len(pos) > grid * grid:
         return pos[:grid * grid]
     raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {grid}×{grid} patch grid; related/other-"
                      "image edges need the patch grid's tokens — pass image positions in a Block instead")
@@ -336,7 +341,8 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
                 out = handle.model(inputs_embeds=emb[:, first:].expand(r, -1, -1),
                                    attention_mask=inputs["attention_mask"].expand(r, -1),
                                    past_key_values=expand(handle, prefix, r), use_cache=prefix is not None,
-                                   logits_to_keep=1).logits[:, -1].float()
+                                   logits_to_keep=1, **position_kwargs(handle, inputs, first, r)
+                                   ).logits[:, -1].float()
             p = out.softmax(-1)[:, gold].cpu()
             for (e, c, _, _), pb in zip(chunk, p.tolist()):
                 records.append({

@@ -3,6 +3,7 @@
     h = microscope.load("shapes-llava")             # bundled
     h = microscope.load("/data/llava-1.5-7b-hf")    # a local save_pretrained directory
     h = microscope.load("llava-hf/llava-1.5-7b-hf") # an id already in the HF cache (offline)
+    h = microscope.load("my_models.bunny:handle")   # a function returning a Handle (microscope.fusion)
     h.model, h.processor, h.adapter.layers, h.adapter.final_norm, h.adapter.unembed
 
 The :class:`Adapter` is the only place that knows where an architecture keeps its decoder
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,10 @@ BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3")
 SUPPORTED = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
 
 
@@ -41,6 +48,12 @@ class Adapter:
     final_norm: torch.nn.Module
     unembed: torch.nn.Module
     image_token_id: int
+    #: ``inputs -> (3, B, T)`` rotary position ids for models whose positions are not simply
+    #: 0..T-1 (Qwen2-VL's multimodal RoPE: image tokens get (time, row, column) positions and the
+    #: text after an image resumes at the image's largest position + 1); ``None`` for 1-D RoPE.
+    #: Forwards the suite builds from ``inputs_embeds`` pass these explicitly (see
+    #: :func:`microscope.prefix.position_kwargs`), since the model cannot derive them without ids.
+    position_ids: Callable[[dict], torch.Tensor] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -86,6 +99,10 @@ class Handle:
         d = self.model.config.to_dict()
         d.pop("_name_or_path", None)
         d.pop("transformers_version", None)
+        encoder = getattr(self.model, "encode_images", None)  # a custom-fusion model: its image side too
+        if encoder is not None:
+            d["fusion"] = [repr(encoder), self.model.image_token_id, self.processor.n_image_tokens,
+                           self.processor.template]
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -105,8 +122,107 @@ def adapter_for(model) -> Adapter:
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
         image_token_id = model.config.image_token_index
+    inner = getattr(model, "model", model)
+    rope_index = getattr(inner, "get_rope_index", None)
+
+    def position_ids(inputs: dict) -> torch.Tensor:
+        keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
+        return rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if inputs.get(k) is not None})[0]
+
     return Adapter(embed=model.get_input_embeddings(), layers=lm.layers, final_norm=lm.norm,
-                   unembed=model.get_output_embeddings(), image_token_id=int(image_token_id))
+                   unembed=model.get_output_embeddings(), image_token_id=int(image_token_id),
+                   position_ids=position_ids if rope_index is not None else None)
+
+
+def image_geometry(model) -> tuple[int, int] | None:
+    """``(image_size, patch_size)`` of a vision tower with a fixed input resolution (from the
+    vision config, or from a :class:`~microscope.fusion.FusionModel` that was given them);
+    ``None`` for dynamic-resolution towers (Qwen2-VL), whose grid depends on each image."""
+    for src in (getattr(model.config, "vision_config", None), model):
+        size, patch = getattr(src, "image_size", None), getattr(src, "patch_size", None)
+        if isinstance(size, int) and isinstance(patch, int):
+            return size, patch
+    return None
+
+
+def patch_grid(model) -> int | None:
+    """Side of the vision tower's square patch grid (``image_size // patch_size``), or ``None``."""
+    g = image_geometry(model)
+    return g[0] // g[1] if g else None
+
+
+def image_only(processor_cls: type) -> type:
+    """``processor_cls`` without its video processor: the same class name, preprocessing and
+    token expansion for images and text, and ``videos=`` unsupported.
+
+    transformers builds video processors on torchvision; without it (there is no CPU build of
+    torchvision for every torch release), processors such as Qwen2-VL's or LLaVA-OneVision's
+    cannot even be constructed, although the suite never passes videos.
+    """
+
+    def get_attributes(cls):
+        return [a for a in super(sub, cls).get_attributes() if a != "video_processor"]
+
+    sub = type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(get_attributes),
+                                                          "__module__": processor_cls.__module__})
+    return sub
+
+
+def _load_processor(path: Path, model_type: str):
+    """``AutoProcessor.from_pretrained``; without torchvision, the image-only processor (warned)."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.utils import is_torchvision_available
+
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception:
+        name = PROCESSOR_MAPPING_NAMES.get(model_type)
+        if is_torchvision_available() or name is None:
+            raise
+        import transformers
+
+        cls = getattr(transformers, name)
+        if "video_processor" not in cls.get_attributes():
+            raise
+    warnings.warn(f"torchvision is not installed: {name} loaded without its video processor (the suite "
+                  "passes images only)", stacklevel=3)
+    return image_only(cls).from_pretrained(path, local_files_only=True)
+
+
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _from_factory(spec: str, device, dtype) -> Handle:
+    """``"package.module:function"``: import it and call ``function()``, which returns a Handle
+    (a custom-fusion model, :mod:`microscope.fusion`)."""
+    import importlib
+
+    mod_name, fn_name = spec.split(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelNotFoundError(f"model factory {spec!r} could not be imported ({e}); put its package on "
+                                 "PYTHONPATH (or install it) and check the function name") from e
+    import inspect
+
+    try:
+        required = [p for p in inspect.signature(fn).parameters.values()
+                    if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        required = []
+    if required:
+        raise MicroscopeError(f"model factory {spec!r} must be callable without arguments; it requires "
+                              f"{[p.name for p in required]}")
+    h = fn()
+    if not isinstance(h, Handle):
+        raise MicroscopeError(f"model factory {spec!r} returned {type(h).__name__}, not a microscope Handle "
+                              "(build one with microscope.fusion.fuse)")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if device is not None or dtype is not None:
+        h.model.to(device=device, dtype=dtype)
+    return h
 
 
 def _resolve(name_or_path: str) -> Path:
@@ -137,10 +253,16 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
          device_map: str | dict | None = None) -> Handle:
     """Load a model, its processor and adapter, offline, in eval mode.
 
+    ``name_or_path``: a bundled name, a ``save_pretrained`` directory, a hub id already in the HF
+    cache, or ``"package.module:function"`` — a function without arguments returning a Handle
+    (a custom-fusion model, :mod:`microscope.fusion`; ``device``/``dtype`` then move it).
+
     ``dtype`` defaults to the checkpoint's own (float32 for shapes-llava); ``device`` to CPU.
     ``device_map`` (e.g. ``"auto"``) shards a large model over the visible GPUs with accelerate,
     as ``from_pretrained`` does; hooks and interventions work on the sharded model unchanged.
     """
+    if isinstance(name_or_path, str) and _FACTORY.fullmatch(name_or_path) and not Path(name_or_path).exists():
+        return _from_factory(name_or_path, device, dtype)
     if device_map is not None and device is not None:
         raise ValueError("give either device (one device) or device_map (sharding), not both")
     if device_map is not None:
@@ -149,7 +271,7 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
         except ImportError as e:
             raise MicroscopeError("device_map needs the accelerate package: pip install accelerate") from e
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     path = _resolve(str(name_or_path))
     try:
@@ -170,7 +292,7 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = _load_processor(path, config.model_type)
         extra = {"device_map": device_map} if device_map is not None else {}
         model = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
                                     attn_implementation=attn_implementation, **extra)

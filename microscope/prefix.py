@@ -10,6 +10,9 @@ clean run. Interventions batched as rows therefore share those positions' keys a
 they are taken from the clean run's own cache and handed to the model as a transformers ``DynamicCache``; each row
 computes only the suffix. The results equal whole-prompt forwards up to float rounding
 (tested against them in tests/ and benchmarks/).
+
+Models with multimodal rotary positions (Qwen2-VL) cannot derive a suffix's positions from
+``inputs_embeds``; :func:`position_kwargs` hands them the clean prompt's own.
 """
 
 from __future__ import annotations
@@ -41,3 +44,18 @@ def expand(handle, prefix: list | None, rows: int):
 def length(prefix: list | None) -> int:
     """Number of cached positions."""
     return 0 if not prefix else int(prefix[0][0].shape[-2])
+
+
+def position_kwargs(handle, inputs: dict, start: int = 0, rows: int = 1) -> dict:
+    """Keyword arguments giving a forward of ``rows`` rows over prompt positions ``start:`` of
+    ``inputs`` (one prompt, as the processor made it) their rotary positions.
+
+    ``{}`` for 1-D RoPE, where the model's own ``past_length + arange`` is right. For
+    Qwen2-VL-style M-RoPE, ``{"position_ids": P[:, :, start:]}`` with ``P`` the ``(3, 1, T)``
+    (time, row, column) positions of the whole prompt, expanded to ``rows``.
+    """
+    f = handle.adapter.position_ids
+    if f is None:
+        return {}
+    pos = f(inputs)
+    return {"position_ids": pos[..., start:].expand(-1, rows, -1).to(handle.device)}

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from microscope.answers import answer_ids
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions
-from microscope.prefix import expand, length, prefix_of
+from microscope.prefix import expand, length, position_kwargs, prefix_of
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
@@ -131,6 +131,7 @@ class Corrupted:
     related_positions: torch.Tensor | None
     first: int = 0                      # first corrupted position
     prefix: list | None = None          # clean (key, value) per layer of the positions before it
+    position_ids: torch.Tensor | None = None  # (3, 1, T) M-RoPE positions; None for 1-D RoPE
 
     @property
     def n_noise(self) -> int:
@@ -153,13 +154,17 @@ def _related(handle, batch: Batch, sample) -> torch.Tensor | None:
     return pos[patches] if patches else pos[:0]
 
 
-def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None) -> torch.Tensor:
+def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """p(answer) at the last position; ``prefix``: the clean cache of the positions before
-    ``embeds`` (:mod:`microscope.prefix`), so only the suffix is computed."""
+    ``embeds`` (:mod:`microscope.prefix`), so only the suffix is computed; ``position_ids``: the
+    whole prompt's ``(3, 1, T)`` M-RoPE positions (None for 1-D RoPE), of which the last
+    ``embeds.shape[1]`` are used."""
     R, T = embeds.shape[:2]
     mask = torch.ones((R, T + length(prefix)), dtype=torch.long, device=embeds.device)
+    extra = {} if position_ids is None else {"position_ids": position_ids[..., -T:].expand(-1, R, -1)}
     logits = handle.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=expand(handle, prefix, R),
-                          use_cache=prefix is not None, logits_to_keep=1).logits
+                          use_cache=prefix is not None, logits_to_keep=1, **extra).logits
     return logits[:, -1].float().softmax(-1)[:, answer]
 
 
@@ -239,11 +244,13 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             with torch.no_grad():
                 rep[:, t] = a.embed(new).to(e.dtype)
     prefix = prefix_of(out.past_key_values, first)
+    pos_ids = position_kwargs(handle, inputs).get("position_ids")
     with torch.no_grad():
-        p_cor = float(_forward_p(handle, rep[:, first:] if prefix else rep, gold, prefix).mean())
+        p_cor = float(_forward_p(handle, rep[:, first:] if prefix else rep, gold, prefix, pos_ids).mean())
     return Corrupted(handle=handle, sample=sample, batch=batch, answer_id=gold, clean=clean, corrupted=rep,
                      positions=pos, p_clean=p_clean, p_corrupted=p_cor, correct=int(logits.argmax()) == gold,
-                     groups=token_groups(batch, 0, rel), related_positions=rel, first=first, prefix=prefix)
+                     groups=token_groups(batch, 0, rel), related_positions=rel, first=first, prefix=prefix,
+                     position_ids=pos_ids)
 
 
 @contextlib.contextmanager
@@ -318,7 +325,7 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
                   for k, v in spec.items() if v[0]}
         emb = c.corrupted[[n for _j, n in chunk], off:]
         with torch.no_grad(), _restoring(h, c.clean, spec_t, off):
-            p = _forward_p(h, emb, c.answer_id, c.prefix if off else None).cpu().numpy()
+            p = _forward_p(h, emb, c.answer_id, c.prefix if off else None, c.position_ids).cpu().numpy()
         for (j, _n), pj in zip(chunk, p):
             out[j] += pj / N
     return out

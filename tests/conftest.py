@@ -1,16 +1,17 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import microscope
-from tests.tiny_models import build_idefics3, build_llava15, build_llava_next
+from tests.tiny_models import BUILDERS, FUSION
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {"llava15": build_llava15(root / "llava15"), "llava_next": build_llava_next(root / "llava_next"),
-            "idefics3": build_idefics3(root / "idefics3")}
+    return {name: build(root / name) for name, build in BUILDERS.items()}
 
 
 @pytest.fixture(scope="session")
@@ -20,4 +21,7 @@ def shapes_handle():
 
 @pytest.fixture(scope="session")
 def handles(tiny_dirs, shapes_handle):
-    return {"shapes": shapes_handle, **{k: microscope.load(str(v)) for k, v in tiny_dirs.items()}}
+    with warnings.catch_warnings():  # processors loaded without their video part (no torchvision here)
+        warnings.filterwarnings("ignore", "torchvision is not installed")
+        return {"shapes": shapes_handle, **{k: microscope.load(str(v)) for k, v in tiny_dirs.items()},
+                **{k: microscope.load(f"tests.fusion_example:{k}") for k in FUSION}}

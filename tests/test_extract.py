@@ -17,11 +17,12 @@ import microscope
 from microscope.data import shapes
 from microscope.extract import capture, extract
 from microscope.store import ActivationStore, StoreMismatchError
+from tests.tiny_models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["shapes", "llava15", "llava_next", "idefics3"])
+@pytest.mark.parametrize("name", ["shapes", *MODELS])
 def test_capture_matches_output_hidden_states(handles, name):
     h = handles[name]
     b = microscope.prepare_samples(h, shapes.generate(3, seed=0))

@@ -8,16 +8,16 @@ import torch
 
 import microscope
 from microscope import knockout as ko
-from microscope.data import shapes
+from microscope.data import load_samples
 from microscope.extract import capture
 from microscope.lens import logit_lens
+from tests.tiny_models import MODELS
 
-HANDLES = ["shapes", "llava15", "llava_next", "idefics3"]
+HANDLES = ["shapes", *MODELS]
 
 
 def _samples(handle, n=6, seed=11):
-    vc = handle.model.config.vision_config
-    return shapes.generate(n, seed, image_size=vc.image_size, patch_size=vc.patch_size)
+    return load_samples("shapes", n, seed, handle=handle)  # on the model's patch grid where it has one
 
 
 def _logits(handle, batch):
@@ -246,7 +246,7 @@ def test_answer_variants_find_capitalised_tokens_when_the_vocabulary_has_them():
         microscope.answers.answer_ids(tok, ["green"])
 
 
-@pytest.mark.parametrize("name", ["llava15", "llava_next", "idefics3"])
+@pytest.mark.parametrize("name", MODELS)
 def test_sweep_on_other_layouts_matches_full_forwards(handles, name):
     h = handles[name]
     s = _samples(h, n=2, seed=8)

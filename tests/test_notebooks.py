@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from microscope import suite
+from tests.tiny_models import FUSION, MODELS
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +141,19 @@ def test_knockout_and_tracing_notebooks_run_on_a_gqa_layout(tmp_path, shapes_han
     assert tr["n_traced"] >= 1 and tr["p_corrupted"] < tr["p_clean"]
 
 
-@pytest.mark.parametrize("name", ["llava15", "llava_next", "idefics3"])
-def test_every_notebook_runs_on_other_model_layouts(tmp_path, tiny_dirs, name):
-    """The whole suite through papermill parameters on tiny random-weight LLaVA-1.5, LLaVA-NeXT
-    and Idefics3 checkpoints (random weights answer at chance: every sample is kept)."""
+@pytest.mark.parametrize("name", MODELS)
+def test_every_notebook_runs_on_other_model_layouts(tmp_path, tiny_dirs, name, monkeypatch):
+    """The whole suite through papermill parameters on every tiny random-weight family (LLaVA-1.5,
+    LLaVA-NeXT, Idefics3, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) and on the custom-fusion examples,
+    given as ``module:function`` (random weights answer at chance: every sample is kept)."""
     import papermill as pm
 
+    root = str(Path(__file__).resolve().parents[1])  # the kernels import tests.fusion_example from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    model = f"tests.fusion_example:{name}" if name in FUSION else str(tiny_dirs[name])
     run = tmp_path / "run"
     for nb in suite.notebooks():
-        params = {"model": str(tiny_dirs[name]), "out_dir": str(run / nb.stem), "figures_dir": str(tmp_path / "fig"),
+        params = {"model": model, "out_dir": str(run / nb.stem), "figures_dir": str(tmp_path / "fig"),
                   "small": True, "run_dir": str(run)}
         if nb.stem.startswith(("03", "04")):
             params["only_correct"] = False

@@ -11,9 +11,10 @@ import microscope
 from microscope.data import shapes
 from microscope.errors import ModelNotFoundError
 from microscope.roles import ROLES, check_image
+from tests.tiny_models import MODELS
 
 
-@pytest.mark.parametrize("name", ["shapes", "llava15", "llava_next", "idefics3"])
+@pytest.mark.parametrize("name", ["shapes", *MODELS])
 def test_roles_follow_ids_and_offsets(handles, name):
     h = handles[name]
     samples = shapes.generate(12, seed=4)
@@ -33,6 +34,8 @@ def test_roles_follow_ids_and_offsets(handles, name):
         assert tmpl[0] == tok.bos_token and "USER" in tmpl and "ASSISTANT" in tmpl
         if name == "idefics3":  # tokens the processor wraps around the image are template, not question
             assert "<fake_token_around_image>" in tmpl and "<global-img>" in tmpl
+        if name.startswith("qwen"):
+            assert "<|vision_start|>" in tmpl and "<|vision_end|>" in tmpl
     out = h.model(**b.inputs)
     assert out.logits.shape[:2] == ids.shape
 
@@ -112,3 +115,36 @@ def test_dtype_and_attention_choice(tiny_dirs):
     assert h.dtype == torch.bfloat16 and h.model.config._attn_implementation == "eager"
     b = microscope.prepare_samples(h, shapes.generate(2, seed=0))
     assert h.model(**b.inputs).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name):
+    """Qwen2-VL's image tokens have 3-D rotary positions: a forward from inputs_embeds (as
+    knockout and tracing run) equals the processor-input forward only with the adapter's
+    position ids — without them it is measurably different."""
+    from microscope.extract import capture
+    from microscope.prefix import position_kwargs
+
+    h = handles[name]
+    b = microscope.prepare_samples(h, shapes.generate(1, seed=2))
+    with torch.no_grad(), capture(h, [-1]) as acts:
+        ref = h.model(**b.inputs).logits
+    emb, mask = acts["resid.-1"], b.inputs["attention_mask"]
+    pos = position_kwargs(h, b.inputs)["position_ids"]
+    assert pos.shape == (3, 1, emb.shape[1]) and not torch.equal(pos[1], pos[2])  # rows ≠ columns on the image
+    with torch.no_grad():
+        same = h.model(inputs_embeds=emb, attention_mask=mask, **position_kwargs(h, b.inputs)).logits
+        plain = h.model(inputs_embeds=emb, attention_mask=mask,
+                        position_ids=torch.arange(emb.shape[1])[None].expand(3, 1, -1)).logits
+    torch.testing.assert_close(same, ref, rtol=0, atol=1e-5)
+    assert (plain - ref).abs().max() > 1e-3
+    # the suffix of a cached prefix gets the prompt's own positions
+    first = 10
+    with torch.no_grad():
+        out = h.model(**b.inputs, use_cache=True)
+        from microscope.prefix import expand, prefix_of
+
+        suf = h.model(inputs_embeds=emb[:, first:], attention_mask=mask,
+                      past_key_values=expand(h, prefix_of(out.past_key_values, first), 1),
+                      **position_kwargs(h, b.inputs, first)).logits
+    torch.testing.assert_close(suf, ref[:, first:], rtol=0, atol=1e-5)

@@ -9,13 +9,13 @@ import torch
 import microscope
 from microscope import attribution as at
 from microscope import tracing as tr
-from microscope.data import shapes
+from microscope.data import load_samples
 from microscope.extract import capture
+from tests.tiny_models import MODELS
 
 
 def _samples(handle, n=6, seed=2):
-    vc = handle.model.config.vision_config
-    return shapes.generate(n, seed, image_size=vc.image_size, patch_size=vc.patch_size)
+    return load_samples("shapes", n, seed, handle=handle)  # on the model's patch grid where it has one
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_image_targets_corrupt_only_their_patches(shapes_handle):
     assert torch.equal(changed, rel.positions)
 
 
-@pytest.mark.parametrize("name", ["llava_next", "idefics3"])
+@pytest.mark.parametrize("name", MODELS)
 def test_tracing_runs_on_other_layouts(handles, name):
     h = handles[name]
     s = _samples(h, n=2)[1]
@@ -169,14 +169,17 @@ def test_bad_tracing_input_gets_clear_errors(shapes_handle, corrupted):
         tr.corrupt(h, blank)
 
 
-def test_attention_contributions_decompose_the_attention_output_exactly(shapes_handle):
-    h = shapes_handle
+@pytest.mark.parametrize("name", ["shapes", "qwen2_vl", "llava_onevision"])
+def test_attention_contributions_decompose_the_attention_output_exactly(handles, name):
+    h = handles[name]
     batch = microscope.prepare_samples(h, _samples(h, n=3))
     for layer in (0, 3):
         alpha, outs = at.head_contributions(h, batch, layer)
         with torch.no_grad(), capture(h, [layer], ["attn"]) as acts:
             h.model(**batch.inputs)
         rec = torch.einsum("bhqk,bkhd->bqd", alpha, outs)
+        bias = at.output_projection(h.adapter.layers[layer].self_attn).bias
+        rec = rec + (0 if bias is None else bias)
         real = batch.roles != 0
         assert (rec - acts[f"attn.{layer}"])[real].abs().max() < 1e-4
     assert not microscope.attention.active()

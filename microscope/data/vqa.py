@@ -116,9 +116,11 @@ class VQASample:
 
 
 def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
-    """Set every sample's patch grid to the vision tower's (``image_size // patch_size``)."""
-    vc = handle.model.config.vision_config
-    grid = vc.image_size // vc.patch_size
+    """Set every sample's patch grid to the vision tower's (``image_size // patch_size``; ``None``,
+    so no referred patches, for a dynamic-resolution tower)."""
+    from microscope.model import patch_grid
+
+    grid = patch_grid(handle.model)
     for s in samples:
         s.grid = grid
     return list(samples)
