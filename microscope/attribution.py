@@ -135,7 +135,7 @@ def attention_contributions(handle, samples: Sequence, layers: Sequence[int] | N
             for r, s in enumerate(chunk):
                 if not tgt[r].any():
                     continue
-                pos = image_patch_positions(handle, batch, r)
+                pos = image_patch_positions(handle, batch, r, getattr(s, "grid", None))
                 c = tgt[r].nonzero().flatten()
                 # score(j) = mean_c sum_h alpha[h, c, j] * ||W_O^h W_V^h x_j||
                 sc = torch.einsum("hcj,jh->cj", alpha[r][:, c][:, :, pos].float(),
@@ -163,7 +163,7 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
         c = tracing.corrupt(handle, s, "noise", "image", n_noise=n_noise, scale=scale, sigma=sigma, seed=seed + k)
         if only_correct and not c.correct:
             continue
-        pos = image_patch_positions(handle, c.batch, 0)
+        pos = image_patch_positions(handle, c.batch, 0, getattr(s, "grid", None))
         p = tracing.restore(c, [("resid", [layer], [int(t)]) for t in pos], batch_size=batch_size)
         related = set(getattr(s, "referred_patches", lambda: ())())
         for j, (t, pj) in enumerate(zip(pos.tolist(), p)):

@@ -194,27 +194,58 @@ def parse_edge(edge: str) -> tuple[str, str]:
                      f"{list(EDGES)}")
 
 
-def image_patch_positions(handle, batch: Batch, row: int) -> torch.Tensor:
+def image_patch_positions(handle, batch: Batch, row: int, grid: int | None = None) -> torch.Tensor:
     """Sequence positions of row ``row``'s image tokens that form the vision tower's patch grid,
     in patch (raster) order.
 
     LLaVA-1.5 style: every image token, one per patch. LLaVA-NeXT and LLaVA-OneVision (anyres): the image tokens
     start with the base (whole-image) view's grid, followed by the high-resolution crops and
     newline tokens; the base grid is returned, so related/other-image edges compare patches
-    *of the base view* and leave the crop tokens out of both. ``ValueError`` for other layouts
+    *of the base view* and leave the crop tokens out of both. Qwen2-VL (dynamic resolution): the
+    row's image is ``image_grid_thw = (1, h, w)`` patches merged m × m into tokens in raster order
+    over ``(h/m) × (w/m)``; a square one is returned. ``grid``: the side the caller's patch indices
+    assume (a sample's ``grid``), checked against the model's. ``ValueError`` for other layouts
     (give image positions directly as a :class:`Block`).
     """
     pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
-    grid = patch_grid(handle.model)
-    if grid is None:
-        raise ValueError(f"{handle.name}'s vision tower has no fixed patch grid (dynamic resolution); related/"
-                         "other-image edges need one — pass image positions in a Block instead")
-    if len(pos) == grid * grid:
-        return pos
-    if getattr(handle.model.config, "model_type", "") in ANYRES and len(pos) > grid * grid:
-        return pos[:grid * grid]
-    raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {grid}×{grid} patch grid; related/other-"
-                     "image edges need the patch grid's tokens — pass image positions in a Block instead")
+    side = patch_grid(handle.model)
+    if side is not None:
+        if getattr(handle.model.config, "model_type", "") in ANYRES and len(pos) > side * side:
+            pos = pos[:side * side]
+        elif len(pos) != side * side:
+            raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {side}×{side} patch grid; related/"
+                             "other-image edges need the patch grid's tokens — pass image positions in a Block "
+                             "instead")
+    else:
+        thw = batch.inputs.get("image_grid_thw")
+        merge = getattr(getattr(handle.model.config, "vision_config", None), "spatial_merge_size", None)
+        if thw is None or not merge:
+            raise ValueError(f"{handle.name}'s image tokens form no patch grid (pixel-shuffled or dynamic "
+                             "resolution); related/other-image edges need one — pass image positions in a Block "
+                             "instead")
+        t, h, w = (int(v) for v in thw[row])
+        side = h // merge
+        if t != 1 or h != w or len(pos) != side * side:
+            raise ValueError(f"{handle.name}: row {row}'s image is a {t}×{h}×{w} patch grid ({len(pos)} image "
+                             "tokens), not one square image; related/other-image edges need a square grid")
+    if grid is not None and grid != side:
+        raise ValueError(f"the sample's patch indices are on a {grid}×{grid} grid but {handle.name}'s image tokens "
+                         f"form a {side}×{side} grid: draw samples with load_samples(..., handle=h)")
+    return pos
+
+
+def related_patches(handle, batch: Batch, row: int, sample) -> tuple[int, ...] | None:
+    """``sample.referred_patches()``, checked to lie on the model's patch grid (``None`` when the
+    sample has none or the model has no patch grid)."""
+    f = getattr(sample, "referred_patches", None)
+    if not callable(f):
+        return None
+    try:
+        image_patch_positions(handle, batch, row)
+    except ValueError:
+        return None
+    image_patch_positions(handle, batch, row, getattr(sample, "grid", None))  # a mismatch is the caller's error
+    return tuple(f())
 
 
 def edge_masks(handle, batch: Batch, edge: str, related: Sequence[Sequence[int]] | None = None
@@ -259,11 +290,6 @@ def window_layers(center: int, window: int, n_layers: int) -> range:
     lo = max(0, center - (window - 1) // 2)
     hi = min(n_layers, center + window // 2 + 1)
     return range(lo, hi)
-
-
-def _related(sample) -> tuple[int, ...] | None:
-    f = getattr(sample, "referred_patches", None)
-    return tuple(f()) if callable(f) else None
 
 
 def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window: int | None = None,
@@ -317,7 +343,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             continue
         p_base = float(logits.softmax(-1)[gold])
         emb = acts["resid.-1"]
-        rel = _related(s)
+        rel = related_patches(handle, batch, 0, s) if patch_edges_ok else None
         todo = []
         for e in edges:
             src_name, _ = parse_edge(e)
@@ -374,7 +400,8 @@ def predict(handle, samples: Sequence, edge: str | None = None, layers: Sequence
         inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
         plan = []
         if edge is not None:
-            src, tgt = edge_masks(handle, batch, edge, [_related(s) or () for s in chunk])
+            src, tgt = edge_masks(handle, batch, edge,
+                                  [related_patches(handle, batch, i, s) or () for i, s in enumerate(chunk)])
             plan = [Block(src, tgt, layers)]
         with torch.no_grad(), knockout(handle, plan):
             logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()

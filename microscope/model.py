@@ -145,6 +145,33 @@ def image_geometry(model) -> tuple[int, int] | None:
     return None
 
 
+def sample_geometry(handle, target: int = 224) -> tuple[int, int] | None:
+    """``(image_size, patch_size)`` to draw synthetic samples on, so that their patch grid is the
+    model's image-token grid.
+
+    Fixed-resolution towers: :func:`image_geometry`. Dynamic-resolution towers that merge m × m
+    patches into one token (Qwen2-VL: 14 px patches, m = 2): one token covers ``patch · m`` px, and
+    the side is the multiple of it nearest ``target`` that the model's own image processor keeps
+    unresized (checked by running it). ``None`` when there is no such grid.
+    """
+    fixed = image_geometry(handle.model)
+    if fixed is not None:
+        return fixed
+    vc = getattr(handle.model.config, "vision_config", None)
+    merge, patch = getattr(vc, "spatial_merge_size", None), getattr(vc, "patch_size", None)
+    ip = getattr(handle.processor, "image_processor", None)
+    if not (isinstance(merge, int) and isinstance(patch, int)) or ip is None:
+        return None
+    from PIL import Image
+
+    unit = patch * merge
+    for side in sorted(range(2 * unit, 4 * target + 1, unit), key=lambda x: (abs(x - target), x)):
+        thw = ip(images=[Image.new("RGB", (side, side))], return_tensors="pt").get("image_grid_thw")
+        if thw is not None and thw[0].tolist() == [1, side // patch, side // patch]:
+            return side, unit
+    return None
+
+
 def patch_grid(model) -> int | None:
     """Side of the vision tower's square patch grid (``image_size // patch_size``), or ``None``."""
     g = image_geometry(model)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from microscope.answers import answer_ids
 from microscope.extract import SITES, capture
-from microscope.knockout import image_patch_positions
+from microscope.knockout import image_patch_positions, related_patches
 from microscope.prefix import expand, length, position_kwargs, prefix_of
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 
@@ -143,15 +143,11 @@ class Corrupted:
 
 
 def _related(handle, batch: Batch, sample) -> torch.Tensor | None:
-    f = getattr(sample, "referred_patches", None)
-    if not callable(f):
+    patches = related_patches(handle, batch, 0, sample)
+    if patches is None:
         return None
-    try:
-        pos = image_patch_positions(handle, batch, 0)
-    except ValueError:
-        return None
-    patches = list(f())
-    return pos[patches] if patches else pos[:0]
+    pos = image_patch_positions(handle, batch, 0)
+    return pos[list(patches)] if patches else pos[:0]
 
 
 def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None,

@@ -8,7 +8,7 @@ import torch
 
 import microscope
 from microscope import knockout as ko
-from microscope.data import load_samples
+from microscope.data import load_samples, shapes
 from microscope.extract import capture
 from microscope.lens import logit_lens
 from tests.tiny_models import MODELS
@@ -203,13 +203,22 @@ def test_bad_input_gets_clear_errors(handles):
     assert not microscope.attention.active()
 
 
-def test_llava_next_related_patches_are_the_base_view_grid(handles):
-    h = handles["llava_next"]
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_anyres_related_patches_are_the_base_view_grid(handles, name):
+    h = handles[name]
     batch = microscope.prepare_samples(h, _samples(h, n=1))
     img = batch.role_mask("image")[0].nonzero().flatten()
     assert len(img) > 16  # base view (4 x 4) + anyres crops + newline tokens
     pos = ko.image_patch_positions(h, batch, 0)
     assert pos.tolist() == img[:16].tolist()
+    # those positions hold the base (whole-image) view's projected patches, in raster order
+    inner, cfg = h.model.model, h.model.config
+    with torch.no_grad(), capture(h, [-1]) as acts:
+        h.model(**batch.inputs)
+        hs = inner.vision_tower(batch.inputs["pixel_values"][:, 0], output_hidden_states=True).hidden_states
+        feats = hs[cfg.vision_feature_layer]
+        base = inner.multi_modal_projector(feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats)
+    torch.testing.assert_close(acts["resid.-1"][0, pos], base[0], rtol=0, atol=1e-5)
     r, _ = ko.edge_masks(h, batch, "related-image↛question", [[0, 5]])
     o, _ = ko.edge_masks(h, batch, "other-image↛question", [[0, 5]])
     assert r[0].nonzero().flatten().tolist() == [int(img[0]), int(img[5])]
@@ -260,3 +269,37 @@ def test_sweep_on_other_layouts_matches_full_forwards(handles, name):
         with ko.knockout(h, [ko.Block(src, tgt, [row.layer])]):
             p = _logits(h, batch)[0, -1].softmax(-1)[gold].item()
         assert row.p_blocked == pytest.approx(p, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_dynamic_resolution_patch_grid_is_raster_over_merged_patches(handles, name):
+    """Qwen2-VL: Shapes samples are drawn at a side the processor keeps (112 px here → 8 × 8
+    patches → 4 × 4 tokens), and image token k covers cell k of that grid in raster order: a
+    change to one 28-px cell changes exactly the k-th group of m² patch rows the merger joins."""
+    h = handles[name]
+    s = _samples(h, n=2)
+    assert (s[0].image_size, s[0].patch_size, s[0].grid) == (112, 28, 4)
+    b = microscope.prepare_samples(h, s)
+    assert ko.image_patch_positions(h, b, 1).tolist() == b.role_mask("image")[1].nonzero().flatten().tolist()
+    import numpy as np
+    from PIL import Image
+
+    base = np.full((112, 112, 3), 200, np.uint8)
+    ip = h.processor.image_processor
+    ref = ip(images=[Image.fromarray(base)], return_tensors="pt")["pixel_values"]
+    for r, c in ((0, 0), (1, 2), (3, 3)):
+        img = base.copy()
+        img[28 * r:28 * (r + 1), 28 * c:28 * (c + 1)] = 0
+        px = ip(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"]
+        changed = ((px - ref).abs().sum(-1) > 0).nonzero().flatten() // 4  # m² = 4 patch rows per token
+        assert set(changed.tolist()) == {4 * r + c}
+    df = ko.sweep(h, s, edges=["related-image↛question", "other-image↛question"], only_correct=False,
+                  progress=False)
+    assert len(df) == 2 * 2 * 4
+
+
+def test_samples_on_another_patch_grid_are_refused(handles):
+    h = handles["llava15"]  # 4 x 4 patches
+    s = shapes.generate(2, 0)  # drawn on the default 6 x 6 grid
+    with pytest.raises(ValueError, match="6×6 grid but .* 4×4 grid: draw samples with load_samples"):
+        ko.sweep(h, s, only_correct=False, progress=False)

@@ -27,14 +27,14 @@ def load_samples(dataset: str = "shapes", n: int | None = None, seed: int = 0, h
     """
     from microscope.data import gqa, scienceqa, shapes, vqa_constraints
     from microscope.data.vqa import with_grid
-    from microscope.model import image_geometry
+    from microscope.model import sample_geometry
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; datasets are {list(DATASETS)}")
     if dataset == "shapes":
         if n is None:
             raise ValueError("the Shapes world is generated: give n, the number of samples")
-        geometry = image_geometry(handle.model) if handle is not None else None
+        geometry = sample_geometry(handle) if handle is not None else None
         if geometry is not None:  # a fixed-resolution tower: draw on its patch grid
             kwargs.setdefault("image_size", geometry[0])
             kwargs.setdefault("patch_size", geometry[1])
