@@ -194,7 +194,8 @@ def parse_edge(edge: str) -> tuple[str, str]:
                      f"{list(EDGES)}")
 
 
-def image_patch_positions(handle, batch: Batch, row: int, grid: int | None = None) -> torch.Tensor:
+def image_patch_positions(handle, batch: Batch, row: int, grid: int | tuple[int, int] | None = None
+                          ) -> torch.Tensor:
     """Sequence positions of row ``row``'s image tokens that form the vision tower's patch grid,
     in patch (raster) order.
 
@@ -203,13 +204,14 @@ def image_patch_positions(handle, batch: Batch, row: int, grid: int | None = Non
     newline tokens; the base grid is returned, so related/other-image edges compare patches
     *of the base view* and leave the crop tokens out of both. Qwen2-VL (dynamic resolution): the
     row's image is ``image_grid_thw = (1, h, w)`` patches merged m × m into tokens in raster order
-    over ``(h/m) × (w/m)``; a square one is returned. ``grid``: the side the caller's patch indices
-    assume (a sample's ``grid``), checked against the model's. ``ValueError`` for other layouts
-    (give image positions directly as a :class:`Block`).
+    over ``(h/m) × (w/m)``. ``grid``: the grid the caller's patch indices assume (a sample's
+    ``grid``: a square side or ``(rows, cols)``), checked against the model's. ``ValueError`` for
+    other layouts (give image positions directly as a :class:`Block`).
     """
     pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
     side = patch_grid(handle.model)
     if side is not None:
+        shape = (side, side)
         if getattr(handle.model.config, "model_type", "") in ANYRES and len(pos) > side * side:
             pos = pos[:side * side]
         elif len(pos) != side * side:
@@ -224,13 +226,14 @@ def image_patch_positions(handle, batch: Batch, row: int, grid: int | None = Non
                              "resolution); related/other-image edges need one — pass image positions in a Block "
                              "instead")
         t, h, w = (int(v) for v in thw[row])
-        side = h // merge
-        if t != 1 or h != w or len(pos) != side * side:
-            raise ValueError(f"{handle.name}: row {row}'s image is a {t}×{h}×{w} patch grid ({len(pos)} image "
-                             "tokens), not one square image; related/other-image edges need a square grid")
-    if grid is not None and grid != side:
-        raise ValueError(f"the sample's patch indices are on a {grid}×{grid} grid but {handle.name}'s image tokens "
-                         f"form a {side}×{side} grid: draw samples with load_samples(..., handle=h)")
+        shape = (h // merge, w // merge)
+        if t != 1 or len(pos) != shape[0] * shape[1]:
+            raise ValueError(f"{handle.name}: row {row}'s image is a {t}×{h}×{w} patch grid for {len(pos)} image "
+                             "tokens, not one image; related/other-image edges need one image per row")
+    want = (grid, grid) if isinstance(grid, int) else tuple(grid) if grid is not None else shape
+    if want != shape:
+        raise ValueError(f"the sample's patch indices are on a {want[0]}×{want[1]} grid but {handle.name}'s image "
+                         f"tokens form a {shape[0]}×{shape[1]} grid: load samples with load_samples(..., handle=h)")
     return pos
 
 

@@ -162,14 +162,28 @@ def sample_geometry(handle, target: int = 224) -> tuple[int, int] | None:
     ip = getattr(handle.processor, "image_processor", None)
     if not (isinstance(merge, int) and isinstance(patch, int)) or ip is None:
         return None
-    from PIL import Image
-
     unit = patch * merge
     for side in sorted(range(2 * unit, 4 * target + 1, unit), key=lambda x: (abs(x - target), x)):
-        thw = ip(images=[Image.new("RGB", (side, side))], return_tensors="pt").get("image_grid_thw")
-        if thw is not None and thw[0].tolist() == [1, side // patch, side // patch]:
+        if token_grid(handle, side, side) == (side // unit, side // unit):
             return side, unit
     return None
+
+
+def token_grid(handle, width: int, height: int) -> tuple[int, int] | None:
+    """``(rows, cols)`` of image tokens a dynamic-resolution model (Qwen2-VL) gives a
+    ``width × height`` image — what its own image processor resizes it to, divided by
+    ``patch · merge`` — or ``None`` for other models. Tokens run in raster order over it."""
+    vc = getattr(handle.model.config, "vision_config", None)
+    merge = getattr(vc, "spatial_merge_size", None)
+    ip = getattr(handle.processor, "image_processor", None)
+    if not isinstance(merge, int) or ip is None:
+        return None
+    from PIL import Image
+
+    thw = ip(images=[Image.new("RGB", (int(width), int(height)))], return_tensors="pt").get("image_grid_thw")
+    if thw is None or int(thw[0][0]) != 1:
+        return None
+    return int(thw[0][1]) // merge, int(thw[0][2]) // merge
 
 
 def patch_grid(model) -> int | None:

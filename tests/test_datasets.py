@@ -188,3 +188,39 @@ def test_gqa_layout_of_shapes_samples_gives_the_same_roles_and_answers(shapes_ha
     for o, s in zip(orig, loaded):  # boxes cover at least the patches the objects' pixels touch
         if o.referred and len(o.referred) == len(o.constraints):
             assert set(o.referred_patches()) <= set(s.referred_patches())
+
+
+def test_resized_box_patches_map_the_whole_image_onto_the_grid():
+    from microscope.data.vqa import resized_box_patches
+
+    # 120 x 80 onto 3 rows x 4 cols: cells of 30 x 26.7 px, nothing cropped
+    assert resized_box_patches((0, 0, 10, 10), 120, 80, 3, 4) == (0,)
+    assert resized_box_patches((20, 0, 30, 10), 120, 80, 3, 4) == (0,)
+    assert resized_box_patches((20, 40, 100, 80), 120, 80, 3, 4) == (4, 5, 6, 7, 8, 9, 10, 11)
+    assert resized_box_patches((100, 0, 120, 80), 120, 80, 3, 4) == (3, 7, 11)
+
+
+def test_gqa_boxes_on_a_dynamic_resolution_grid(gqa_files, handles):
+    """Qwen2-VL keeps the image's aspect ratio: the sample's grid is the (rows, cols) token grid
+    its own processor gives the 120 x 80 image, and the referred boxes map onto it."""
+    from microscope import knockout as ko
+    from microscope.data.vqa import resized_box_patches
+    from microscope.model import token_grid
+
+    h = handles["qwen2_vl"]
+    d = gqa_files
+    s = load_samples("gqa", handle=h, questions=d / "questions.json", images=d / "images",
+                     scene_graphs=d / "graphs.json")
+    rows, cols = token_grid(h, 120, 80)
+    assert s[0].grid == (rows, cols) and rows < cols  # landscape stays landscape
+    assert s[0].referred_patches() == tuple(sorted(set(resized_box_patches((20, 0, 30, 10), 120, 80, rows, cols))
+                                                   | set(resized_box_patches((20, 40, 100, 80), 120, 80, rows,
+                                                                             cols))))
+    batch = microscope.prepare_samples(h, s)
+    assert int(batch.inputs["image_grid_thw"][0][1]) // 2 == rows  # the processor's own grid
+    pos = ko.image_patch_positions(h, batch, 0, s[0].grid)
+    assert len(pos) == rows * cols
+    src, _ = ko.edge_masks(h, batch, "related-image↛question", [x.referred_patches() for x in s])
+    assert src[0].sum().item() == len(s[0].referred_patches())
+    with pytest.raises(ValueError, match="grid but"):
+        ko.image_patch_positions(h, batch, 0, (cols, rows))

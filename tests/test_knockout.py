@@ -301,5 +301,5 @@ def test_dynamic_resolution_patch_grid_is_raster_over_merged_patches(handles, na
 def test_samples_on_another_patch_grid_are_refused(handles):
     h = handles["llava15"]  # 4 x 4 patches
     s = shapes.generate(2, 0)  # drawn on the default 6 x 6 grid
-    with pytest.raises(ValueError, match="6×6 grid but .* 4×4 grid: draw samples with load_samples"):
+    with pytest.raises(ValueError, match="6×6 grid but .* 4×4 grid: load samples with load_samples"):
         ko.sweep(h, s, only_correct=False, progress=False)

@@ -73,6 +73,16 @@ def box_patches(box: Sequence[float], width: int, height: int, grid: int) -> tup
         else ()
 
 
+def resized_box_patches(box: Sequence[float], width: int, height: int, rows: int, cols: int) -> tuple[int, ...]:
+    """Raster indices of the ``rows × cols`` cells a box overlaps when the whole image is resized
+    onto that grid (no crop: Qwen2-VL's dynamic resolution)."""
+    x0, y0, x1, y1 = box
+    cw, ch = width / cols, height / rows
+    c0, c1 = max(math.floor(x0 / cw), 0), min(math.ceil(x1 / cw) - 1, cols - 1)
+    r0, r1 = max(math.floor(y0 / ch), 0), min(math.ceil(y1 / ch) - 1, rows - 1)
+    return tuple(r * cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
+
+
 @dataclass
 class VQASample:
     """One visual question from a data set on disk."""
@@ -86,7 +96,7 @@ class VQASample:
     boxes: tuple[tuple[float, float, float, float], ...] = ()   # the referred objects' boxes
     options: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
-    grid: int | None = None                                        # patch grid for referred_patches
+    grid: int | tuple[int, int] | None = None  # patch grid for referred_patches: square side, or (rows, cols)
 
     @property
     def image(self) -> Image.Image:
@@ -105,22 +115,37 @@ class VQASample:
         (empty without boxes or grid)."""
         if not self.boxes or self.grid is None:
             return ()
-        w, h = self.meta.get("width"), self.meta.get("height")
-        if not w or not h:
-            with Image.open(self.image_path) as im:
-                w, h = im.size
+        w, h = self.size()
         out: set[int] = set()
         for b in self.boxes:
-            out.update(box_patches(b, w, h, self.grid))
+            out.update(box_patches(b, w, h, self.grid) if isinstance(self.grid, int)
+                       else resized_box_patches(b, w, h, *self.grid))
         return tuple(sorted(out))
+
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` from the data set's metadata, else from the image file's header."""
+        w, h = self.meta.get("width"), self.meta.get("height")
+        if w and h:
+            return int(w), int(h)
+        with Image.open(self.image_path) as im:
+            return im.size
 
 
 def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
-    """Set every sample's patch grid to the vision tower's (``image_size // patch_size``; ``None``,
-    so no referred patches, for a dynamic-resolution tower)."""
-    from microscope.model import patch_grid
+    """Set every sample's patch grid to the model's: the vision tower's square
+    ``image_size // patch_size`` grid, or for a dynamic-resolution tower the ``(rows, cols)``
+    token grid its processor gives this sample's image size; ``None`` (no referred patches)
+    for a model with neither."""
+    from microscope.model import patch_grid, token_grid
 
     grid = patch_grid(handle.model)
+    by_size: dict[tuple[int, int], tuple[int, int] | None] = {}
     for s in samples:
-        s.grid = grid
+        if grid is None and s.boxes:
+            size = s.size()
+            if size not in by_size:
+                by_size[size] = token_grid(handle, *size)
+            s.grid = by_size[size]
+        else:
+            s.grid = grid
     return list(samples)
