@@ -44,7 +44,7 @@ from microscope import attention
 from microscope.answers import answer_ids
 from microscope.extract import capture
 from microscope.model import patch_grid
-from microscope.prefix import expand, position_kwargs, prefix_of
+from microscope.prefix import expand, position_kwargs, positions, prefix_of
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
@@ -208,33 +208,42 @@ def image_patch_positions(handle, batch: Batch, row: int, grid: int | tuple[int,
     ``grid``: a square side or ``(rows, cols)``), checked against the model's. ``ValueError`` for
     other layouts (give image positions directly as a :class:`Block`).
     """
+    pos, shape = _patch_layout(handle, batch, row)
+    _check_grid(handle, shape, grid)
+    return pos
+
+
+def _patch_layout(handle, batch: Batch, row: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Row ``row``'s patch-grid positions and the grid's ``(rows, cols)``; ``ValueError`` when its
+    image tokens form no patch grid."""
     pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
     side = patch_grid(handle.model)
     if side is not None:
-        shape = (side, side)
         if getattr(handle.model.config, "model_type", "") in ANYRES and len(pos) > side * side:
-            pos = pos[:side * side]
-        elif len(pos) != side * side:
+            return pos[:side * side], (side, side)
+        if len(pos) != side * side:
             raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {side}×{side} patch grid; related/"
                              "other-image edges need the patch grid's tokens — pass image positions in a Block "
                              "instead")
-    else:
-        thw = batch.inputs.get("image_grid_thw")
-        merge = getattr(getattr(handle.model.config, "vision_config", None), "spatial_merge_size", None)
-        if thw is None or not merge:
-            raise ValueError(f"{handle.name}'s image tokens form no patch grid (pixel-shuffled or dynamic "
-                             "resolution); related/other-image edges need one — pass image positions in a Block "
-                             "instead")
-        t, h, w = (int(v) for v in thw[row])
-        shape = (h // merge, w // merge)
-        if t != 1 or len(pos) != shape[0] * shape[1]:
-            raise ValueError(f"{handle.name}: row {row}'s image is a {t}×{h}×{w} patch grid for {len(pos)} image "
-                             "tokens, not one image; related/other-image edges need one image per row")
+        return pos, (side, side)
+    thw = batch.inputs.get("image_grid_thw")
+    merge = getattr(getattr(handle.model.config, "vision_config", None), "spatial_merge_size", None)
+    if thw is None or not merge:
+        raise ValueError(f"{handle.name}'s image tokens form no patch grid (pixel-shuffled or dynamic "
+                         "resolution); related/other-image edges need one — pass image positions in a Block instead")
+    t, h, w = (int(v) for v in thw[row])
+    shape = (h // merge, w // merge)
+    if t != 1 or len(pos) != shape[0] * shape[1]:
+        raise ValueError(f"{handle.name}: row {row}'s image is a {t}×{h}×{w} patch grid for {len(pos)} image "
+                         "tokens, not one image; related/other-image edges need one image per row")
+    return pos, shape
+
+
+def _check_grid(handle, shape: tuple[int, int], grid: int | tuple[int, int] | None) -> None:
     want = (grid, grid) if isinstance(grid, int) else tuple(grid) if grid is not None else shape
     if want != shape:
         raise ValueError(f"the sample's patch indices are on a {want[0]}×{want[1]} grid but {handle.name}'s image "
                          f"tokens form a {shape[0]}×{shape[1]} grid: load samples with load_samples(..., handle=h)")
-    return pos
 
 
 def related_patches(handle, batch: Batch, row: int, sample) -> tuple[int, ...] | None:
@@ -244,10 +253,10 @@ def related_patches(handle, batch: Batch, row: int, sample) -> tuple[int, ...] |
     if not callable(f):
         return None
     try:
-        image_patch_positions(handle, batch, row)
+        _, shape = _patch_layout(handle, batch, row)
     except ValueError:
         return None
-    image_patch_positions(handle, batch, row, getattr(sample, "grid", None))  # a mismatch is the caller's error
+    _check_grid(handle, shape, getattr(sample, "grid", None))  # a mismatch is the caller's error
     return tuple(f())
 
 
@@ -361,6 +370,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         # attention): take them from the clean run's key/value cache and compute only the rest
         first = min(int(t[3].nonzero().min()) for t in todo)
         prefix = prefix_of(out.past_key_values, first)
+        pos_ids, suffix = positions(handle, inputs), emb.shape[1] - first
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             r = len(chunk)
@@ -370,7 +380,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
                 out = handle.model(inputs_embeds=emb[:, first:].expand(r, -1, -1),
                                    attention_mask=inputs["attention_mask"].expand(r, -1),
                                    past_key_values=expand(handle, prefix, r), use_cache=prefix is not None,
-                                   logits_to_keep=1, **position_kwargs(handle, inputs, first, r)
+                                   logits_to_keep=1, **position_kwargs(pos_ids, suffix, r)
                                    ).logits[:, -1].float()
             p = out.softmax(-1)[:, gold].cpu()
             for (e, c, _, _), pb in zip(chunk, p.tolist()):

@@ -52,7 +52,7 @@ class Adapter:
     #: 0..T-1 (Qwen2-VL's multimodal RoPE: image tokens get (time, row, column) positions and the
     #: text after an image resumes at the image's largest position + 1); ``None`` for 1-D RoPE.
     #: Forwards the suite builds from ``inputs_embeds`` pass these explicitly (see
-    #: :func:`microscope.prefix.position_kwargs`), since the model cannot derive them without ids.
+    #: :func:`microscope.prefix.positions`), since the model cannot derive them without ids.
     position_ids: Callable[[dict], torch.Tensor] | None = None
 
     @property
@@ -159,8 +159,7 @@ def sample_geometry(handle, target: int = 224) -> tuple[int, int] | None:
         return fixed
     vc = getattr(handle.model.config, "vision_config", None)
     merge, patch = getattr(vc, "spatial_merge_size", None), getattr(vc, "patch_size", None)
-    ip = getattr(handle.processor, "image_processor", None)
-    if not (isinstance(merge, int) and isinstance(patch, int)) or ip is None:
+    if not (isinstance(merge, int) and isinstance(patch, int)):
         return None
     unit = patch * merge
     for side in sorted(range(2 * unit, 4 * target + 1, unit), key=lambda x: (abs(x - target), x)):

@@ -12,7 +12,7 @@ computes only the suffix. The results equal whole-prompt forwards up to float ro
 (tested against them in tests/ and benchmarks/).
 
 Models with multimodal rotary positions (Qwen2-VL) cannot derive a suffix's positions from
-``inputs_embeds``; :func:`position_kwargs` hands them the clean prompt's own.
+``inputs_embeds``; :func:`positions` and :func:`position_kwargs` hand them the clean prompt's own.
 """
 
 from __future__ import annotations
@@ -46,16 +46,15 @@ def length(prefix: list | None) -> int:
     return 0 if not prefix else int(prefix[0][0].shape[-2])
 
 
-def position_kwargs(handle, inputs: dict, start: int = 0, rows: int = 1) -> dict:
-    """Keyword arguments giving a forward of ``rows`` rows over prompt positions ``start:`` of
-    ``inputs`` (one prompt, as the processor made it) their rotary positions.
-
-    ``{}`` for 1-D RoPE, where the model's own ``past_length + arange`` is right. For
-    Qwen2-VL-style M-RoPE, ``{"position_ids": P[:, :, start:]}`` with ``P`` the ``(3, 1, T)``
-    (time, row, column) positions of the whole prompt, expanded to ``rows``.
-    """
+def positions(handle, inputs: dict) -> torch.Tensor | None:
+    """The rotary positions of one prompt as the processor made it: ``(3, 1, T)`` (time, row,
+    column) for Qwen2-VL-style M-RoPE, ``None`` for 1-D RoPE, where the model's own
+    ``past_length + arange`` is right."""
     f = handle.adapter.position_ids
-    if f is None:
-        return {}
-    pos = f(inputs)
-    return {"position_ids": pos[..., start:].expand(-1, rows, -1).to(handle.device)}
+    return None if f is None else f(inputs).to(handle.device)
+
+
+def position_kwargs(pos: torch.Tensor | None, length: int, rows: int) -> dict:
+    """Keyword arguments giving a forward of ``rows`` rows over the last ``length`` positions of
+    the prompt whose :func:`positions` are ``pos`` (``{}`` when ``pos`` is None)."""
+    return {} if pos is None else {"position_ids": pos[..., pos.shape[-1] - length:].expand(-1, rows, -1)}

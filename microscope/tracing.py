@@ -48,6 +48,7 @@ from microscope.answers import answer_ids
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions, related_patches
 from microscope.prefix import expand, length, position_kwargs, prefix_of
+from microscope.prefix import positions as prompt_positions
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
@@ -158,9 +159,9 @@ def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = 
     ``embeds.shape[1]`` are used."""
     R, T = embeds.shape[:2]
     mask = torch.ones((R, T + length(prefix)), dtype=torch.long, device=embeds.device)
-    extra = {} if position_ids is None else {"position_ids": position_ids[..., -T:].expand(-1, R, -1)}
     logits = handle.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=expand(handle, prefix, R),
-                          use_cache=prefix is not None, logits_to_keep=1, **extra).logits
+                          use_cache=prefix is not None, logits_to_keep=1,
+                          **position_kwargs(position_ids, T, R)).logits
     return logits[:, -1].float().softmax(-1)[:, answer]
 
 
@@ -240,7 +241,7 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             with torch.no_grad():
                 rep[:, t] = a.embed(new).to(e.dtype)
     prefix = prefix_of(out.past_key_values, first)
-    pos_ids = position_kwargs(handle, inputs).get("position_ids")
+    pos_ids = prompt_positions(handle, inputs)
     with torch.no_grad():
         p_cor = float(_forward_p(handle, rep[:, first:] if prefix else rep, gold, prefix, pos_ids).mean())
     return Corrupted(handle=handle, sample=sample, batch=batch, answer_id=gold, clean=clean, corrupted=rep,

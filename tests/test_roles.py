@@ -123,17 +123,18 @@ def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name
     knockout and tracing run) equals the processor-input forward only with the adapter's
     position ids — without them it is measurably different."""
     from microscope.extract import capture
-    from microscope.prefix import position_kwargs
+    from microscope.prefix import expand, position_kwargs, positions, prefix_of
 
     h = handles[name]
     b = microscope.prepare_samples(h, shapes.generate(1, seed=2))
     with torch.no_grad(), capture(h, [-1]) as acts:
         ref = h.model(**b.inputs).logits
     emb, mask = acts["resid.-1"], b.inputs["attention_mask"]
-    pos = position_kwargs(h, b.inputs)["position_ids"]
-    assert pos.shape == (3, 1, emb.shape[1]) and not torch.equal(pos[1], pos[2])  # rows ≠ columns on the image
+    pos = positions(h, b.inputs)
+    T = emb.shape[1]
+    assert pos.shape == (3, 1, T) and not torch.equal(pos[1], pos[2])  # rows ≠ columns on the image
     with torch.no_grad():
-        same = h.model(inputs_embeds=emb, attention_mask=mask, **position_kwargs(h, b.inputs)).logits
+        same = h.model(inputs_embeds=emb, attention_mask=mask, **position_kwargs(pos, T, 1)).logits
         plain = h.model(inputs_embeds=emb, attention_mask=mask,
                         position_ids=torch.arange(emb.shape[1])[None].expand(3, 1, -1)).logits
     torch.testing.assert_close(same, ref, rtol=0, atol=1e-5)
@@ -142,9 +143,7 @@ def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name
     first = 10
     with torch.no_grad():
         out = h.model(**b.inputs, use_cache=True)
-        from microscope.prefix import expand, prefix_of
-
         suf = h.model(inputs_embeds=emb[:, first:], attention_mask=mask,
                       past_key_values=expand(h, prefix_of(out.past_key_values, first), 1),
-                      **position_kwargs(h, b.inputs, first)).logits
+                      **position_kwargs(pos, T - first, 1)).logits
     torch.testing.assert_close(suf, ref[:, first:], rtol=0, atol=1e-5)

@@ -35,7 +35,7 @@ def load_samples(dataset: str = "shapes", n: int | None = None, seed: int = 0, h
         if n is None:
             raise ValueError("the Shapes world is generated: give n, the number of samples")
         geometry = sample_geometry(handle) if handle is not None else None
-        if geometry is not None:  # a fixed-resolution tower: draw on its patch grid
+        if geometry is not None:  # draw on the model's image-token grid
             kwargs.setdefault("image_size", geometry[0])
             kwargs.setdefault("patch_size", geometry[1])
         return shapes.generate(n, seed, **kwargs)
