@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from microscope import attention
 from microscope.answers import answer_ids
 from microscope.extract import capture
-from microscope.model import patch_grid
+from microscope.model import ANYRES, patch_grid
 from microscope.prefix import expand, position_kwargs, positions, prefix_of
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
@@ -63,8 +63,6 @@ EDGES: dict[str, tuple[str, str]] = {
 SWEEP_EDGES = tuple(e for e in EDGES if e != "image↛text")
 GROUPS = {"question": QUESTION, "text": TEXT}
 _PATCH_GROUPS = ("related-image", "other-image")
-#: model types whose image tokens start with the base view's patch grid, followed by crops
-ANYRES = ("llava_next", "llava_onevision")
 _BASES = ("sdpa", "eager")
 _NAME = "microscope_knockout_{}"
 

@@ -27,6 +27,9 @@ from microscope.errors import MicroscopeError, ModelNotFoundError
 #: attention implementation the suite loads models with: its interventions work through
 #: transformers' attention interface, which ``sdpa`` and ``eager`` both honour
 DEFAULT_ATTENTION = "sdpa"
+#: model types whose image tokens start with the base view — the whole image resized to a square,
+#: not cropped — followed by high-resolution crops
+ANYRES = ("llava_next", "llava_onevision")
 #: families whose image (prefix) tokens attend bidirectionally: refused with a reason
 BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3")
 SUPPORTED = {

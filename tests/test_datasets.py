@@ -224,3 +224,44 @@ def test_gqa_boxes_on_a_dynamic_resolution_grid(gqa_files, handles):
     assert src[0].sum().item() == len(s[0].referred_patches())
     with pytest.raises(ValueError, match="grid but"):
         ko.image_patch_positions(h, batch, 0, (cols, rows))
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_anyres_base_view_squashes_the_whole_image(handles, name, gqa_files):
+    """The anyres base view is the whole image resized to a square (no crop): a dark box in the
+    left margin of a 120 x 80 image darkens exactly the cells resized_box_patches names, where a
+    CLIP centre crop would have cut it off — and a GQA sample's grid says so."""
+    from microscope import knockout as ko
+    from microscope.data.vqa import resized_box_patches
+
+    h = handles[name]
+    img = np.full((80, 120, 3), 255, np.uint8)
+    img[0:20, 0:15] = 0
+    px = h.processor.image_processor(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"]
+    base = px[0, 0].mean(0)  # (56, 56): the first view, channels averaged
+    cells = base.reshape(4, 14, 4, 14).amin(dim=(1, 3)).flatten()
+    dark = tuple(int(i) for i in (cells < 0).nonzero().flatten())
+    assert dark == resized_box_patches((0, 0, 15, 20), 120, 80, 4, 4) == (0,)
+    assert box_patches((0, 0, 15, 20), 120, 80, 4) == ()  # the crop rule would have lost it
+    d = gqa_files
+    s = load_samples("gqa", handle=h, questions=d / "questions.json", images=d / "images",
+                     scene_graphs=d / "graphs.json")
+    # cup (20, 0, 30, 10) and table (20, 40, 100, 80) of the 120 x 80 image on the squashed 4 x 4 grid
+    assert s[0].grid == (4, 4) and s[0].referred_patches() == (0, *range(8, 16))
+    batch = microscope.prepare_samples(h, s[:1])
+    assert len(ko.image_patch_positions(h, batch, 0, s[0].grid)) == 16
+
+
+def test_llava15_crop_rule_matches_its_processor(handles):
+    """LLaVA-1.5's CLIP preprocessing resizes the shortest edge and centre-crops: a dark box at the
+    crop's left edge darkens exactly the cells box_patches names (the squash rule would say two)."""
+    from microscope.data.vqa import resized_box_patches
+
+    h = handles["llava15"]
+    img = np.full((80, 120, 3), 255, np.uint8)
+    img[0:20, 20:35] = 0
+    px = h.processor.image_processor(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"]
+    cells = px[0].mean(0).reshape(4, 14, 4, 14).amin(dim=(1, 3)).flatten()
+    dark = tuple(int(i) for i in (cells < 0).nonzero().flatten())
+    assert dark == box_patches((20, 0, 35, 20), 120, 80, 4) == (0,)
+    assert resized_box_patches((20, 0, 35, 20), 120, 80, 4, 4) == (0, 1)

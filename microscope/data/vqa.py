@@ -75,7 +75,7 @@ def box_patches(box: Sequence[float], width: int, height: int, grid: int) -> tup
 
 def resized_box_patches(box: Sequence[float], width: int, height: int, rows: int, cols: int) -> tuple[int, ...]:
     """Raster indices of the ``rows × cols`` cells a box overlaps when the whole image is resized
-    onto that grid (no crop: Qwen2-VL's dynamic resolution)."""
+    onto that grid, without cropping (Qwen2-VL's dynamic resolution; the anyres base view)."""
     x0, y0, x1, y1 = box
     cw, ch = width / cols, height / rows
     c0, c1 = max(math.floor(x0 / cw), 0), min(math.ceil(x1 / cw) - 1, cols - 1)
@@ -133,12 +133,15 @@ class VQASample:
 
 def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
     """Set every sample's patch grid to the model's: the vision tower's square
-    ``image_size // patch_size`` grid, or for a dynamic-resolution tower the ``(rows, cols)``
-    token grid its processor gives this sample's image size; ``None`` (no referred patches)
-    for a model with neither."""
-    from microscope.model import patch_grid, token_grid
+    ``image_size // patch_size`` grid (an int: CLIP's resize-and-centre-crop; a ``(side, side)``
+    pair for the anyres base view, which resizes the whole image to a square without cropping),
+    or for a dynamic-resolution tower the ``(rows, cols)`` token grid its processor gives this
+    sample's image size; ``None`` (no referred patches) for a model with neither."""
+    from microscope.model import ANYRES, patch_grid, token_grid
 
     grid = patch_grid(handle.model)
+    if grid is not None and getattr(handle.model.config, "model_type", "") in ANYRES:
+        grid = (grid, grid)
     by_size: dict[tuple[int, int], tuple[int, int] | None] = {}
     for s in samples:
         if grid is None and s.boxes:
