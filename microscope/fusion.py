@@ -128,7 +128,8 @@ class FusionModel(torch.nn.Module):
             if pixel_values is None:
                 raise ValueError("input_ids hold image positions but no pixel_values were given")
             enc = self.encode_images
-            dt = next(enc.parameters()).dtype if isinstance(enc, torch.nn.Module) else x.dtype
+            param = next(enc.parameters(), None) if isinstance(enc, torch.nn.Module) else None
+            dt = param.dtype if param is not None else x.dtype
             feats = enc(pixel_values.to(x.device, dt))
             if feats.ndim != 3 or feats.shape[-1] != x.shape[-1] or feats.shape[0] * feats.shape[1] != int(mask.sum()):
                 raise ValueError(f"encode_images gave {tuple(feats.shape)} for {int(mask.sum())} image positions of "

@@ -107,5 +107,17 @@ def test_bad_fusion_input_gets_clear_errors():
     b = microscope.prepare_samples(h, s)
     with pytest.raises(ValueError, match=r"encode_images gave \(1, 16, 48\) for 9 image positions"):
         h.model(**b.inputs)
+    # a parameter-free embedding module (or plain callable) works as well
+    fixed = torch.randn(16, 48)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, px):
+            return fixed.expand(px.shape[0], -1, -1)
+
+    h2 = fuse(dec, tok, Fixed(), pre, 16)
+    b2 = microscope.prepare_samples(h2, s)
+    with torch.no_grad():
+        x = h2.model.embed(b2.inputs["input_ids"], b2.inputs["pixel_values"])
+    assert torch.equal(x[b2.inputs["input_ids"] == h2.adapter.image_token_id], fixed)
     with pytest.raises(ValueError, match="one image per prompt"):
         h.processor(images=[], text=["USER: <image> x"])
