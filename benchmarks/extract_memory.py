@@ -19,12 +19,11 @@ import tempfile
 CHILD = """
 import json, resource, sys, time
 import microscope
-from microscope.data import shapes
+from microscope.data import load_samples
 from microscope.extract import extract
 model, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 h = microscope.load(model)
-vc = h.model.config.vision_config
-samples = shapes.generate(n, 0, image_size=vc.image_size, patch_size=vc.patch_size)
+samples = load_samples("shapes", n, 0, handle=h)
 t = time.time()
 extract(h, samples, out, batch_size=16, progress=False)
 print(json.dumps({"n": n, "seconds": time.time() - t,

@@ -24,7 +24,7 @@ import torch
 import microscope
 from microscope import knockout as ko
 from microscope.answers import answer_ids
-from microscope.data import shapes
+from microscope.data import load_samples
 
 
 def reference(h, samples, edges, window):
@@ -55,8 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     h = microscope.load(args.model)
-    vc = h.model.config.vision_config
-    samples = shapes.generate(args.n, 3, image_size=vc.image_size, patch_size=vc.patch_size)
+    samples = load_samples("shapes", args.n, 3, handle=h)  # on the model's image-token grid
     window = args.window or ko.default_window(h.adapter.n_layers)
     edges = list(ko.SWEEP_EDGES)
     correct = ko.predict(h, samples, progress=False).correct.tolist()

@@ -26,7 +26,7 @@ import torch
 
 import microscope
 from microscope import tracing as tr
-from microscope.data import shapes
+from microscope.data import load_samples
 
 
 def main() -> None:
@@ -39,8 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     h = microscope.load(args.model)
-    vc = h.model.config.vision_config
-    samples = shapes.generate(args.n, 5, image_size=vc.image_size, patch_size=vc.patch_size)
+    samples = load_samples("shapes", args.n, 5, handle=h)  # on the model's image-token grid
     sigma = tr.noise_sigma(h, samples)
     cs = [tr.corrupt(h, s, n_noise=args.noise, sigma=sigma, seed=k) for k, s in enumerate(samples)]
     L = h.adapter.n_layers

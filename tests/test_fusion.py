@@ -77,7 +77,15 @@ def test_factory_loading_and_its_errors():
 
 
 def test_hash_includes_the_image_side():
-    assert fx.bunny().config_hash != fx.omnifusion().config_hash
+    """Same decoder, tokenizer and template, another image encoder: another identity (a store
+    written by one is refused by the other)."""
+    b = fx.bunny()
+    same = fuse(b.model.decoder, b.processor.tokenizer, b.model.encode_images, b.processor.preprocess, 16)
+    other = fuse(b.model.decoder, b.processor.tokenizer, torch.nn.Sequential(b.model.encode_images, torch.nn.Tanh()),
+                 b.processor.preprocess, 16)
+    assert same.config_hash == fuse(b.model.decoder, b.processor.tokenizer, b.model.encode_images,
+                                    b.processor.preprocess, 16).config_hash
+    assert other.config_hash != same.config_hash
 
 
 def _decoder(tok, impl="sdpa"):
