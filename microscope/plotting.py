@@ -61,16 +61,23 @@ def line_by_layer(df: pd.DataFrame, y: str = "value", hue: str = "role", ax=None
 
 
 def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = ()):
-    """A Shapes-world image with its patch grid, object boxes and highlighted patches."""
-    from matplotlib.patches import Rectangle
+    """A Shapes-world image with its patch grid, object boxes and highlighted patches; the strip
+    past the last whole patch (``image_size`` not a multiple of ``patch_size``), which the model
+    never sees, is greyed out."""
+    from matplotlib.patches import Polygon, Rectangle
 
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(sample.image, extent=(0, sample.image_size, sample.image_size, 0))
+    size = sample.image_size
+    ax.imshow(sample.image, extent=(0, size, size, 0))
     g, p = sample.grid, sample.patch_size
-    for i in range(1, g):
+    seen = g * p
+    for i in range(1, g + (seen < size)):
         ax.axhline(i * p, color="k", lw=0.4, alpha=0.4)
         ax.axvline(i * p, color="k", lw=0.4, alpha=0.4)
+    if seen < size:
+        ax.add_patch(Polygon([(seen, 0), (size, 0), (size, size), (0, size), (0, seen), (seen, seen)],
+                             color="0.3", alpha=0.35, lw=0))
     for idx in highlight:
         r, c = divmod(idx, g)
         ax.add_patch(Rectangle((c * p, r * p), p, p, color=ROLE_COLORS["constraint"], alpha=0.25, lw=0))

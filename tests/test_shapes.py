@@ -150,7 +150,8 @@ def test_conversation_turns_are_correct():
 
 @pytest.mark.parametrize("kwargs, name", [
     ({"n": -1}, "n"), ({"n": 2.5}, "n"), ({"seed": -3}, "seed"), ({"image_size": 40}, "image_size"),
-    ({"image_size": 100}, "image_size"), ({"patch_size": 0}, "patch_size"),
+    ({"image_size": 62, "patch_size": 32}, "image_size"), ({"image_size": 13, "patch_size": 14}, "image_size"),
+    ({"image_size": True}, "image_size"), ({"patch_size": 0}, "patch_size"),
     ({"max_objects": 6}, "max_objects"), ({"max_objects": 1}, "max_objects"),
     ({"categories": ["Counting"]}, "categories"), ({"categories": []}, "categories"),
 ])

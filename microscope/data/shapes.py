@@ -11,6 +11,13 @@ question in one of the six GQA categories, with a single-word answer and full gr
   spans in the question;
 - the category.
 
+The image may be any size ``S``, also one that is not a multiple of the patch size ``p``: a ViT
+embeds it with a ``p × p`` convolution of stride ``p`` and no padding, which gives
+``g = floor(S / p)`` patches per side and never reads the last ``S - g·p`` rows and columns
+(SigLIP at 384 px, 14 px patches: 27 × 27 patches over the first 378 px). The scene is laid out
+in that seen ``g·p`` square (object sizes scale with it) and the unseen strip is background, so
+every object is visible to the model and its patches are exactly those its pixels fall in.
+
 ``generate(n, seed)`` is deterministic and prefix-stable: sample ``i`` depends only on
 ``(seed, i)``, so ``generate(10, s)[:5] == generate(5, s)`` byte for byte. Within each
 category answers are stratified: the k-th sample of a category takes the answer
@@ -100,6 +107,7 @@ _REFERENCE_SIZE = 96
 _GAP = 2  # minimum pixels between two objects' boxes
 _REL_MARGIN = 6  # minimum horizontal distance between centres for left/right questions
 _MAX_TRIES = 2000
+_MIN_VISIBLE = 48  # smallest seen square (px) the scenes are laid out in
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class ShapeObject:
     box: tuple[int, int, int, int]
     patches: tuple[int, ...]
     patch_fraction: tuple[float, ...]
+    #: scale of the scene: side of the seen square the objects are laid out in, over 96 px
     meta_scale: float = 1.0
 
     @property
@@ -153,8 +162,16 @@ class Sample:
 
     @property
     def grid(self) -> int:
-        """Number of patches along one side of the image."""
+        """Number of patches along one side of the image: ``floor(image_size / patch_size)``, as a
+        stride-``patch_size`` convolution without padding gives."""
         return self.image_size // self.patch_size
+
+    @property
+    def visible_size(self) -> int:
+        """Side of the square the patches cover, ``grid · patch_size`` px from the top-left corner;
+        the rest of the image (``image_size - visible_size`` px) is background the model never
+        sees. Equals ``image_size`` when it is a multiple of ``patch_size``."""
+        return self.grid * self.patch_size
 
     def replacements(self, word: str) -> list[str]:
         """Other words of the same kind as ``word`` (colours for a colour, shapes for a shape,
@@ -207,10 +224,12 @@ def _check_args(n: int, seed: int, image_size: int, patch_size: int, max_objects
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(patch_size, (int, np.integer)) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
-    if not isinstance(image_size, (int, np.integer)) or image_size < 48 or image_size % patch_size:
+    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) \
+            or image_size // patch_size * patch_size < _MIN_VISIBLE:
         raise ValueError(
-            f"image_size must be an integer >= 48 and a multiple of patch_size={patch_size}, "
-            f"got {image_size!r}"
+            f"image_size must be an integer whose patch grid covers at least {_MIN_VISIBLE} px "
+            f"(floor(image_size / patch_size) * patch_size >= {_MIN_VISIBLE}, the room the objects need), "
+            f"got image_size={image_size!r} with patch_size={patch_size}: give a larger image_size"
         )
     if not isinstance(max_objects, (int, np.integer)) or not 2 <= max_objects <= 5:
         raise ValueError(f"max_objects must be an integer in [2, 5], got {max_objects!r}")
@@ -238,7 +257,10 @@ def generate(
     n: number of samples.
     seed: non-negative integer; sample ``i`` depends only on ``(seed, i)``.
     image_size, patch_size: image side and the model's patch side, in pixels; the ground-truth
-        patch indices are on the ``image_size // patch_size`` square grid.
+        patch indices are on the ``g = image_size // patch_size`` square grid. ``image_size`` need
+        not be a multiple of ``patch_size``: the objects are then drawn inside the ``g·patch_size``
+        px square the patches cover, and the remaining strip is background (see the module
+        docstring).
     max_objects: largest number of objects in a scene (2–5); scenes have 1..max_objects
         objects, at least 2 where the category needs two referred objects.
     categories: question categories to draw from, cycled in the given order.
@@ -269,10 +291,12 @@ def _pick(rng: np.random.Generator, items: Sequence[str], exclude: Sequence[str]
     return pool[int(rng.integers(len(pool)))]
 
 
-def _place(rng: np.random.Generator, specs: list[dict], image_size: int,
+def _place(rng: np.random.Generator, specs: list[dict], square: int,
            rel: tuple[int, int, str] | None = None) -> list[tuple[int, int, int, int]]:
-    """Random non-overlapping boxes for ``specs`` (rejection sampling, all-or-nothing)."""
-    scale = image_size / _REFERENCE_SIZE
+    """Random non-overlapping boxes for ``specs`` inside the ``square`` px square from the
+    top-left corner (the part of the image the patches cover; rejection sampling,
+    all-or-nothing). Sizes and margins scale by ``square / 96``."""
+    scale = square / _REFERENCE_SIZE
     for _ in range(_MAX_TRIES):
         boxes: list[tuple[int, int, int, int]] = []
         ok = True
@@ -280,8 +304,8 @@ def _place(rng: np.random.Generator, specs: list[dict], image_size: int,
             side = int(round(SIZES[sp["size"]] * scale))
             placed = False
             for _ in range(50):
-                x0 = int(rng.integers(0, image_size - side + 1))
-                y0 = int(rng.integers(0, image_size - side + 1))
+                x0 = int(rng.integers(0, square - side + 1))
+                y0 = int(rng.integers(0, square - side + 1))
                 b = (x0, y0, x0 + side, y0 + side)
                 if all(b[0] >= o[2] + _GAP or o[0] >= b[2] + _GAP or b[1] >= o[3] + _GAP
                        or o[1] >= b[3] + _GAP for o in boxes):
@@ -325,20 +349,26 @@ def _draw_mask(shape: str, box: tuple[int, int, int, int], image_size: int) -> n
 
 def _render(specs: list[dict], boxes: list, image_size: int, patch_size: int
             ) -> tuple[Image.Image, tuple[ShapeObject, ...]]:
+    """The ``image_size`` px image with the objects drawn in ``boxes`` (all inside the seen
+    ``g·patch_size`` square, ``g = image_size // patch_size``) and each object's patches:
+    the cells of the ``g × g`` grid over that square that hold at least one of its pixels."""
     img = np.empty((image_size, image_size, 3), dtype=np.uint8)
     img[:] = BACKGROUND
     g = image_size // patch_size
+    seen = g * patch_size
     objects = []
     for sp, b in zip(specs, boxes):
-        mask = _draw_mask(sp["shape"], b, image_size)
-        img[mask] = COLORS[sp["color"]]
+        if max(b) > seen:  # pragma: no cover - _place lays the scene out in the seen square
+            raise RuntimeError(f"internal error: box {b} leaves the {seen} px square the patches cover")
+        mask = _draw_mask(sp["shape"], b, seen)
+        img[:seen, :seen][mask] = COLORS[sp["color"]]
         cover = mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)
         idx = np.flatnonzero(cover)
         objects.append(ShapeObject(
             shape=sp["shape"], color=sp["color"], size=sp["size"], box=tuple(int(v) for v in b),
             patches=tuple(int(i) for i in idx),
             patch_fraction=tuple(float(cover[i]) / patch_size**2 for i in idx),
-            meta_scale=image_size / _REFERENCE_SIZE,
+            meta_scale=seen / _REFERENCE_SIZE,
         ))
     return Image.fromarray(img, "RGB"), tuple(objects)
 
@@ -494,7 +524,8 @@ def _make_sample(sid: str, cat: str, answer: str, rng: np.random.Generator, imag
     if rel is not None:
         inv = np.argsort(order)
         rel = (int(inv[0]), int(inv[1]), answer)
-    boxes = _place(rng, specs, image_size, rel)
+    visible = image_size // patch_size * patch_size  # the square the model's patches cover
+    boxes = _place(rng, specs, visible, rel)
     image, objects = _render(specs, boxes, image_size, patch_size)
     asked = ask(objects, cat, answer, rng)
     if asked is None:  # pragma: no cover - the scene is built so that the answer is possible

@@ -9,7 +9,10 @@ It has the fields the suite reads from a Shapes-world sample (``id``, ``image``,
 ``answer``, ``category``, ``constraints``, ``referred_patches()``), so every analysis runs on
 either. Boxes are ``(x0, y0, x1, y1)`` pixels of the original image; :func:`box_patches` maps them
 onto a vision tower's patch grid for the CLIP-style preprocessing of LLaVA-1.5 (resize the
-shortest edge, centre-crop a square).
+shortest edge, centre-crop a square), :func:`resized_box_patches` for a resize of the whole image
+(the anyres base view, Qwen2-VL). Both take ``visible``, the fraction of each side of the
+preprocessed ``S`` px square that the ``g = floor(S / p)`` patches cover (``g·p / S``: 378/384
+for SigLIP-384/14); boxes in the remaining strip fall on no patch, since the tower never sees it.
 """
 
 from __future__ import annotations
@@ -59,13 +62,18 @@ def phrase_span(text: str, phrase: str) -> tuple[int, int] | None:
     return None if k < 0 or not phrase.strip() else (k, k + len(phrase.strip()))
 
 
-def box_patches(box: Sequence[float], width: int, height: int, grid: int) -> tuple[int, ...]:
+def box_patches(box: Sequence[float], width: int, height: int, grid: int, visible: float = 1.0
+                ) -> tuple[int, ...]:
     """Raster indices of the ``grid × grid`` patches a box overlaps after CLIP-style
-    preprocessing: scale the shortest edge to the crop size, centre-crop a square."""
+    preprocessing: scale the shortest edge to the crop size, centre-crop a square.
+
+    The crop is ``s = min(width, height)`` original pixels wide; the patches cover its first
+    ``visible · s`` (``visible = grid · patch / crop_size``), so one cell is
+    ``visible · s / grid`` original pixels and a box beyond the covered part overlaps no patch."""
     side = min(width, height)
     ox, oy = (width - side) / 2, (height - side) / 2
     x0, y0, x1, y1 = box
-    cell = side / grid
+    cell = side * visible / grid
     c0, c1 = math.floor((x0 - ox) / cell), math.ceil((x1 - ox) / cell) - 1
     r0, r1 = math.floor((y0 - oy) / cell), math.ceil((y1 - oy) / cell) - 1
     c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, grid - 1), min(r1, grid - 1)
@@ -73,11 +81,16 @@ def box_patches(box: Sequence[float], width: int, height: int, grid: int) -> tup
         else ()
 
 
-def resized_box_patches(box: Sequence[float], width: int, height: int, rows: int, cols: int) -> tuple[int, ...]:
+def resized_box_patches(box: Sequence[float], width: int, height: int, rows: int, cols: int,
+                        visible: float = 1.0) -> tuple[int, ...]:
     """Raster indices of the ``rows × cols`` cells a box overlaps when the whole image is resized
-    onto that grid, without cropping (Qwen2-VL's dynamic resolution; the anyres base view)."""
+    onto that grid, without cropping (Qwen2-VL's dynamic resolution; the anyres base view).
+
+    The cells cover the first ``visible`` of each resized side (``visible = grid · patch / S``
+    for an ``S`` px view): a cell is ``visible · width / cols`` by ``visible · height / rows``
+    original pixels, and a box beyond the covered part overlaps no cell."""
     x0, y0, x1, y1 = box
-    cw, ch = width / cols, height / rows
+    cw, ch = width * visible / cols, height * visible / rows
     c0, c1 = max(math.floor(x0 / cw), 0), min(math.ceil(x1 / cw) - 1, cols - 1)
     r0, r1 = max(math.floor(y0 / ch), 0), min(math.ceil(y1 / ch) - 1, rows - 1)
     return tuple(r * cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
@@ -97,6 +110,7 @@ class VQASample:
     options: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
     grid: int | tuple[int, int] | None = None  # patch grid for referred_patches: square side, or (rows, cols)
+    visible: float = 1.0  # fraction of each preprocessed side the grid covers: grid · patch / image_size
 
     @property
     def image(self) -> Image.Image:
@@ -118,8 +132,8 @@ class VQASample:
         w, h = self.size()
         out: set[int] = set()
         for b in self.boxes:
-            out.update(box_patches(b, w, h, self.grid) if isinstance(self.grid, int)
-                       else resized_box_patches(b, w, h, *self.grid))
+            out.update(box_patches(b, w, h, self.grid, self.visible) if isinstance(self.grid, int)
+                       else resized_box_patches(b, w, h, *self.grid, visible=self.visible))
         return tuple(sorted(out))
 
     def size(self) -> tuple[int, int]:
@@ -136,10 +150,16 @@ def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
     ``image_size // patch_size`` grid (an int: CLIP's resize-and-centre-crop; a ``(side, side)``
     pair for the anyres base view, which resizes the whole image to a square without cropping),
     or for a dynamic-resolution tower the ``(rows, cols)`` token grid its processor gives this
-    sample's image size; ``None`` (no referred patches) for a model with neither."""
-    from microscope.model import ANYRES, patch_grid, token_grid
+    sample's image size; ``None`` (no referred patches) for a model with neither. A fixed tower's
+    grid covers ``visible = grid · patch_size / image_size`` of each side (SigLIP-384/14:
+    378/384), set on the samples too; a dynamic one's covers the whole resized image."""
+    from microscope.model import ANYRES, image_geometry, patch_grid, token_grid
 
     grid = patch_grid(handle.model)
+    visible = 1.0
+    if grid is not None:
+        side, patch = image_geometry(handle.model)
+        visible = grid * patch / side
     if grid is not None and getattr(handle.model.config, "model_type", "") in ANYRES:
         grid = (grid, grid)
     by_size: dict[tuple[int, int], tuple[int, int] | None] = {}
@@ -151,4 +171,5 @@ def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
             s.grid = by_size[size]
         else:
             s.grid = grid
+        s.visible = visible
     return list(samples)
