@@ -152,7 +152,9 @@ def sample_geometry(handle, target: int = 224) -> tuple[int, int] | None:
     """``(image_size, patch_size)`` to draw synthetic samples on, so that their patch grid is the
     model's image-token grid.
 
-    Fixed-resolution towers: :func:`image_geometry`. Dynamic-resolution towers that merge m × m
+    Fixed-resolution towers: :func:`image_geometry`, the tower's own size even when it is not a
+    multiple of the patch (SigLIP: 384 px, 14 px patches → 27 × 27 patches over the first 378 px;
+    :mod:`microscope.data.shapes` lays the scene out in that seen square). Dynamic-resolution towers that merge m × m
     patches into one token (Qwen2-VL: 14 px patches, m = 2): one token covers ``patch · m`` px, and
     the side is the multiple of it nearest ``target`` that the model's own image processor keeps
     unresized (checked by running it). ``None`` when there is no such grid.
@@ -189,7 +191,8 @@ def token_grid(handle, width: int, height: int) -> tuple[int, int] | None:
 
 
 def patch_grid(model) -> int | None:
-    """Side of the vision tower's square patch grid (``image_size // patch_size``), or ``None``."""
+    """Side of the vision tower's square patch grid, ``floor(image_size / patch_size)`` (what a
+    stride-``patch_size`` convolution without padding gives: 27 for SigLIP at 384/14), or ``None``."""
     g = image_geometry(model)
     return g[0] // g[1] if g else None
 

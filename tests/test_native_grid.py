@@ -175,8 +175,9 @@ def test_related_image_edges_and_sweep_on_a_native_grid(onevision):
 
 def test_real_boxes_skip_the_strip_the_tower_never_sees(onevision):
     """A 120 × 80 image is resized to 62 × 62 for the base view; the grid covers its first 56 px,
-    i.e. x < 120 · 56/62 ≈ 108.4 of the original. A dark box is in the cells the processor's own
-    pixels put it in; one right of 108.4 px is in none (it is in the unseen strip)."""
+    i.e. x < 120 · 56/62 ≈ 108.4 of the original. A GQA-style box's referred patches are the
+    cells the processor's own pixels put a dark box in; one right of 108.4 px is in none (it is
+    in the unseen strip)."""
     h = onevision[62]
     ip = h.processor.image_processor
     visible = 56 / 62
@@ -185,14 +186,15 @@ def test_real_boxes_skip_the_strip_the_tower_never_sees(onevision):
         x0, y0, x1, y1 = box
         img[y0:y1, x0:x1] = 0
         px = ip(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"][0, 0].mean(0)  # base view
-        dark = (px[:56, :56].reshape(4, 14, 4, 14).amin(dim=(1, 3)).flatten() < 0).nonzero().flatten()
-        assert tuple(dark.tolist()) == want == resized_box_patches(box, 120, 80, 4, 4, visible=visible), box
         assert (px < 0).any(), "the box is in the processed image"
-    sample = VQASample(id="q", image_path=None, question="Is the cup red?", answer="yes", category="ChooseAttr",
-                       boxes=((84, 0, 90, 12), (112, 30, 120, 50)), meta={"width": 120, "height": 80})
-    (sample,) = with_grid([sample], h)
-    assert sample.grid == (4, 4) and sample.visible == pytest.approx(visible)
-    assert sample.referred_patches() == (3,)
+        dark = (px[:56, :56].reshape(4, 14, 4, 14).amin(dim=(1, 3)).flatten() < 0).nonzero().flatten()
+        assert tuple(dark.tolist()) == want, box
+        sample = VQASample(id="q", image_path=None, question="Is the cup red?", answer="yes",
+                           category="ChooseAttr", boxes=(box,), meta={"width": 120, "height": 80})
+        (sample,) = with_grid([sample], h)
+        assert sample.grid == (4, 4) and sample.referred_patches() == want, box
+        assert resized_box_patches(box, 120, 80, 4, 4, visible=visible) == want
+    assert sample.visible == pytest.approx(visible)
     # the centre-crop rule, on a crop of 80 px whose grid covers 56/62 of it
     assert box_patches((20, 0, 35, 10), 120, 80, 4, visible=visible) == (0,)
     assert box_patches((95, 0, 100, 10), 120, 80, 4, visible=visible) == ()
