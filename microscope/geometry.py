@@ -254,14 +254,27 @@ def intrinsic_dimension(X: Array, method: str = "twonn", **kw) -> float:
 
 # ----------------------------------------------------------------------------- anisotropy
 
-def pc1_ratio(X: Array, tol: float = 1e-7, max_iter: int = 1000, seed: int = 0) -> float:
-    """λ₁/Σλ of the centred covariance, without a full SVD.
+def pc1_ratio(X: Array, rtol: float = 1e-10, block: int = 16, seed: int = 0) -> float:
+    """λ₁/Σλ of the centred covariance, without a full SVD, with λ₁ to relative accuracy ``rtol``.
 
-    Σλ = ‖X − x̄‖²_F in float64. λ₁: an 8-vector subspace iteration on the smaller Gram matrix
-    formed in float32 (finds the top eigenvector's direction), then a Rayleigh–Ritz step in
-    float64 on the data itself, ``λ₁ = max eig(QᵀXᵀXQ)``. The iteration stops when the float32
-    Ritz value changes by less than ``tol`` (relative); the float64 Ritz value's error is second
-    order in the subspace's, below ``tol`` relative.
+    Σλ = ‖X − x̄‖²_F in float64. λ₁ is the largest eigenvalue of ``A``, the smaller of the two
+    Gram matrices ``X̃ᵀX̃`` / ``X̃X̃ᵀ`` (same non-zero spectrum; X̃ the centred data):
+
+    1. warm start: subspace iteration with ``block`` random vectors on ``A`` formed in float32,
+       until the float32 Ritz value stagnates (float32 cannot certify more than ~1e-7);
+    2. float64 Rayleigh–Ritz on the data — ``A`` applied as ``X̃ᵀ(X̃q)`` in float64, never
+       formed: Ritz values θ₁ ≥ θ₂ ≥ … of ``QᵀAQ``, Ritz vectors uᵢ and residuals
+       ``rᵢ = Auᵢ − θᵢuᵢ``. For a symmetric matrix an eigenvalue lies within ‖r₁‖ of θ₁, and
+       within ‖r₁‖²/γ when γ is its distance to the rest of the spectrum (Parlett, *The
+       Symmetric Eigenvalue Problem*, §11; γ estimated by θ₁ − θ₂ − ‖r₂‖). The iteration goes on
+       in float64 (``Q ← orth(AQ)``) until ``min(‖r₁‖, ‖r₁‖²/γ) ≤ rtol·θ₁``;
+    3. if that has not happened within as many float64 iterations as an exact solve costs
+       (slowly converging spectra: λ_{block+1} ≈ λ₁), an exact float64 eigen-solver
+       (``eigvalsh`` of the float64 Gram) is used instead.
+
+    The result's relative error is therefore ≤ ``rtol`` plus float64 rounding (≈ min(n, d)·2⁻⁵³)
+    on every CPU, whatever the eigenvalue gaps: close leading eigenvalues slow step 2 down but
+    cannot make it stop early.
     """
     x = _t(X)
     x = x - x.mean(0, keepdim=True)
@@ -269,30 +282,42 @@ def pc1_ratio(X: Array, tol: float = 1e-7, max_iter: int = 1000, seed: int = 0) 
     if total == 0:
         return 1.0
     n, d = x.shape
-    if min(n, d) <= 64:
-        small = x @ x.T if n <= d else x.T @ x
-        return float(torch.linalg.eigvalsh(small)[-1]) / total
-    x32 = x.float()
-    small = x32 @ x32.T if n <= d else x32.T @ x32  # the smaller Gram has the same non-zero spectrum
-    m = small.shape[0]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(m, 8, generator=g).to(x.device)).Q
-    def ritz(q: torch.Tensor) -> float:
-        """Rayleigh–Ritz in float64 on the data (q spans directions on the Gram's side)."""
-        z = x.T @ q.double() if n <= d else x @ q.double()
-        zq = torch.linalg.qr(z).Q
-        proj = x @ zq if n <= d else x.T @ zq
-        return float(torch.linalg.eigvalsh(proj.T @ proj)[-1])
+    m = min(n, d)
+    rows = n <= d  # A = X̃X̃ᵀ (n × n) when n ≤ d, else X̃ᵀX̃ (d × d)
 
-    lam_old = 0.0
-    for it in range(max_iter):
-        q, _ = torch.linalg.qr(small @ q)
+    def exact() -> float:
+        small = x @ x.T if rows else x.T @ x
+        return float(torch.linalg.eigvalsh(small)[-1]) / total
+
+    k = min(block, m)
+    if m <= 16 * k:  # an exact solve of a Gram this small costs less than iterating
+        return exact()
+    x32 = x.float()
+    small = x32 @ x32.T if rows else x32.T @ x32
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(m, k, generator=g).to(x.device)).Q
+    old = 0.0
+    for it in range(min(300, m // k)):  # 1. float32 warm start, at most about an exact solve's cost
+        q = torch.linalg.qr(small @ q).Q
         if it % 5 == 4:
-            lam = float(torch.linalg.eigvalsh(q.T @ small @ q)[-1])  # float32 Ritz value
-            if abs(lam - lam_old) <= tol * lam:
+            lam = float(torch.linalg.eigvalsh(q.T @ small @ q)[-1])
+            if abs(lam - old) <= 1e-6 * lam:
                 break
-            lam_old = lam
-    return ritz(q) / total
+            old = lam
+    del small, x32
+    q = torch.linalg.qr(q.double()).Q
+    for _ in range(max(5, m ** 3 // (4 * n * d * k))):  # 2. float64 Rayleigh–Ritz, certified
+        w = x @ (x.T @ q) if rows else x.T @ (x @ q)  # A·Q
+        h = q.T @ w
+        theta, s = torch.linalg.eigh((h + h.T) / 2)
+        theta, s = theta.flip(0)[:2], s.flip(1)[:, :2]
+        r = w @ s - (q @ s) * theta
+        r1, r2 = float(r[:, 0].norm()), float(r[:, 1].norm())
+        gap = float(theta[0] - theta[1]) - r2
+        if min(r1, r1 * r1 / gap if gap > 0 else r1) <= rtol * float(theta[0]):
+            return float(theta[0]) / total
+        q = torch.linalg.qr(w).Q
+    return exact()  # 3. not converged within the cost of an exact solve
 
 
 def mean_cosine(X: Array) -> float:

@@ -195,3 +195,58 @@ def test_linearity_fast_paths_agree_with_least_squares():
     # n > d with collinear columns: Cholesky refused, eigen path
     X3 = np.hstack([X2, X2[:, :5] * 2.0])
     assert G.linearity(X3, Y2) == pytest.approx(lstsq_score(X3, Y2), abs=1e-9)
+
+
+def with_spectrum(n: int, d: int, lam: np.ndarray, seed: int) -> np.ndarray:
+    """(n, d) data whose centred Gram matrix has exactly the eigenvalues ``lam`` (then zeros):
+    ``U diag(√λ) Vᵀ`` with U's columns orthonormal and orthogonal to 1, V's orthonormal."""
+    rng = np.random.default_rng(seed)
+    r = len(lam)
+    a = rng.standard_normal((n, r))
+    u = np.linalg.qr(a - a.mean(0))[0]
+    v = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    return (u * np.sqrt(lam)) @ v.T + 7.0  # an offset that centring removes
+
+
+def svd_pc1(X: np.ndarray) -> float:
+    x = X.astype(np.float64)
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    return float(s[0] ** 2 / (s ** 2).sum())
+
+
+def _decay(r: int, head: list[float]) -> np.ndarray:
+    return np.concatenate([head, 0.5 * np.linspace(1.0, 0.01, r - len(head))])
+
+
+PC1_CASES = {  # name: (n, d, eigenvalues of the centred Gram)
+    "gap 1e-3, tall": (900, 300, _decay(280, [1.0, 1 - 1e-3])),
+    "gap 1e-6, tall": (900, 300, _decay(280, [1.0, 1 - 1e-6])),
+    "gap 1e-6, wide": (300, 900, _decay(280, [1.0, 1 - 1e-6])),
+    "cluster of 20 within 1e-6": (600, 400, _decay(350, list(1 - 1e-6 * np.linspace(0, 1, 20)))),
+    "small (exact path)": (200, 100, _decay(90, [1.0, 1 - 1e-6])),
+    "slow decay (linspace scales)": (700, 300, np.linspace(0.1, 3, 300)[::-1] ** 2),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", list(PC1_CASES))
+def test_pc1_ratio_certified_accuracy(case, dtype, threads):
+    """The documented bound: |λ̂₁ − λ₁| ≤ rtol·λ₁, plus float64 rounding of the reference and of
+    Σλ (≤ 64·min(n, d)·2⁻⁵³ relative, far above what either sum actually loses) — on any CPU,
+    thread count and eigenvalue gap. Float32 input is compared with the float64 SVD of the
+    float32 values themselves (the cast moves the spectrum by ~1e-7, which is not our error)."""
+    n, d, lam = PC1_CASES[case]
+    X = with_spectrum(n, d, lam, seed=len(case)).astype(dtype)
+    ref = svd_pc1(X)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rtol in (1e-10, 1e-6):
+            got = G.pc1_ratio(X, rtol=rtol)
+            bound = rtol + 64 * min(n, d) * np.finfo(np.float64).eps
+            assert abs(got - ref) <= bound * ref, (case, rtol, got, ref, abs(got - ref) / ref)
+            if dtype == np.float64:  # the construction's own answer, exact up to its rounding
+                assert abs(got - lam.max() / lam.sum()) <= bound * ref
+    finally:
+        torch.set_num_threads(old)
