@@ -162,6 +162,12 @@ def _found_weights(path: Path) -> str:
             "read by from_pretrained)")
 
 
+def excerpt(e: BaseException, most: int = 300) -> str:
+    """``Type: message`` of an underlying error, on one line and at most ``most`` characters long."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:most]}" + ("…" if len(text) > most else "")
+
+
 def _listing(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -191,7 +197,7 @@ def attention_error(ckpt: Checkpoint, attn_implementation: str, e: Exception) ->
     """The error for an attention implementation that is unknown or unavailable here."""
     return MicroscopeError(
         f"attention implementation {attn_implementation!r} is not available for {ckpt.path} "
-        f"({type(e).__name__}: {str(e)[:300]}): load with attn_implementation='sdpa' (the default) or 'eager' "
+        f"({excerpt(e)}): load with attn_implementation='sdpa' (the default) or 'eager' "
         "— the ones the suite's interventions are tested with — or install what it needs (flash_attention_2: "
         "`pip install flash-attn` on a CUDA GPU; a hub kernel: `pip install kernels`)")
 
@@ -203,13 +209,13 @@ def processor_error(ckpt: Checkpoint, e: Exception) -> ModelNotFoundError:
     hint = f"; missing {', '.join(absent)}" if absent else ""
     return ModelNotFoundError(
         f"model directory {ckpt.path}: its processor (tokenizer and image processor) could not be loaded "
-        f"({type(e).__name__}: {str(e)[:300]}){hint}: {ckpt.fix}")
+        f"({excerpt(e)}){hint}: {ckpt.fix}")
 
 
 def weights_error(ckpt: Checkpoint, e: Exception) -> ModelNotFoundError:
     """The error for weights ``from_pretrained`` could not load although the files are there."""
     return ModelNotFoundError(
-        f"model directory {ckpt.path}: its weights could not be loaded ({type(e).__name__}: {str(e)[:300]}); "
+        f"model directory {ckpt.path}: its weights could not be loaded ({excerpt(e)}); "
         f"the files are corrupt or do not match config.json: {ckpt.fix}")
 
 

@@ -29,6 +29,7 @@ from microscope.checkpoint import (
     chat_template_error,
     check_dtype,
     check_files,
+    excerpt,
     hub_cache,
     hub_fix,
     is_attention_error,
@@ -291,9 +292,8 @@ def _resolve(name_or_path: str) -> Checkpoint:
     if name_or_path.startswith((".", "~", "/")) or path.is_dir():
         if not path.is_dir():
             raise ModelNotFoundError(
-                f"model directory {path} does not exist: pass a directory written by save_pretrained (or "
-                f"downloaded with `hf download ORG/NAME --local-dir DIR`), a bundled name ({', '.join(BUNDLED)}) "
-                "or a hub id already in the HF cache")
+                f"model directory {path} does not exist: check the path (a checkpoint directory is one written "
+                "by save_pretrained or `hf download ORG/NAME --local-dir DIR`)")
         return Checkpoint(path, name_or_path, DIR_FIX)
     if "/" in name_or_path:
         from huggingface_hub import snapshot_download
@@ -358,7 +358,7 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ModelNotFoundError(f"model directory {path}: config.json could not be read as a transformers "
-                                 f"config ({type(e).__name__}: {str(e)[:300]}): {ckpt.fix}") from e
+                                 f"config ({excerpt(e)}): {ckpt.fix}") from e
     if config.model_type in BIDIRECTIONAL_IMAGE_ATTENTION:
         raise MicroscopeError(
             f"model type {config.model_type!r} of {path} is refused: its image tokens attend to each other "
