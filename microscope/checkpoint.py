@@ -28,8 +28,6 @@ PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 #: ``dtype`` names :func:`microscope.load` accepts (besides ``"auto"``, ``None`` and a floating torch.dtype)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16, "float64": torch.float64}
-#: attention implementations the suite's interventions are tested with
-ATTENTIONS = ("sdpa", "eager")
 #: files a processor is usually built from (a hint when it cannot be built)
 PROCESSOR_FILES = (("tokenizer.json", "tokenizer.model"), ("tokenizer_config.json",),
                    ("preprocessor_config.json", "processor_config.json"))
@@ -40,8 +38,6 @@ class Checkpoint:
     """A resolved checkpoint directory, with the fix its errors suggest."""
 
     path: Path
-    #: how the caller named it (a bundled name, a directory or a hub id)
-    name: str
     #: what to do when its files are missing or corrupt
     fix: str
 

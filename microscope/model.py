@@ -287,14 +287,14 @@ def _resolve(name_or_path: str) -> Checkpoint:
     from microscope.zoo import BUNDLED, REBUILD, model_dir
 
     if name_or_path in BUNDLED:
-        return Checkpoint(model_dir(name_or_path), name_or_path, REBUILD)
+        return Checkpoint(model_dir(name_or_path), REBUILD)
     path = Path(name_or_path).expanduser()
     if name_or_path.startswith((".", "~", "/")) or path.is_dir():
         if not path.is_dir():
             raise ModelNotFoundError(
                 f"model directory {path} does not exist: check the path (a checkpoint directory is one written "
                 "by save_pretrained or `hf download ORG/NAME --local-dir DIR`)")
-        return Checkpoint(path, name_or_path, DIR_FIX)
+        return Checkpoint(path, DIR_FIX)
     if "/" in name_or_path:
         from huggingface_hub import snapshot_download
 
@@ -307,7 +307,7 @@ def _resolve(name_or_path: str) -> Checkpoint:
                 "reached from here: download it where there is internet (`hf download "
                 f"{name_or_path} --local-dir DIR`), copy DIR here and call microscope.load(DIR)"
             ) from e
-        return Checkpoint(Path(snap), name_or_path, hub_fix(name_or_path))
+        return Checkpoint(Path(snap), hub_fix(name_or_path))
     raise ModelNotFoundError(
         f"unknown model {name_or_path!r}: pass a bundled name ({', '.join(BUNDLED)}), a local "
         "directory written by save_pretrained, or a hub id (org/name) already in the HF cache"

@@ -198,6 +198,22 @@ def test_pickle_weights_load_only_when_allowed(single, single_logits, tmp_path):
     h = microscope.load(str(path), allow_pickle=True)
     assert torch.equal(_logits(h), single_logits)
 
+    # sharded pickle weights: every shard the index lists must be there
+    sharded = _copy(single, tmp_path / "bin_sharded", weights=False)
+    sd = load_file(single / "model.safetensors")
+    names = [f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)]
+    halves = [dict(list(sd.items())[: len(sd) // 2]), dict(list(sd.items())[len(sd) // 2:])]
+    for name, half in zip(names, halves):
+        torch.save(half, sharded / name)
+    weight_map = {k: name for name, half in zip(names, halves) for k in half}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(MicroscopeError, match=r"pickle weights only \(pytorch_model.bin.index.json\)"):
+        microscope.load(str(sharded))
+    assert torch.equal(_logits(microscope.load(str(sharded), allow_pickle=True)), single_logits)
+    (sharded / names[1]).unlink()
+    with pytest.raises(ModelNotFoundError, match=f"missing {names[1]}"):
+        microscope.load(str(sharded), allow_pickle=True)
+
 
 def test_weights_file_named_in_config(single, single_logits, tmp_path):
     """``transformers_weights`` in config.json names the weights file, as from_pretrained reads it."""
