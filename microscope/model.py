@@ -22,6 +22,20 @@ from pathlib import Path
 
 import torch
 
+from microscope.checkpoint import (
+    DIR_FIX,
+    Checkpoint,
+    attention_error,
+    chat_template_error,
+    check_dtype,
+    check_files,
+    excerpt,
+    hub_cache,
+    hub_fix,
+    is_attention_error,
+    processor_error,
+    weights_error,
+)
 from microscope.errors import MicroscopeError, ModelNotFoundError
 
 #: attention implementation the suite loads models with: its interventions work through
@@ -264,30 +278,39 @@ def _from_factory(spec: str, device, dtype) -> Handle:
     if not isinstance(h, Handle):
         raise MicroscopeError(f"model factory {spec!r} returned {type(h).__name__}, not a microscope Handle "
                               "(build one with microscope.fusion.fuse)")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = None if dtype == "auto" else dtype  # a factory's model is already in its own dtype
     if device is not None or dtype is not None:
         h.model.to(device=device, dtype=dtype)
     return h
 
 
-def _resolve(name_or_path: str) -> Path:
-    from microscope.zoo import BUNDLED, model_dir
+def _resolve(name_or_path: str) -> Checkpoint:
+    """The checkpoint directory of a bundled name, a local directory or a cached hub id, with the
+    fix its errors will suggest (the bundled model's file check applies to bundled names only)."""
+    from microscope.zoo import BUNDLED, REBUILD, model_dir
 
-    looks_like_path = name_or_path.startswith((".", "~", "/")) or Path(name_or_path).expanduser().is_dir()
-    if name_or_path in BUNDLED or looks_like_path:
-        return model_dir(name_or_path)
-    if "/" in name_or_path and not Path(name_or_path).is_absolute():
+    if name_or_path in BUNDLED:
+        return Checkpoint(model_dir(name_or_path), REBUILD)
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "~", "/")) or path.is_dir():
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"model directory {path} does not exist: check the path (a checkpoint directory is one written "
+                "by save_pretrained or `hf download ORG/NAME --local-dir DIR`)")
+        return Checkpoint(path, DIR_FIX)
+    if "/" in name_or_path:
         from huggingface_hub import snapshot_download
 
+        cache = hub_cache()
         try:
-            return Path(snapshot_download(name_or_path, local_files_only=True))
+            snap = snapshot_download(name_or_path, local_files_only=True, cache_dir=cache)
         except Exception as e:
             raise ModelNotFoundError(
-                f"model {name_or_path!r} is not in the local Hugging Face cache and the hub cannot be "
+                f"model {name_or_path!r} is not in the local Hugging Face cache ({cache}) and the hub cannot be "
                 "reached from here: download it where there is internet (`hf download "
                 f"{name_or_path} --local-dir DIR`), copy DIR here and call microscope.load(DIR)"
             ) from e
+        return Checkpoint(Path(snap), hub_fix(name_or_path))
     raise ModelNotFoundError(
         f"unknown model {name_or_path!r}: pass a bundled name ({', '.join(BUNDLED)}), a local "
         "directory written by save_pretrained, or a hub id (org/name) already in the HF cache"
@@ -296,17 +319,29 @@ def _resolve(name_or_path: str) -> Path:
 
 def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, attn_implementation: str = DEFAULT_ATTENTION,
-         device_map: str | dict | None = None) -> Handle:
+         device_map: str | dict | None = None, allow_pickle: bool = False) -> Handle:
     """Load a model, its processor and adapter, offline, in eval mode.
 
     ``name_or_path``: a bundled name, a ``save_pretrained`` directory, a hub id already in the HF
     cache, or ``"package.module:function"`` — a function without arguments returning a Handle
     (a custom-fusion model, :mod:`microscope.fusion`; ``device``/``dtype`` then move it).
 
-    ``dtype`` defaults to the checkpoint's own (float32 for shapes-llava); ``device`` to CPU.
-    ``device_map`` (e.g. ``"auto"``) shards a large model over the visible GPUs with accelerate,
-    as ``from_pretrained`` does; hooks and interventions work on the sharded model unchanged.
+    A directory (or cached snapshot) is read in every layout ``from_pretrained`` reads: single or
+    sharded safetensors (``model.safetensors.index.json`` and its shards), with or without
+    ``processor_config.json`` (Qwen's releases have ``preprocessor_config.json`` only), with the chat
+    template in ``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``. Pickle
+    weights (``pytorch_model.bin``) load only with ``allow_pickle=True``: unpickling can execute code.
+    Its files are checked first (:mod:`microscope.checkpoint`); every failure is one error naming
+    the directory, what is missing or wrong, and the fix.
+
+    ``dtype``: ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"float64"``, a floating torch.dtype,
+    or ``"auto"``/``None`` for the checkpoint's own (float32 for shapes-llava); ``device`` defaults
+    to CPU. ``attn_implementation``: ``"sdpa"`` or ``"eager"`` (others, such as
+    ``"flash_attention_2"``, if installed). ``device_map`` (e.g. ``"auto"``) shards a large model over
+    the visible GPUs with accelerate, as ``from_pretrained`` does; hooks and interventions work on
+    the sharded model unchanged.
     """
+    dtype = check_dtype(dtype)
     if isinstance(name_or_path, str) and _FACTORY.fullmatch(name_or_path) and not Path(name_or_path).exists():
         return _from_factory(name_or_path, device, dtype)
     if device_map is not None and device is not None:
@@ -319,11 +354,14 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     import transformers
     from transformers import AutoConfig
 
-    path = _resolve(str(name_or_path))
+    ckpt = _resolve(str(name_or_path))
+    path = ckpt.path
+    check_files(ckpt, allow_pickle)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise ModelNotFoundError(f"model directory {path}: config.json is missing or unreadable ({e})") from e
+        raise ModelNotFoundError(f"model directory {path}: config.json could not be read as a transformers "
+                                 f"config ({excerpt(e)}): {ckpt.fix}") from e
     if config.model_type in BIDIRECTIONAL_IMAGE_ATTENTION:
         raise MicroscopeError(
             f"model type {config.model_type!r} of {path} is refused: its image tokens attend to each other "
@@ -335,17 +373,26 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
         raise MicroscopeError(
             f"model type {config.model_type!r} of {path} is not supported; supported: {sorted(SUPPORTED)}")
     cls = getattr(transformers, cls_name)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     try:
         processor = _load_processor(path, config.model_type)
-        extra = {"device_map": device_map} if device_map is not None else {}
-        model = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
-                                    attn_implementation=attn_implementation, **extra)
     except Exception as e:
-        raise ModelNotFoundError(
-            f"model directory {path} could not be loaded ({type(e).__name__}: {str(e)[:300]}); its files "
-            "are incomplete, corrupt or from another model") from e
+        raise processor_error(ckpt, e) from e
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
+        processor.chat_template = tokenizer.chat_template  # the template kept in tokenizer_config.json
+    if getattr(processor, "chat_template", None) is None:
+        raise chat_template_error(ckpt)
+    extra = {"device_map": device_map} if device_map is not None else {}
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
+                                    attn_implementation=attn_implementation,
+                                    use_safetensors=None if allow_pickle else True, **extra)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if is_attention_error(e):
+            raise attention_error(ckpt, attn_implementation, e) from e
+        raise weights_error(ckpt, e) from e
     model.eval()
     if device is not None:
         model.to(device)

@@ -14,14 +14,19 @@ from microscope.errors import ModelNotFoundError
 
 WEIGHTS = Path(__file__).parent / "weights"
 BUNDLED: dict[str, Path] = {"shapes-llava": WEIGHTS / "shapes-llava"}
+#: the files every bundled model ships (user checkpoints are checked by :mod:`microscope.checkpoint`)
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
+#: the fix for a bundled model whose files are missing or corrupt
+REBUILD = "re-create it with `python -m microscope.zoo train shapes-llava --out DIR` or reinstall the package"
 
 
 def model_dir(name_or_dir: str | Path) -> Path:
     """Directory of a bundled model name, or ``name_or_dir`` itself if it is a directory.
 
-    Raises :class:`ModelNotFoundError` naming the path when it does not exist or lacks one of
-    :data:`REQUIRED_FILES`.
+    A bundled model must have all of :data:`REQUIRED_FILES`; a directory of the user's is
+    returned as it is (:func:`microscope.load` checks its files as ``from_pretrained`` reads them).
+    Raises :class:`ModelNotFoundError` naming the path when it does not exist or, for a bundled
+    model, lacks a required file.
     """
     key = str(name_or_dir)
     path = BUNDLED.get(key, Path(name_or_dir)).expanduser()
@@ -31,12 +36,12 @@ def model_dir(name_or_dir: str | Path) -> Path:
             f"model directory {path} does not exist: pass a bundled name ({known}) or a "
             "directory written by save_pretrained"
         )
+    if key not in BUNDLED:
+        return path
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
-        raise ModelNotFoundError(
-            f"model directory {path} is incomplete (missing {', '.join(missing)}): re-create it "
-            "with `python -m microscope.zoo train shapes-llava --out DIR` or reinstall the package"
-        )
+        raise ModelNotFoundError(f"bundled model {key} in {path} is incomplete (missing {', '.join(missing)}): "
+                                 f"{REBUILD}")
     return path
 
 
