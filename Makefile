@@ -19,6 +19,9 @@ env: $(STAMP)
 
 test: env
 	$(BIN)/python -m pytest -q
+	@echo "geometry once more on other kernels: torch's baseline CPU code, MKL's compatible path, OpenBLAS's oldest x86-64 kernels, one thread"
+	MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" tests/test_geometry.py
 
 figures: env
 	$(BIN)/python -m microscope.suite --out runs/latest --figures figures

@@ -17,7 +17,7 @@ with torch (so they run on a GPU when the input is there):
   uncentred vectors over distinct pairs (Ethayarajh 2019). They answer different questions:
   a large common offset drives the cosine to 1 and leaves the PC1 ratio unchanged.
 
-:func:`bootstrap` gives percentile confidence intervals over subsamples, and
+:func:`confidence_interval` gives split-half intervals over groups of rows (samples), and
 :func:`profile` runs everything over an activation store into a tidy DataFrame.
 """
 
@@ -157,7 +157,15 @@ def knn_distances(X: Array, k: int, chunk: int = 1024, margin: int = 4) -> torch
     fast path; each block of the symmetric matrix is computed once and serves both its rows
     and its columns); the ``k + margin`` best candidates of every point are then re-measured as
     ‖a − b‖ in float64 from the input values (exact differences for float32 or float64 input)
-    and the ``k`` smallest kept. The margin absorbs float32 rounding between near ties.
+    and the ``k`` smallest kept.
+
+    The result is certified, not hoped for: a float32 squared distance of centred rows a, b is
+    within ``ε = (2d + 16)·2⁻²⁴·(‖a‖² + ‖b‖²)`` of the exact one (the norms' and the dot
+    product's summation error γ_d each, the centring and the final additions), whatever the
+    BLAS kernel or thread count. Every point left out of a row's candidates had a float32 value
+    ≥ the row's last candidate value v_c, so its exact squared distance is ≥ v_c − ε_max. A row
+    whose k-th exact distance² is below that bound is proven right; any other row (near ties
+    below float32 resolution) is recomputed exactly in float64 against all points.
     """
     xo = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
     if xo.ndim != 2:
@@ -200,6 +208,16 @@ def knn_distances(X: Array, k: int, chunk: int = 1024, margin: int = 4) -> torch
         r = slice(j, min(n, j + 32))
         exact = (xo[best_i[r]].double() - xo[r, None, :].double()).norm(dim=-1)
         out[r] = exact.topk(k, dim=1, largest=False).values
+    if c < n - 1:  # some points were never re-measured: certify each row, recompute the others
+        sq64 = sq.double()
+        eps = (2 * xo.shape[1] + 16) * 2.0 ** -24 * (sq64 + sq64.max())
+        unsure = torch.nonzero(best_v[:, -1].double() - eps <= out[:, -1] ** 2).flatten()
+        x64 = xo.double()
+        for j in range(0, len(unsure), 256):
+            rows = unsure[j:j + 256]
+            dist = torch.cdist(x64[rows], x64, compute_mode="donot_use_mm_for_euclid_dist")  # differences: exact
+            dist[torch.arange(len(rows), device=dev), rows] = float("inf")
+            out[rows] = dist.topk(k, dim=1, largest=False).values
     return out
 
 
@@ -342,22 +360,55 @@ def anisotropy(X: Array, kind: str = "pc1") -> float:
 
 # ----------------------------------------------------------------------------- uncertainty
 
-def bootstrap(fn: Callable[..., float], *arrays: Array, n_boot: int = 20, frac: float = 0.8,
-              level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile CI of ``fn(*arrays)`` over ``n_boot`` row subsamples of size ``frac·n``.
+def confidence_interval(fn: Callable[..., float], *arrays: Array, groups: Sequence | np.ndarray | None = None,
+                        n_splits: int = 20, level: float = 0.95, seed: int = 0,
+                        estimate: float | None = None) -> tuple[float, float]:
+    """Split-half confidence interval of ``θ̂ = fn(*arrays)`` for its expected value at this n.
 
-    Subsampling without replacement (duplicated rows would break nearest-neighbour estimators);
-    the same rows are taken from every array.
+    Rows are resampled in ``groups`` (e.g. the sample/image each token comes from: tokens of one
+    image are not independent draws, samples are); default: every row its own group. Each of
+    ``n_splits`` random splits divides the G groups into two disjoint halves A, B of ⌊G/2⌋ and
+    ⌈G/2⌉ groups. The halves are independent samples of size n/2, so for an estimator whose
+    variance scales as 1/n (every metric here) ``Var(θ̂_A − θ̂_B) = 2·Var(θ̂_{n/2}) = 4·Var(θ̂_n)``,
+    whatever the estimator's bias at n/2 (it cancels in the difference). Hence
+
+        V̂ = mean_j (θ̂_{A_j} − θ̂_{B_j})² / 4,    CI = θ̂ ± t_{S−1}(½ + level/2)·√V̂
+
+    (Student t with S − 1 = ``n_splits`` − 1 degrees of freedom for the estimated variance). The
+    interval is centred on the estimate, so it always contains it; it targets E[θ̂_n], the
+    estimator's expected value at this sample size — for n-dependent estimators such as
+    intrinsic dimension that is not the infinite-sample value. Percentiles of overlapping
+    subsamples (the former method) are narrower than the sampling spread by √(1 − m/n)
+    and, uncentred, sit beside n-dependent estimates.
+
+    Coverage is tested by simulation (``tests/test_geometry.py``): on repeated draws from a known
+    distribution the 95 % interval covers E[θ̂_n] in 90–99 % of draws, for every metric.
     """
+    from scipy import stats
+
     n = len(arrays[0])
-    g = np.random.default_rng(seed)
-    m = max(3, int(frac * n))
-    vals = []
-    for _ in range(n_boot):
-        idx = np.sort(g.choice(n, size=m, replace=False))
-        vals.append(fn(*[a[torch.as_tensor(idx)] if isinstance(a, torch.Tensor) else a[idx] for a in arrays]))
-    a = (1 - level) / 2
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} rows")
+    names = np.unique(groups)
+    if len(names) < 4:
+        raise ValueError(f"a split-half interval needs at least 4 groups, got {len(names)}")
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be at least 2, got {n_splits}")
+    if estimate is None:
+        estimate = fn(*arrays)
+    rng = np.random.default_rng(seed)
+
+    def rows(x: Array, idx: np.ndarray) -> Array:
+        return x[torch.as_tensor(idx, device=x.device)] if isinstance(x, torch.Tensor) else x[idx]
+
+    diffs = []
+    for _ in range(n_splits):
+        in_a = np.isin(groups, names[rng.permutation(len(names))[: len(names) // 2]])
+        a, b = np.flatnonzero(in_a), np.flatnonzero(~in_a)
+        diffs.append(fn(*[rows(x, a) for x in arrays]) - fn(*[rows(x, b) for x in arrays]))
+    half = float(stats.t.ppf(0.5 + level / 2, n_splits - 1)) * float(np.sqrt(np.mean(np.square(diffs)) / 4))
+    return float(estimate) - half, float(estimate) + half
 
 
 def balanced_indices(groups: Sequence[str], n: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -407,16 +458,20 @@ def _baseline(name: str, x: torch.Tensor, y: torch.Tensor | None, seed: int) -> 
 
 
 def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: Sequence[str] = METRICS,
-            n: int | None = None, layers: Sequence[int] | None = None, n_boot: int = 10, seed: int = 0,
+            n: int | None = None, layers: Sequence[int] | None = None, n_splits: int = 10, seed: int = 0,
             device: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Geometry of every layer and modality of an activation store, as a tidy DataFrame.
 
-    Columns: model, layer, role, metric, value, ci_low, ci_high, n, baseline.
+    Columns: model, layer, role, metric, value, ci_low, ci_high, n, n_samples, baseline.
     ``modalities`` maps a name to the token roles it pools (default :data:`MODALITIES`); every
     modality uses the same number of tokens ``n`` (default: the smallest modality's count),
     drawn once per run with ``seed`` so that image and text scores are comparable. Linearity
     rows at ``layer = l`` measure the map from layer ``l`` to the next stored layer.
     ``baseline``: linearity's permutation chance level, 1/d for the PC1 ratio, 0 for the cosine.
+    ``ci_low``/``ci_high``: the 95 % split-half interval of :func:`confidence_interval` over
+    ``n_splits`` splits of the *samples* the tokens come from (tokens of one image are not
+    independent draws); ``n_samples`` is how many samples the modality's tokens come from.
+    ``n_splits=0`` skips the intervals (NaN).
     """
     from tqdm.auto import tqdm
 
@@ -435,6 +490,7 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     present = group.dropna()
     idx = balanced_indices(present.to_numpy(), n=n, seed=seed)
     idx = {m: present.index.to_numpy()[i] for m, i in idx.items()}
+    samples = {m: tokens["sample_index"].to_numpy()[ix] for m, ix in idx.items()}  # resampling unit
     rows = []
     pairs = {lay: all_layers[all_layers.index(lay) + 1] if all_layers.index(lay) + 1 < len(all_layers) else None
              for lay in layers}
@@ -458,10 +514,11 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
                     continue
                 fn, args = _metric(name, x, y)
                 value = fn(*args)
-                lo, hi = bootstrap(fn, *args, n_boot=n_boot, seed=seed) if n_boot else (np.nan, np.nan)
+                lo, hi = (confidence_interval(fn, *args, groups=samples[m], n_splits=n_splits, seed=seed,
+                                              estimate=value) if n_splits else (np.nan, np.nan))
                 rows.append({"model": store.meta["model"], "layer": lay, "role": m, "metric": name,
                              "value": value, "ci_low": lo, "ci_high": hi, "n": len(ix),
-                             "baseline": _baseline(name, x, y, seed)})
+                             "n_samples": len(np.unique(samples[m])), "baseline": _baseline(name, x, y, seed)})
     return pd.DataFrame(rows)
 
 
