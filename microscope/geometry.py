@@ -32,18 +32,27 @@ import torch
 Array = np.ndarray | torch.Tensor
 
 
-def _t(x: Array, device=None) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+def _checked(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` if it is a 2-D array of finite numbers; else a ``ValueError`` naming the bad rows."""
     if t.ndim != 2:
-        raise ValueError(f"expected a 2-D (n, d) array, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected a 2-D (n, d) array, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex():
+        bad = torch.nonzero(~torch.isfinite(t).all(1)).flatten()
+        if len(bad):
+            raise ValueError(f"{name} has {len(bad)} of {len(t)} rows with NaN or inf values (rows "
+                             f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}): drop or fix them first — "
+                             "no geometry metric is defined on them")
+    return t
+
+
+def _t(x: Array, device=None, name: str = "X") -> torch.Tensor:
+    t = _checked(torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x), name)
     return t.to(device=device if device is not None else t.device, dtype=torch.float64)
 
 
-def _keep_float(x: Array) -> torch.Tensor:
+def _keep_float(x: Array, name: str = "X") -> torch.Tensor:
     """A 2-D float32 or float64 tensor (other dtypes become float64); no copy when possible."""
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if t.ndim != 2:
-        raise ValueError(f"expected a 2-D (n, d) array, got shape {tuple(t.shape)}")
+    t = _checked(x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)), name)
     return t if t.dtype in (torch.float32, torch.float64) else t.double()
 
 
@@ -107,21 +116,26 @@ def linearity(X: Array, Y: Array) -> float:
     ``X̃``, ``Ỹ``: columns centred, matrix divided by its Frobenius norm. Equals 1 when ``Y`` is
     any linear map of ``X`` (plus a constant), and about rank(X)/(n − 1) for unrelated data.
     """
-    x, y = _t(X), _t(Y)
+    x, y = _t(X), _t(Y, name="Y")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"X and Y need the same number of rows, got {x.shape[0]} and {y.shape[0]}")
     if x.shape[0] < 3:
         raise ValueError(f"linearity needs at least 3 points, got {x.shape[0]}")
     x, y = _normalise(x), _normalise(y.to(x.device))
     total = float((y ** 2).sum())
-    if total == 0:
-        return 1.0
+    for name, z in (("X", x), ("Y", y)):
+        if not bool((z != 0).any()):
+            raise ValueError(f"linearity: every row of {name} is the same vector, so there is nothing to "
+                             "explain (or nothing to explain it with); the score is undefined")
     return 1.0 - max(0.0, total - _explained(x, y)) / total
 
 
 def linearity_without_residual(X: Array, Y: Array) -> float:
     """Linearity of ``X → Y − X``: how linear a layer is once its skip connection is removed."""
-    x, y = _t(X), _t(Y)
+    x, y = _t(X), _t(Y, name="Y")
+    if x.shape != y.shape:
+        raise ValueError(f"linearity without residual needs X and Y of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     return linearity(x, y - x.to(y.device))
 
 
@@ -295,10 +309,12 @@ def pc1_ratio(X: Array, rtol: float = 1e-10, block: int = 16, seed: int = 0) -> 
     cannot make it stop early.
     """
     x = _t(X)
+    if len(x) < 2:
+        raise ValueError(f"the PC1 ratio needs at least 2 points, got {len(x)}")
     x = x - x.mean(0, keepdim=True)
     total = float((x ** 2).sum())
     if total == 0:
-        return 1.0
+        raise ValueError(f"all {len(x)} points are identical: there is no variance, so the PC1 ratio is undefined")
     n, d = x.shape
     m = min(n, d)
     rows = n <= d  # A = X̃X̃ᵀ (n × n) when n ≤ d, else X̃ᵀX̃ (d × d)
@@ -344,7 +360,12 @@ def mean_cosine(X: Array) -> float:
     n = len(x)
     if n < 2:
         raise ValueError("mean_cosine needs at least 2 vectors")
-    u = x / x.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    norms = x.norm(dim=1, keepdim=True)
+    zero = torch.nonzero(norms.flatten() == 0).flatten()
+    if len(zero):
+        raise ValueError(f"mean_cosine: {len(zero)} of {n} vectors are zero (rows {zero[:5].tolist()}), and a zero "
+                         "vector has no direction: drop them first")
+    u = x / norms
     s = u.sum(0)
     return float(((s @ s) - (u * u).sum()) / (n * (n - 1)))
 

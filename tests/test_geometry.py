@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import skdim
@@ -349,3 +351,43 @@ def test_nearest_neighbours_certified_under_float32_ties():
     ref = np.sort(D, axis=1)[:, :3]
     got = G.knn_distances(X, 3).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-14, atol=0)
+
+
+def _with_nan(x):
+    x = x.copy()
+    x[3, 1] = np.nan
+    x[7, 0] = np.inf
+    return x
+
+
+_X = np.random.default_rng(0).standard_normal((60, 8))
+BAD_GEOMETRY = {  # case: (call, exception type, words the message must hold)
+    "twonn NaN rows": (lambda: G.twonn(_with_nan(_X)), ValueError, "2 of 60 rows with NaN or inf"),
+    "mle NaN rows": (lambda: G.mle(_with_nan(_X)), ValueError, "2 of 60 rows with NaN or inf"),
+    "pc1 NaN rows": (lambda: G.pc1_ratio(_with_nan(_X)), ValueError, "2 of 60 rows with NaN or inf"),
+    "cosine NaN rows": (lambda: G.mean_cosine(_with_nan(_X)), ValueError, "2 of 60 rows with NaN or inf"),
+    "linearity NaN in X": (lambda: G.linearity(_with_nan(_X), _X), ValueError, "X has 2 of 60 rows"),
+    "linearity inf in Y": (lambda: G.linearity(_X, _with_nan(_X)), ValueError, "Y has 2 of 60 rows"),
+    "torch float32 NaN": (lambda: G.twonn(torch.tensor(_with_nan(_X), dtype=torch.float32)), ValueError, "NaN or inf"),
+    "pc1 of one point": (lambda: G.pc1_ratio(_X[:1]), ValueError, "at least 2 points"),
+    "pc1 of identical points": (lambda: G.pc1_ratio(np.ones((20, 8))), ValueError, "identical"),
+    "linearity onto a constant": (lambda: G.linearity(_X, np.ones((60, 8))), ValueError, "every row of Y is the same"),
+    "linearity from a constant": (lambda: G.linearity(np.ones((60, 8)), _X), ValueError, "every row of X is the same"),
+    "linearity w/o residual, shapes": (lambda: G.linearity_without_residual(_X, _X[:, :4]), ValueError, "one shape"),
+    "cosine of a zero vector": (lambda: G.mean_cosine(np.vstack([_X, np.zeros((1, 8))])), ValueError,
+                                "1 of 61 vectors are zero"),
+    "1-D input": (lambda: G.twonn(_X[0]), ValueError, "2-D (n, d)"),
+    "3-D input": (lambda: G.pc1_ratio(_X[None]), ValueError, "2-D (n, d)"),
+    "TwoNN on 5 points": (lambda: G.twonn(_X[:5]), ValueError, "at least 10 distinct points"),
+    "interval with 3 groups": (lambda: G.confidence_interval(G.pc1_ratio, _X, groups=np.arange(60) % 3),
+                               ValueError, "at least 4 groups"),
+    "interval with 1 split": (lambda: G.confidence_interval(G.pc1_ratio, _X, n_splits=1), ValueError,
+                              "n_splits must be at least 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GEOMETRY))
+def test_geometry_refuses_bad_input(case):
+    call, exc, words = BAD_GEOMETRY[case]
+    with pytest.raises(exc, match=re.escape(words)):
+        call()
