@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -316,14 +317,41 @@ def _load_processor(path: Path, model_type: str):
 
 
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+#: environment variable: comma-separated modules (and their submodules) whose functions model
+#: strings may name, e.g. ``MICROSCOPE_FACTORIES=tests.fusion_example,my_models``
+FACTORIES_ENV = "MICROSCOPE_FACTORIES"
 
 
-def _from_factory(spec: str, device, dtype) -> Handle:
+class FactoryNotAllowedError(MicroscopeError, PermissionError):
+    """A ``"module:function"`` model string that was not explicitly allowed."""
+
+
+def factory_allowed(spec: str, allow_factory: bool = False) -> bool:
+    """Whether the model string ``"module:function"`` may be imported and called: with
+    ``allow_factory=True``, or when its module (or a package above it) is listed in
+    ``$MICROSCOPE_FACTORIES``."""
+    if allow_factory:
+        return True
+    mod = spec.split(":")[0]
+    listed = [m.strip() for m in os.environ.get(FACTORIES_ENV, "").split(",") if m.strip()]
+    return any(mod == m or mod.startswith(m + ".") for m in listed)
+
+
+def _from_factory(spec: str, device, dtype, allow_factory: bool = False) -> Handle:
     """``"package.module:function"``: import it and call ``function()``, which returns a Handle
-    (a custom-fusion model, :mod:`microscope.fusion`)."""
+    (a custom-fusion model, :mod:`microscope.fusion`) — only when explicitly allowed
+    (:func:`factory_allowed`): a model string is a notebook parameter, and importing and calling a
+    function it names would run any code (``"os:system"``, ``"shutil:rmtree"``)."""
     import importlib
 
     mod_name, fn_name = spec.split(":")
+    if not factory_allowed(spec, allow_factory):
+        raise FactoryNotAllowedError(
+            f"model {spec!r} names a function to import and call (a model factory); that is refused unless "
+            "allowed explicitly, since a model string can come from a notebook parameter and would run any code. "
+            f"If you trust {mod_name!r}: microscope.load({spec!r}, allow_factory=True), or export "
+            f"{FACTORIES_ENV}={mod_name} (comma-separated modules) for notebooks and the suite "
+            "(python -m microscope.suite --allow-factory)")
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
@@ -384,12 +412,16 @@ def _resolve(name_or_path: str) -> Checkpoint:
 
 def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, attn_implementation: str = DEFAULT_ATTENTION,
-         device_map: str | dict | None = None, allow_pickle: bool = False) -> Handle:
+         device_map: str | dict | None = None, allow_pickle: bool = False, allow_factory: bool = False
+         ) -> Handle:
     """Load a model, its processor and adapter, offline, in eval mode.
 
     ``name_or_path``: a bundled name, a ``save_pretrained`` directory, a hub id already in the HF
     cache, or ``"package.module:function"`` — a function without arguments returning a Handle
-    (a custom-fusion model, :mod:`microscope.fusion`; ``device``/``dtype`` then move it).
+    (a custom-fusion model, :mod:`microscope.fusion`; ``device``/``dtype`` then move it). Such a
+    factory string is imported and called only with ``allow_factory=True`` or when its module is
+    listed in ``$MICROSCOPE_FACTORIES`` (comma-separated): otherwise
+    :class:`FactoryNotAllowedError`, before anything is imported.
 
     A directory (or cached snapshot) is read in every layout ``from_pretrained`` reads: single or
     sharded safetensors (``model.safetensors.index.json`` and its shards), with or without
@@ -408,7 +440,7 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     """
     dtype = check_dtype(dtype)
     if isinstance(name_or_path, str) and _FACTORY.fullmatch(name_or_path) and not Path(name_or_path).exists():
-        return _from_factory(name_or_path, device, dtype)
+        return _from_factory(name_or_path, device, dtype, allow_factory)
     if device_map is not None and device is not None:
         raise ValueError("give either device (one device) or device_map (sharding), not both")
     if device_map is not None:
