@@ -297,12 +297,12 @@ class ActivationStore:
         """
         from microscope.validate import is_int
 
+        tokens = self.tokens(roles)  # verifies every shard first
         if not is_int(layer) or int(layer) not in self.meta["layers"]:
             raise ValueError(f"layer {layer!r} is not in this store; it holds layers {self.meta['layers']}")
         layer = int(layer)
         if site not in self.meta["sites"]:
             raise ValueError(f"site {site!r} is not in this store; it holds {self.meta['sites']}")
-        tokens = self.tokens(roles)
         xs = []
         for k, rows in tokens.groupby("shard", sort=True)["row"]:
             path = self.shard_path(int(k), "safetensors")

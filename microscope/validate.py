@@ -133,7 +133,7 @@ def layers(value, n_layers: int, allow_embedding: bool = True, name: str = "laye
             raise ValueError(f"layer {lay!r} in {name} is not a whole number: this model has {n_layers} decoder "
                              f"layers ({rng})")
         if not lo <= int(lay) < n_layers:
-            raise ValueError(f"layer {lay!r} is out of range: this model has {n_layers} decoder layers ({rng})")
+            raise ValueError(f"layer {int(lay)} is out of range: this model has {n_layers} decoder layers ({rng})")
         out.append(int(lay))
     if not out and not allow_empty:
         raise ValueError(f"{name} is empty: give at least one layer ({rng}), or None for all")

@@ -232,7 +232,7 @@ def test_factory_string_needs_an_explicit_opt_in(case, monkeypatch):
 
 def test_factory_allowed_by_environment_loads(monkeypatch):
     monkeypatch.setenv("MICROSCOPE_FACTORIES", "json, tests")
-    assert microscope.load("tests.fusion_example:bunny").name == "bunny"
+    assert microscope.load("tests.fusion_example:bunny").name == "bunny-tiny"
     with pytest.raises(FactoryNotAllowedError, match="'os:getcwd'"):
         microscope.load("os:getcwd")
 
@@ -257,9 +257,9 @@ BAD_CALLS = {
     "extract layers '[0, 9]' (papermill string)": (
         lambda h, s, r, t: extract(h, [s], t / "s", layers="[0, 9]", progress=False),
         ValueError, r"layer 9 is out of range: this model has 6 decoder layers"),
-    "extract layers '0,2' (not a list literal)": (
-        lambda h, s, r, t: extract(h, [s], t / "s", layers="0,2", progress=False),
-        ValueError, r"layers='0,2' is a string, not layer indices.*layers=\[0, 3\]"),
+    "extract layers '0 to 2' (not a literal)": (
+        lambda h, s, r, t: extract(h, [s], t / "s", layers="0 to 2", progress=False),
+        ValueError, r"layers='0 to 2' is a string, not layer indices.*layers=\[0, 3\]"),
     "extract layers [2.0]": (
         lambda h, s, r, t: extract(h, [s], t / "s", layers=[2.0], progress=False),
         ValueError, r"layer 2\.0 in layers is not a whole number"),
@@ -393,6 +393,9 @@ ACCEPTED = {
     "extract layers '[0, 3]' from papermill": (
         lambda h, s, r, t: extract(h, [s], t / "s", layers="[0, 3]", progress=False),
         lambda out: out.meta["layers"] == [0, 3]),
+    "check_layers '0, 2' (a tuple literal)": (
+        lambda h, s, r, t: h.adapter.check_layers("0, 2"),
+        lambda out: out == [0, 2]),
     "check_layers np.int64(3)": (
         lambda h, s, r, t: h.adapter.check_layers([np.int64(3), np.int32(-1)]),
         lambda out: out == [3, -1] and all(type(x) is int for x in out)),
