@@ -281,9 +281,9 @@ BAD_CALLS = {
     "sweep window 2.7": (
         lambda h, s, r, t: ko.sweep(h, [s], edges=["image↛last"], window=2.7, progress=False),
         ValueError, r"window must be a positive whole number of layers, got 2\.7"),
-    "sweep window 0": (
-        lambda h, s, r, t: ko.sweep(h, [s], edges=["image↛last"], window=0, progress=False),
-        ValueError, r"window must be >= 1 layer, got 0"),
+    "sweep window '3' (a string)": (
+        lambda h, s, r, t: ko.sweep(h, [s], edges=["image↛last"], window="3", progress=False),
+        ValueError, r"window must be a positive whole number of layers, got '3' \(str\)"),
     "sweep window True": (
         lambda h, s, r, t: ko.sweep(h, [s], edges=["image↛last"], window=True, progress=False),
         ValueError, r"window must be a positive whole number of layers, got True"),
