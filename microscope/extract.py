@@ -11,14 +11,19 @@ Sites, captured with forward hooks (``capture``), nothing else patched:
   the residual stream).
 
 Batches are deterministic (sample order, ``batch_size``), one shard each; a rerun of the same
-call skips complete shards, so an interrupted extraction resumes and ends equal to an
-uninterrupted one. Memory holds one batch at a time.
+call skips shards that verify against their records (size, rows, SHA-256) and recomputes the
+others (each named in a warning), so an interrupted extraction resumes and ends bit-identical to
+an uninterrupted one. The store's identity covers the model's config, weights and processor, the
+layers, sites, roles, dtype, batch size, and the samples' ids *and content* (:func:`sample_hash`):
+resuming with anything else is refused, naming what differs. Memory holds one batch at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
@@ -26,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import microscope
+from microscope import validate
 from microscope.roles import ROLE_CODE, ROLES, prepare_samples, role_codes
 from microscope.store import ActivationStore
 
@@ -45,9 +51,7 @@ def capture(handle, layers: Sequence[int], sites: Sequence[str] = ("resid",)) ->
     """
     a = handle.adapter
     layers = a.check_layers(layers)
-    bad = [s for s in sites if s not in SITES]
-    if bad:
-        raise ValueError(f"unknown site(s) {bad}; sites are {list(SITES)}")
+    sites = validate.names(sites, SITES, "sites")
     acts: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -87,27 +91,37 @@ def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = N
     ``on_shard(k)`` is called after shard ``k`` is written (progress reporting, tests).
     """
     a = handle.adapter
-    layers = a.check_layers(list(range(-1, a.n_layers)) if layers is None else list(layers))
-    roles = [r for r in ROLES if r != "pad"] if roles is None else list(roles)
-    role_codes(roles)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sites = list(sites)
-    if any(s not in SITES for s in sites):
-        raise ValueError(f"unknown site in {sites}; sites are {list(SITES)}")
+    layers = validate.layers(list(range(-1, a.n_layers)) if layers is None else layers, a.n_layers)
+    roles = [r for r in ROLES if r != "pad"] if roles is None else validate.names(roles, ROLES, "roles")
+    batch_size = validate.positive_int(batch_size, "batch_size")
+    sites = validate.names(sites, SITES, "sites")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    samples = list(samples)
+    if not samples:
+        raise ValueError("extract needs at least one sample; samples is empty")
     n_shards = (len(samples) + batch_size - 1) // batch_size
     meta = {
-        "model": handle.name, "config_hash": handle.config_hash, "layers": layers, "sites": sites,
-        "roles": roles, "dtype": dtype, "sample_ids": [s.id for s in samples], "batch_size": batch_size,
+        "model": handle.name, "config_hash": handle.config_hash, "weights_hash": handle.weights_hash,
+        "processor_hash": handle.processor_hash, "layers": layers, "sites": sites,
+        "roles": roles, "dtype": dtype, "sample_ids": [s.id for s in samples],
+        "sample_hashes": [sample_hash(s) for s in samples], "batch_size": batch_size,
         "n_samples": len(samples), "n_shards": n_shards,
         "hidden_size": int(a.embed.weight.shape[1]), "n_layers": a.n_layers,
         "microscope": microscope.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     store = ActivationStore.create_or_resume(out_dir, meta)
     keep_codes = torch.tensor(role_codes(roles))
-    todo = [k for k in range(n_shards) if not store.has_shard(k)]
+    todo = []
+    recorded = [k for k in range(n_shards) if store.shard_path(k, "json").is_file()]
+    for k in range(n_shards):
+        problem = store.shard_problem(k)
+        if problem is None:
+            continue
+        todo.append(k)
+        # present but unverifiable, or missing between written shards: recomputed, never adopted
+        if not problem.endswith("are absent)") or (recorded and k < recorded[-1]):
+            warnings.warn(f"{out_dir}: {problem}; recomputing it", stacklevel=2)
     for k in tqdm(todo, desc="extract", disable=not progress, mininterval=5):
         chunk = samples[k * batch_size:(k + 1) * batch_size]
         batch = prepare_samples(handle, chunk)
@@ -133,4 +147,26 @@ def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = N
         store.write_shard(k, tensors, tokens)
         if on_shard is not None:
             on_shard(k)
-    return ActivationStore(out_dir)
+    return store
+
+
+def sample_hash(sample) -> str:
+    """SHA-256 (first 16 hex digits) of what a sample contributes to a store: its id, question,
+    answer, category, options, constraint spans and image (pixels of an in-memory image, bytes
+    of an image file). Two data sets whose ids match but whose content differs (other generate
+    options, other files) differ here."""
+    h = hashlib.sha256()
+    cons = [(c.word, c.start, c.end) for c in getattr(sample, "constraints", ())]
+    for part in (sample.id, sample.question, sample.answer, getattr(sample, "category", ""),
+                 list(getattr(sample, "options", ())), cons):
+        h.update(repr(part).encode() + b"\x00")
+    path = getattr(sample, "image_path", None)
+    if path is not None:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 23), b""):
+                h.update(block)
+    else:
+        im = sample.image
+        h.update(f"{im.mode}|{im.size}|".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()[:16]

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from microscope import attention
+from microscope import attention, validate
 from microscope.answers import answer_ids
 from microscope.extract import capture
 from microscope.model import ANYRES, patch_grid
@@ -320,11 +320,9 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     """
     a = handle.adapter
     L = a.n_layers
-    window = default_window(L) if window is None else int(window)
-    if window < 1:
-        raise ValueError(f"window must be >= 1 layer, got {window}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    window = default_window(L) if window is None else validate.window(window)
+    batch_size = validate.positive_int(batch_size, "batch_size")
+    edges = validate.strings(edges, "edges")  # one edge given as a string is a list of one
     for e in edges:
         parse_edge(e)
     wins = [window_layers(c, window, L) for c in range(L)]
@@ -402,6 +400,7 @@ def predict(handle, samples: Sequence, edge: str | None = None, layers: Sequence
     """
     layers = list(range(handle.adapter.n_layers)) if layers is None else handle.adapter.check_layers(
         layers, allow_embedding=False)
+    batch_size = validate.positive_int(batch_size, "batch_size")
     if edge is not None:
         parse_edge(edge)
     rows = []

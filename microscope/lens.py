@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from microscope.answers import VARIANTS, variant_id
+from microscope import validate
+from microscope.answers import VARIANTS, answer_ids, variant_id
 from microscope.extract import capture
 from microscope.roles import prepare_samples
 
@@ -29,9 +30,14 @@ def logit_lens(handle, samples: Sequence, layers: Sequence[int] | None = None, b
 
     Columns: ``model, sample_id, category, answer, variant, token, layer, prob, rank``.
     ``layers`` default to every decoder layer (``-1``, the embedding output, may be added).
+    An answer whose lower-case form the vocabulary cannot spell raises ``ValueError`` naming it
+    (as :func:`microscope.knockout.predict` does) instead of being dropped.
     """
     a = handle.adapter
-    layers = a.check_layers(list(range(a.n_layers)) if layers is None else list(layers))
+    layers = a.check_layers(list(range(a.n_layers)) if layers is None else layers)
+    variants = validate.names(variants, VARIANTS, "variants")
+    batch_size = validate.positive_int(batch_size, "batch_size")
+    answer_ids(handle.processor, [s.answer.lower() for s in samples])  # an answer it cannot spell is an error
     tok = handle.processor.tokenizer
     rows = []
     for i in tqdm(range(0, len(samples), batch_size), desc="logit lens", disable=not progress, mininterval=5):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from microscope import validate
 from microscope.checkpoint import (
     DIR_FIX,
     Checkpoint,
@@ -79,18 +81,11 @@ class Adapter:
     def check_layers(self, layers, allow_embedding: bool = True) -> list[int]:
         """Validate layer indices: 0..n_layers-1 are decoder layers, -1 is the embedding output.
 
-        Raises ``ValueError`` naming the bad layer and the valid range.
+        Raises ``ValueError`` naming the bad layer and the valid range. numpy/torch integers are
+        integers; a string is a list literal (``'[0, 3]'``, papermill's ``-p``) or refused by name
+        (:func:`microscope.validate.layers`).
         """
-        lo = -1 if allow_embedding else 0
-        out = []
-        for lay in layers:
-            if not isinstance(lay, (int,)) or isinstance(lay, bool) or not lo <= lay < self.n_layers:
-                raise ValueError(
-                    f"layer {lay!r} is out of range: this model has {self.n_layers} decoder layers "
-                    f"(0..{self.n_layers - 1}" + (", and -1 for the embedding output)" if allow_embedding
-                                                  else ")"))
-            out.append(int(lay))
-        return out
+        return validate.layers(layers, self.n_layers, allow_embedding=allow_embedding, allow_empty=True)
 
 
 @dataclass
@@ -122,6 +117,77 @@ class Handle:
                            self.processor.template]
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def weights_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the parameters and buffers as loaded (see
+        :func:`weights_fingerprint`): two checkpoints with one config but other weights, or one
+        checkpoint loaded in another dtype, differ. One pass over the weights, on their devices."""
+        return weights_fingerprint(self.model)
+
+    @property
+    def processor_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the processor's configuration, vocabulary and chat
+        template (see :func:`processor_fingerprint`)."""
+        return processor_fingerprint(self.processor)
+
+
+_WORDS = 1 << 24  # 64 MiB of int32 words per reduction chunk
+
+
+def weights_fingerprint(model: torch.nn.Module, n_sample: int = 1024) -> str:
+    """A cheap, exact fingerprint of a model's weights: per named parameter and buffer, its
+    name, dtype, shape, the int64 sum of its bytes read as int32 words (integer addition, so the
+    same on every device and thread count), and ``n_sample`` evenly spaced raw elements.
+
+    Reads every weight once (memory bandwidth: about a second per 10 GB on a GPU, a few on a
+    CPU) but hashes only a few kilobytes; any retraining or fine-tune changes the sums. A
+    file-based hash would miss an in-memory model and a different dtype at load time."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        tensors = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers())
+        for name, t in sorted(tensors, key=lambda x: x[0]):
+            flat = t.detach().reshape(-1)
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            if flat.numel() == 0 or flat.device.type == "meta":  # offloaded: its name, dtype and shape only
+                continue
+            raw = flat.contiguous().view(torch.uint8)
+            words = raw[: raw.numel() // 4 * 4].view(torch.int32)
+            total = sum(int(words[i:i + _WORDS].sum(dtype=torch.int64)) for i in range(0, words.numel(), _WORDS))
+            total += int(raw[words.numel() * 4:].sum(dtype=torch.int64))
+            idx = torch.linspace(0, flat.numel() - 1, min(n_sample, flat.numel()), device=flat.device).long()
+            h.update(f"{total}|".encode())
+            h.update(flat[idx].contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _type_name(o) -> str:
+    """JSON fallback without memory addresses (``repr`` of a function holds one)."""
+    return f"<{type(o).__module__}.{type(o).__qualname__}>"
+
+
+def processor_fingerprint(processor) -> str:
+    """SHA-256 (first 16 hex digits) of what the processor turns a sample into: its serialised
+    configuration (image processor settings, chat template), and its tokenizer's vocabulary,
+    special tokens and chat template. A custom-fusion processor contributes its plain attributes
+    (template, image token, token count; functions by type only)."""
+    parts: dict = {"class": type(processor).__qualname__}
+    to_dict = getattr(processor, "to_dict", None)
+    if callable(to_dict):
+        try:
+            parts["config"] = to_dict()
+        except Exception as e:  # a processor that cannot serialise itself: its type stands in
+            parts["config"] = f"unserialisable: {type(e).__name__}"
+    else:
+        parts["attrs"] = {k: v for k, v in vars(processor).items() if k != "tokenizer"}
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None and hasattr(tok, "get_vocab"):
+        parts["vocab"] = sorted(tok.get_vocab().items())
+        parts["special"] = getattr(tok, "all_special_tokens", None)
+        parts["tok_template"] = getattr(tok, "chat_template", None)
+    parts["template"] = getattr(processor, "chat_template", None)
+    blob = json.dumps(parts, sort_keys=True, default=_type_name).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _language_model(model):
@@ -251,14 +317,41 @@ def _load_processor(path: Path, model_type: str):
 
 
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+#: environment variable: comma-separated modules (and their submodules) whose functions model
+#: strings may name, e.g. ``MICROSCOPE_FACTORIES=tests.fusion_example,my_models``
+FACTORIES_ENV = "MICROSCOPE_FACTORIES"
 
 
-def _from_factory(spec: str, device, dtype) -> Handle:
+class FactoryNotAllowedError(MicroscopeError, PermissionError):
+    """A ``"module:function"`` model string that was not explicitly allowed."""
+
+
+def factory_allowed(spec: str, allow_factory: bool = False) -> bool:
+    """Whether the model string ``"module:function"`` may be imported and called: with
+    ``allow_factory=True``, or when its module (or a package above it) is listed in
+    ``$MICROSCOPE_FACTORIES``."""
+    if allow_factory:
+        return True
+    mod = spec.split(":")[0]
+    listed = [m.strip() for m in os.environ.get(FACTORIES_ENV, "").split(",") if m.strip()]
+    return any(mod == m or mod.startswith(m + ".") for m in listed)
+
+
+def _from_factory(spec: str, device, dtype, allow_factory: bool = False) -> Handle:
     """``"package.module:function"``: import it and call ``function()``, which returns a Handle
-    (a custom-fusion model, :mod:`microscope.fusion`)."""
+    (a custom-fusion model, :mod:`microscope.fusion`) — only when explicitly allowed
+    (:func:`factory_allowed`): a model string is a notebook parameter, and importing and calling a
+    function it names would run any code (``"os:system"``, ``"shutil:rmtree"``)."""
     import importlib
 
     mod_name, fn_name = spec.split(":")
+    if not factory_allowed(spec, allow_factory):
+        raise FactoryNotAllowedError(
+            f"model {spec!r} names a function to import and call (a model factory); that is refused unless "
+            "allowed explicitly, since a model string can come from a notebook parameter and would run any code. "
+            f"If you trust {mod_name!r}: microscope.load({spec!r}, allow_factory=True), or export "
+            f"{FACTORIES_ENV}={mod_name} (comma-separated modules) for notebooks and the suite "
+            "(python -m microscope.suite --allow-factory)")
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
@@ -319,12 +412,16 @@ def _resolve(name_or_path: str) -> Checkpoint:
 
 def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, attn_implementation: str = DEFAULT_ATTENTION,
-         device_map: str | dict | None = None, allow_pickle: bool = False) -> Handle:
+         device_map: str | dict | None = None, allow_pickle: bool = False, allow_factory: bool = False
+         ) -> Handle:
     """Load a model, its processor and adapter, offline, in eval mode.
 
     ``name_or_path``: a bundled name, a ``save_pretrained`` directory, a hub id already in the HF
     cache, or ``"package.module:function"`` — a function without arguments returning a Handle
-    (a custom-fusion model, :mod:`microscope.fusion`; ``device``/``dtype`` then move it).
+    (a custom-fusion model, :mod:`microscope.fusion`; ``device``/``dtype`` then move it). Such a
+    factory string is imported and called only with ``allow_factory=True`` or when its module is
+    listed in ``$MICROSCOPE_FACTORIES`` (comma-separated): otherwise
+    :class:`FactoryNotAllowedError`, before anything is imported.
 
     A directory (or cached snapshot) is read in every layout ``from_pretrained`` reads: single or
     sharded safetensors (``model.safetensors.index.json`` and its shards), with or without
@@ -343,7 +440,7 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     """
     dtype = check_dtype(dtype)
     if isinstance(name_or_path, str) and _FACTORY.fullmatch(name_or_path) and not Path(name_or_path).exists():
-        return _from_factory(name_or_path, device, dtype)
+        return _from_factory(name_or_path, device, dtype, allow_factory)
     if device_map is not None and device is not None:
         raise ValueError("give either device (one device) or device_map (sharding), not both")
     if device_map is not None:

@@ -1,25 +1,38 @@
-"""Activation store: sharded safetensors plus a parquet token table, resumable and lazy.
+"""Activation store: sharded safetensors plus a parquet token table, resumable, lazy, self-verifying.
 
 Layout of a store directory::
 
-    meta.json                      model id, config hash, layers, sites, roles, dtype, sample ids
+    meta.json                      identity (model, config, weights, processor, layers, sites, roles,
+                                   dtype, sample ids and per-sample content hashes, batch size) and
+                                   its digest ``identity``
     shard-00000.safetensors        "{site}.{layer}" -> (tokens_in_shard, hidden)
     shard-00000.parquet            one row per stored token: sample_index, sample_id, position, role
+    shard-00000.json               the shard's record: the store identity it belongs to, its row
+                                   count, and each file's size and SHA-256
     ...
 
-A shard is complete when its ``.safetensors`` file exists: the parquet table is written first,
-each file to a temporary name then ``os.replace``-d, so a killed writer leaves no partial shard.
+Each file is written to a temporary name and ``os.replace``-d; the record is written last, after
+the checksums of the two data files, so a shard is complete exactly when its record exists *and*
+its files match it. ``verify()`` (and ``python -m microscope.store verify DIR``) checks every
+shard against its record and every record against ``meta.json``; resuming recomputes any shard
+that fails (named in a warning), never adopts it; ``load``/``tokens`` verify each shard's
+checksums once per store object and refuse an incomplete or damaged store, naming the shards.
 ``load(layer, roles)`` reads one tensor per shard with ``safe_open`` (nothing else is read).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,12 +41,40 @@ from microscope.errors import MicroscopeError
 from microscope.roles import role_codes
 
 META = "meta.json"
-#: meta keys that must agree for a run to resume into an existing store
-IDENTITY_KEYS = ("model", "config_hash", "layers", "sites", "roles", "dtype", "sample_ids", "batch_size")
+#: version of the layout above (stores without it predate the shard records)
+FORMAT = 2
+#: meta keys that must agree for a run to resume into an existing store; ``identity`` is their digest
+IDENTITY_KEYS = ("model", "config_hash", "weights_hash", "processor_hash", "layers", "sites", "roles", "dtype",
+                 "sample_ids", "sample_hashes", "batch_size")
+#: what each identity key means, for messages
+_WHAT = {"model": "model name", "config_hash": "model config", "weights_hash": "model weights (same config, "
+         "other parameter values or dtype)", "processor_hash": "processor (image settings, vocabulary or chat "
+         "template)", "layers": "layers", "sites": "sites", "roles": "roles", "dtype": "dtype",
+         "sample_ids": "sample ids", "sample_hashes": "data set content", "batch_size": "batch_size"}
 
 
 class StoreMismatchError(MicroscopeError, ValueError):
-    """Resuming into a store written by another model, config, layer list or data set."""
+    """Resuming into a store written by another model, weights, processor, layer list or data set."""
+
+
+class StoreIntegrityError(MicroscopeError, ValueError):
+    """A store whose files do not match their records: missing, truncated, damaged or foreign shards,
+    or an edited or swapped ``meta.json``."""
+
+
+def identity_digest(meta: dict) -> str:
+    """SHA-256 (first 32 hex digits) of the identity keys of ``meta``."""
+    blob = json.dumps({k: meta.get(k) for k in IDENTITY_KEYS}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ActivationStore:
@@ -44,60 +85,186 @@ class ActivationStore:
         meta = self.path / META
         if not meta.is_file():
             raise FileNotFoundError(f"{self.path} is not an activation store (no {META}); run "
-                                    "microscope.extract(...) with out_dir={self.path!s} first")
-        self.meta = json.loads(meta.read_text())
+                                    f"microscope.extract.extract(handle, samples, {str(self.path)!r}) first")
+        try:
+            self.meta = json.loads(meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreIntegrityError(f"{meta} is not readable JSON ({e}): the store's metadata is damaged; "
+                                      "delete the directory and extract again") from e
+        self._verified: dict[int, tuple] = {}
+        if self.meta.get("format") != FORMAT:
+            warnings.warn(f"{self.path} was written before stores recorded checksums (format "
+                          f"{self.meta.get('format', 1)}): its shards cannot be verified; extract again into a "
+                          "new directory to get a verifiable store", stacklevel=2)
+
+    @property
+    def legacy(self) -> bool:
+        """A store written before shard records (nothing to verify against)."""
+        return self.meta.get("format") != FORMAT
 
     # ------------------------------------------------------------------ writing
     @classmethod
     def create_or_resume(cls, path: str | Path, meta: dict) -> ActivationStore:
-        """Open ``path`` for writing: a new store, or an existing one with the same identity."""
+        """Open ``path`` for writing: a new store, or an existing one with the same identity.
+
+        Refused (:class:`StoreMismatchError`, naming each difference): a store of another run, a
+        store written before shard records, and a directory holding shard files but no ``meta.json``
+        (its shards cannot be attributed to any run)."""
         path = Path(path)
+        meta = {**meta, "format": FORMAT, "identity": identity_digest(meta)}
         path.mkdir(parents=True, exist_ok=True)
         f = path / META
         if f.is_file():
-            old = json.loads(f.read_text())
-            diff = [k for k in IDENTITY_KEYS if old.get(k) != meta.get(k)]
-            if diff:
-                show = ", ".join(f"{k}: store has {_short(old.get(k))}, this run {_short(meta.get(k))}"
-                                 for k in diff)
+            try:
+                old = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise StoreMismatchError(f"{f} is not readable JSON ({e}); nothing was overwritten: pass another "
+                                         "out_dir, or delete the directory to start over") from e
+            if old.get("format") != FORMAT:
                 raise StoreMismatchError(
-                    f"{path} holds activations of another run ({show}); nothing was overwritten: pass "
+                    f"{path} was written by an older microscope without shard checksums; it cannot be resumed "
+                    "safely and nothing was overwritten: pass another out_dir, or delete the directory to start "
+                    "over")
+            diff = _differences(old, meta)
+            if diff:
+                raise StoreMismatchError(
+                    f"{path} holds activations of another run ({'; '.join(diff)}); nothing was overwritten: pass "
                     "another out_dir, or delete the directory to start over")
         else:
+            stray = sorted(p.name for p in path.glob("shard-*"))
+            if stray:
+                raise StoreMismatchError(
+                    f"{path} holds shard files ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}) but no "
+                    f"{META}: they cannot be attributed to this run and are not adopted; nothing was overwritten: "
+                    "pass another out_dir, or delete the directory to start over")
             _atomic_write(f, json.dumps(meta, indent=1).encode())
         return cls(path)
 
     def shard_path(self, k: int, ext: str) -> Path:
+        """Path of shard ``k``'s file with extension ``ext`` (``safetensors``, ``parquet``, ``json``)."""
         return self.path / f"shard-{k:05d}.{ext}"
 
     def has_shard(self, k: int) -> bool:
-        return self.shard_path(k, "safetensors").is_file() and self.shard_path(k, "parquet").is_file()
+        """Shard ``k`` is present and matches its record (checksums included)."""
+        return self.shard_problem(k, deep=True) is None
 
     def write_shard(self, k: int, tensors: dict[str, torch.Tensor], tokens: pd.DataFrame) -> None:
-        """Write shard ``k`` atomically (table first, tensors last: the tensors mark completion)."""
-        tmp = self.shard_path(k, "parquet.tmp")
-        tokens.to_parquet(tmp, index=False)
-        os.replace(tmp, self.shard_path(k, "parquet"))
-        tmp = self.shard_path(k, "safetensors.tmp")
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
-        os.replace(tmp, self.shard_path(k, "safetensors"))
+        """Write shard ``k`` atomically: the table and tensors to temporary names, their checksums,
+        both renamed into place, then the record (the record marks completion)."""
+        self.shard_path(k, "json").unlink(missing_ok=True)  # a stale record never vouches for new files
+        tmp_t = self.shard_path(k, "parquet.tmp")
+        tokens.to_parquet(tmp_t, index=False)
+        tmp_s = self.shard_path(k, "safetensors.tmp")
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp_s))
+        files = {ext: {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+                 for ext, tmp in (("safetensors", tmp_s), ("parquet", tmp_t))}
+        os.replace(tmp_t, self.shard_path(k, "parquet"))
+        os.replace(tmp_s, self.shard_path(k, "safetensors"))
+        record = {"shard": k, "identity": self.meta["identity"], "rows": len(tokens), "files": files}
+        _atomic_write(self.shard_path(k, "json"), json.dumps(record, indent=1).encode())
+
+    # ------------------------------------------------------------------ verifying
+    def shard_problem(self, k: int, deep: bool = True) -> str | None:
+        """What is wrong with shard ``k`` (``None``: it matches its record). ``deep`` also compares
+        the files' SHA-256 with the record (otherwise sizes and row counts only)."""
+        name = f"shard-{k:05d}"
+        rec_path = self.shard_path(k, "json")
+        files = {ext: self.shard_path(k, ext) for ext in ("safetensors", "parquet")}
+        if not rec_path.is_file():
+            present = [p.name for p in files.values() if p.is_file()]
+            if present:
+                return (f"{name}: files {present} have no record {rec_path.name} (an interrupted write, or files "
+                        "copied in from elsewhere)")
+            return f"{name}: missing ({rec_path.name} and its data files are absent)"
+        try:
+            rec = json.loads(rec_path.read_text())
+            rows, recorded = int(rec["rows"]), rec["files"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            return f"{name}: its record {rec_path.name} is damaged ({type(e).__name__}: {e})"
+        if rec.get("identity") != self.meta.get("identity"):
+            return (f"{name}: recorded for store identity {rec.get('identity')}, but {META} has "
+                    f"{self.meta.get('identity')}: {META} was replaced or the shard comes from another store")
+        for ext, p in files.items():
+            if not p.is_file():
+                return f"{name}: {p.name} is missing"
+            size, want = p.stat().st_size, int(recorded[ext]["bytes"])
+            if size != want:
+                return f"{name}: {p.name} has {size} bytes, {want} recorded ({'truncated' if size < want else 'grown'})"
+        key = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in (*files.values(), rec_path))
+        if self._verified.get(k) == key:  # checksummed before, unchanged since
+            return None
+        try:
+            n_table = pq.read_metadata(files["parquet"]).num_rows
+        except Exception as e:
+            return f"{name}: {files['parquet'].name} is not a readable parquet file ({e})"
+        if n_table != rows:
+            return f"{name}: {files['parquet'].name} has {n_table} rows, {rows} recorded"
+        if deep:
+            for ext, p in files.items():
+                if file_sha256(p) != recorded[ext]["sha256"]:
+                    return f"{name}: {p.name} does not match its recorded SHA-256 (the file is damaged)"
+            self._verified[k] = key
+        return None
+
+    def problems(self, deep: bool = True) -> list[str]:
+        """Everything wrong with the store, one line per problem (empty: it verifies)."""
+        if self.legacy:
+            return [f"{self.path}: written before stores recorded checksums (no shard records to verify "
+                    "against); extract again into a new directory"]
+        out = []
+        if identity_digest(self.meta) != self.meta.get("identity"):
+            out.append(f"{META}: its identity fields do not hash to its recorded identity {self.meta.get('identity')}"
+                       " (the file was edited or damaged)")
+        out += [p for k in range(int(self.meta["n_shards"])) if (p := self.shard_problem(k, deep)) is not None]
+        extra = sorted(k for k in self._on_disk() if k >= int(self.meta["n_shards"]))
+        out += [f"shard-{k:05d}: not part of this store ({self.meta['n_shards']} shards)" for k in extra]
+        return out
+
+    def verify(self) -> ActivationStore:
+        """Check every shard's size, row count and SHA-256 against its record, and every record
+        against ``meta.json``. Returns the store; raises :class:`StoreIntegrityError` listing each
+        problem by shard file."""
+        bad = self.problems(deep=True)
+        if bad:
+            raise StoreIntegrityError(f"{self.path} failed verification ({len(bad)} problem(s)):\n  "
+                                      + "\n  ".join(bad) + "\nrerun the same extract(...) call to recompute "
+                                      "damaged or missing shards (a replaced meta.json cannot be repaired: "
+                                      "delete the directory and extract again)")
+        return self
 
     # ------------------------------------------------------------------ reading
     @property
     def layers(self) -> list[int]:
         return list(self.meta["layers"])
 
+    def _on_disk(self) -> list[int]:
+        return sorted(int(p.name[6:11]) for p in self.path.glob("shard-[0-9][0-9][0-9][0-9][0-9].*")
+                      if not p.name.endswith(".tmp"))
+
     @property
     def shards(self) -> list[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in self.path.glob("shard-*.safetensors"))
+        """Shards whose record and files are present with the recorded sizes (not checksummed)."""
+        if self.legacy:
+            return sorted(int(p.stem.split("-")[1]) for p in self.path.glob("shard-*.safetensors"))
+        return [k for k in range(int(self.meta["n_shards"])) if self.shard_problem(k, deep=False) is None]
 
     @property
     def complete(self) -> bool:
         return len(self.shards) == self.meta["n_shards"]
 
+    def _checked_shards(self) -> tuple[int, ...]:
+        """All shards, verified (checksums once per file state); raises naming every bad one."""
+        if self.legacy:
+            return tuple(self.shards)
+        bad = self.problems(deep=True)
+        if bad:
+            raise StoreIntegrityError(f"{self.path} cannot be read ({len(bad)} problem(s)):\n  " + "\n  ".join(bad)
+                                      + "\nrerun the same extract(...) call to finish or repair it")
+        return tuple(range(int(self.meta["n_shards"])))
+
     def _table(self) -> pd.DataFrame:
-        """All complete shards' token tables, read once per set of shards (not per ``load``)."""
-        shards = tuple(self.shards)
+        """All shards' token tables, read once per set of shards (not per ``load``)."""
+        shards = self._checked_shards()
         if getattr(self, "_cached", (None,))[0] != shards:
             frames = []
             for k in shards:
@@ -111,7 +278,9 @@ class ActivationStore:
         return self._cached[1]
 
     def tokens(self, roles: str | Sequence[str] | None = None) -> pd.DataFrame:
-        """Token table of every complete shard (optionally only ``roles``), in storage order."""
+        """Token table of every shard (optionally only ``roles``), in storage order.
+
+        Raises :class:`StoreIntegrityError` naming missing or damaged shards."""
         df = self._table().copy()
         if roles is not None:
             role_codes(roles)  # validates names
@@ -123,16 +292,26 @@ class ActivationStore:
         """``(X, tokens)``: activations of one layer and site for the tokens of ``roles``.
 
         ``X[i]`` belongs to ``tokens.iloc[i]``. Only that layer's tensor is read from each shard.
+        Every shard is verified first (checksums once per store object); a missing or damaged one
+        raises :class:`StoreIntegrityError` naming it.
         """
-        if layer not in self.meta["layers"]:
-            raise ValueError(f"layer {layer} is not in this store; it holds layers {self.meta['layers']}")
+        from microscope.validate import is_int
+
+        tokens = self.tokens(roles)  # verifies every shard first
+        if not is_int(layer) or int(layer) not in self.meta["layers"]:
+            raise ValueError(f"layer {layer!r} is not in this store; it holds layers {self.meta['layers']}")
+        layer = int(layer)
         if site not in self.meta["sites"]:
             raise ValueError(f"site {site!r} is not in this store; it holds {self.meta['sites']}")
-        tokens = self.tokens(roles)
         xs = []
         for k, rows in tokens.groupby("shard", sort=True)["row"]:
-            with safe_open(str(self.shard_path(int(k), "safetensors")), framework="pt") as f:
-                xs.append(f.get_tensor(f"{site}.{layer}")[torch.as_tensor(rows.to_numpy().copy())])
+            path = self.shard_path(int(k), "safetensors")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    xs.append(f.get_tensor(f"{site}.{layer}")[torch.as_tensor(rows.to_numpy().copy())])
+            except Exception as e:
+                raise StoreIntegrityError(f"{path} could not be read ({type(e).__name__}: {e}); run "
+                                          f"python -m microscope.store verify {self.path}") from e
         d = self.meta["hidden_size"]
         x = torch.cat(xs) if xs else torch.empty(0, d)
         return x, tokens
@@ -141,6 +320,24 @@ class ActivationStore:
         m = self.meta
         return (f"ActivationStore({self.path}, model={m['model']}, layers={len(m['layers'])}, "
                 f"sites={m['sites']}, shards={len(self.shards)}/{m['n_shards']})")
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two stores' identities."""
+    out = []
+    for k in IDENTITY_KEYS:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k == "sample_hashes" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            ids = new.get("sample_ids") or [None] * len(b)
+            out.append(f"{_WHAT[k]}: sample {i} ({ids[i]!r}) has other content (question, answer, constraints or "
+                       "image) than the stored one, although the ids match (e.g. other generate options such as "
+                       "categories or max_objects, or other files)")
+        else:
+            out.append(f"{_WHAT.get(k, k)}: store has {_short(a)}, this run {_short(b)}")
+    return out
 
 
 def _short(v) -> str:
@@ -152,3 +349,35 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m microscope.store verify DIR [DIR ...]``: exit status 0 when every store verifies."""
+    ap = argparse.ArgumentParser(prog="python -m microscope.store", description="Activation store tools.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="check every shard's size, rows and SHA-256 against its record")
+    v.add_argument("dirs", nargs="+", help="store directories")
+    args = ap.parse_args(argv)
+    status = 0
+    for d in args.dirs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                store = ActivationStore(d)
+            bad = store.problems(deep=True)
+        except (FileNotFoundError, StoreIntegrityError) as e:
+            print(f"FAILED {d}: {e}")
+            status = 1
+            continue
+        if bad:
+            print(f"FAILED {d}: {len(bad)} problem(s)")
+            for b in bad:
+                print(f"  {b}")
+            status = 1
+        else:
+            print(f"ok {d}: {store.meta['n_shards']} shards verified (sizes, rows, SHA-256)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

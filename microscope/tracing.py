@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from microscope import validate
 from microscope.answers import answer_ids
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions, related_patches
@@ -183,10 +184,8 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     if corruption == "replace" and target != "constraint":
         raise ValueError("token replacement applies to the constraint words; use corruption='noise' for image "
                          "tokens")
-    if n_noise < 1:
-        raise ValueError(f"n_noise must be >= 1, got {n_noise}")
-    if scale < 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
+    n_noise = validate.positive_int(n_noise, "n_noise")
+    scale = validate.scale(scale)
     a = handle.adapter
     batch = prepare_samples(handle, [sample])
     inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
@@ -298,9 +297,8 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     for kind, layers, positions in jobs:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
-        h.adapter.check_layers(list(layers), allow_embedding=(kind == "resid"))
-        if any(not 0 <= int(p) < c.n_tokens for p in positions):
-            raise ValueError(f"positions must lie in 0..{c.n_tokens - 1}")
+        h.adapter.check_layers(layers, allow_embedding=(kind == "resid"))
+        validate.positions(positions, c.n_tokens)
     N = c.n_noise
     # positions before the first corrupted one are clean in every row: they come from the prefix
     # cache and are not recomputed; restoring one of them is a no-op
@@ -339,17 +337,13 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
     restore a window of ``window`` layers centred at ``layer`` (clipped at the ends); ``resid`` also
     has layer ``-1``, the decoder input (restoring it at a corrupted token undoes that token's corruption).
     """
-    c = corrupted or corrupt(handle, sample, corruption, target, n_noise, scale, sigma, replace_with, seed)
     L = handle.adapter.n_layers
-    window = default_window(L) if window is None else int(window)
-    if window < 1:
-        raise ValueError(f"window must be >= 1 layer, got {window}")
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"unknown kind(s) {bad}; kinds are {list(KINDS)}")
+    window = default_window(L) if window is None else validate.window(window)
+    kinds = validate.names(kinds, KINDS, "kinds")
+    c = corrupted or corrupt(handle, sample, corruption, target, n_noise, scale, sigma, replace_with, seed)
     pad = ROLE_CODE["pad"]
     positions = [t for t in range(c.n_tokens) if int(c.batch.roles[0, t]) != pad] if positions is None \
-        else list(positions)
+        else validate.positions(positions, c.n_tokens)
     # causal attention: states before the first corrupted position equal the clean ones, so
     # restoring them changes nothing (effect exactly 0) and they need no forward
     first = c.first
@@ -390,6 +384,8 @@ def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corru
                   batch_size: int = 256, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
     """:func:`trace` over ``samples`` (one shared ``sigma``, from the samples unless given), skipping
     samples the model answers wrongly (``only_correct``) or that have nothing to corrupt."""
+    scale, kinds = validate.scale(scale), validate.names(kinds, KINDS, "kinds")
+    window = None if window is None else validate.window(window)
     if sigma is None and corruption == "noise":
         sigma = noise_sigma(handle, samples, "image" if "image" in target else "text")
     out = []

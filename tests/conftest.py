@@ -24,4 +24,4 @@ def handles(tiny_dirs, shapes_handle):
     with warnings.catch_warnings():  # processors loaded without their video part (no torchvision here)
         warnings.filterwarnings("ignore", "torchvision is not installed")
         return {"shapes": shapes_handle, **{k: microscope.load(str(v)) for k, v in tiny_dirs.items()},
-                **{k: microscope.load(f"tests.fusion_example:{k}") for k in FUSION}}
+                **{k: microscope.load(f"tests.fusion_example:{k}", allow_factory=True) for k in FUSION}}

@@ -116,6 +116,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tiny_dirs, tmp_path):
     subprocess.run(run + [str(victim)], check=True, cwd=ROOT, capture_output=True)
     a, b = ActivationStore(tmp_path / "clean"), ActivationStore(victim)
     assert a.complete and b.complete and a.shards == b.shards
+    a.verify(), b.verify()  # every shard matches its recorded checksum
     for k in a.shards:
         ta, tb = load_file(a.shard_path(k, "safetensors")), load_file(b.shard_path(k, "safetensors"))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta)

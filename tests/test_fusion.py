@@ -65,15 +65,15 @@ def test_patch_edges_use_the_fusion_patch_grid():
 
 
 def test_factory_loading_and_its_errors():
-    assert microscope.load("tests.fusion_example:bunny") is fx.bunny()
+    assert microscope.load("tests.fusion_example:bunny", allow_factory=True) is fx.bunny()
     with pytest.raises(ModelNotFoundError, match="PYTHONPATH"):
-        microscope.load("tests.fusion_example:no_such_model")
+        microscope.load("tests.fusion_example:no_such_model", allow_factory=True)
     with pytest.raises(ModelNotFoundError, match="could not be imported"):
-        microscope.load("no_such_package.models:bunny")
+        microscope.load("no_such_package.models:bunny", allow_factory=True)
     with pytest.raises(MicroscopeError, match="callable without arguments"):
-        microscope.load("json:dumps")
+        microscope.load("json:dumps", allow_factory=True)
     with pytest.raises(MicroscopeError, match="not a microscope Handle"):
-        microscope.load("os:getcwd")
+        microscope.load("os:getcwd", allow_factory=True)
 
 
 def test_hash_includes_the_image_side():

@@ -265,7 +265,7 @@ def test_dtype_is_validated_with_the_accepted_names(single):
     with pytest.raises(ValueError, match="dtype torch.int8 is not accepted"):
         microscope.load(str(single), dtype=torch.int8)
     with pytest.raises(ValueError, match="dtype 'half' is not accepted"):
-        microscope.load("tests.fusion_example:bunny", dtype="half")  # checked before a factory runs
+        microscope.load("tests.fusion_example:bunny", dtype="half", allow_factory=True)  # checked before a factory runs
     assert microscope.load(str(single), dtype="auto").dtype == torch.float32
     assert microscope.load(str(single), dtype="torch.bfloat16").dtype == torch.bfloat16
 

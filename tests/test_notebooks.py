@@ -150,6 +150,7 @@ def test_every_notebook_runs_on_other_model_layouts(tmp_path, tiny_dirs, name, m
 
     root = str(Path(__file__).resolve().parents[1])  # the kernels import tests.fusion_example from here
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MICROSCOPE_FACTORIES", "tests.fusion_example")  # the kernels may call its functions
     model = f"tests.fusion_example:{name}" if name in FUSION else str(tiny_dirs[name])
     run = tmp_path / "run"
     for nb in suite.notebooks():
