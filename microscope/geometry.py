@@ -23,6 +23,7 @@ with torch (so they run on a GPU when the input is there):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -492,7 +493,8 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     ``ci_low``/``ci_high``: the 95 % split-half interval of :func:`confidence_interval` over
     ``n_splits`` splits of the *samples* the tokens come from (tokens of one image are not
     independent draws); ``n_samples`` is how many samples the modality's tokens come from.
-    ``n_splits=0`` skips the intervals (NaN).
+    ``n_splits=0`` skips the intervals (NaN); so does a half too small for the estimator (with a
+    warning naming the metric).
     """
     from tqdm.auto import tqdm
 
@@ -512,6 +514,7 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     idx = balanced_indices(present.to_numpy(), n=n, seed=seed)
     idx = {m: present.index.to_numpy()[i] for m, i in idx.items()}
     samples = {m: tokens["sample_index"].to_numpy()[ix] for m, ix in idx.items()}  # resampling unit
+    unbanded: set[tuple[str, str]] = set()
     rows = []
     pairs = {lay: all_layers[all_layers.index(lay) + 1] if all_layers.index(lay) + 1 < len(all_layers) else None
              for lay in layers}
@@ -535,8 +538,17 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
                     continue
                 fn, args = _metric(name, x, y)
                 value = fn(*args)
-                lo, hi = (confidence_interval(fn, *args, groups=samples[m], n_splits=n_splits, seed=seed,
-                                              estimate=value) if n_splits else (np.nan, np.nan))
+                lo, hi = np.nan, np.nan
+                if n_splits:
+                    try:
+                        lo, hi = confidence_interval(fn, *args, groups=samples[m], n_splits=n_splits, seed=seed,
+                                                     estimate=value)
+                    except ValueError as e:  # a half too small for this estimator: no band, said once
+                        if (name, m) not in unbanded:
+                            unbanded.add((name, m))
+                            warnings.warn(f"geometry.profile: no confidence band for {name} on {m} tokens: half "
+                                          f"of the {len(np.unique(samples[m]))} samples is too few ({e}); extract "
+                                          "more samples for bands", stacklevel=2)
                 rows.append({"model": store.meta["model"], "layer": lay, "role": m, "metric": name,
                              "value": value, "ci_low": lo, "ci_high": hi, "n": len(ix),
                              "n_samples": len(np.unique(samples[m])), "baseline": _baseline(name, x, y, seed)})

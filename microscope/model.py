@@ -410,6 +410,21 @@ def _resolve(name_or_path: str) -> Checkpoint:
     )
 
 
+def _check_supported(config, path: Path) -> str:
+    """The transformers class name for ``config``'s model type; a reasoned refusal otherwise."""
+    if config.model_type in BIDIRECTIONAL_IMAGE_ATTENTION:
+        raise MicroscopeError(
+            f"model type {config.model_type!r} of {path} is refused: its image tokens attend to each other "
+            "bidirectionally (a prefix-LM mask), while the suite's roles of 'earlier' and 'later' tokens, its "
+            "knockout edges and its tracing shortcuts assume causal attention. Supported: "
+            f"{sorted(SUPPORTED)}")
+    cls_name = SUPPORTED.get(config.model_type)
+    if cls_name is None:
+        raise MicroscopeError(
+            f"model type {config.model_type!r} of {path} is not supported; supported: {sorted(SUPPORTED)}")
+    return cls_name
+
+
 def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, attn_implementation: str = DEFAULT_ATTENTION,
          device_map: str | dict | None = None, allow_pickle: bool = False, allow_factory: bool = False
@@ -453,23 +468,19 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
 
     ckpt = _resolve(str(name_or_path))
     path = ckpt.path
+    try:  # an unsupported family is refused for that reason, before its files are judged
+        _check_supported(AutoConfig.from_pretrained(path, local_files_only=True), path)
+    except MicroscopeError:
+        raise
+    except Exception:
+        pass  # an unreadable config is reported by the file checks below
     check_files(ckpt, allow_pickle)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ModelNotFoundError(f"model directory {path}: config.json could not be read as a transformers "
                                  f"config ({excerpt(e)}): {ckpt.fix}") from e
-    if config.model_type in BIDIRECTIONAL_IMAGE_ATTENTION:
-        raise MicroscopeError(
-            f"model type {config.model_type!r} of {path} is refused: its image tokens attend to each other "
-            "bidirectionally (a prefix-LM mask), while the suite's roles of 'earlier' and 'later' tokens, its "
-            "knockout edges and its tracing shortcuts assume causal attention. Supported: "
-            f"{sorted(SUPPORTED)}")
-    cls_name = SUPPORTED.get(config.model_type)
-    if cls_name is None:
-        raise MicroscopeError(
-            f"model type {config.model_type!r} of {path} is not supported; supported: {sorted(SUPPORTED)}")
-    cls = getattr(transformers, cls_name)
+    cls = getattr(transformers, _check_supported(config, path))
     try:
         processor = _load_processor(path, config.model_type)
     except Exception as e:

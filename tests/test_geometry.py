@@ -391,3 +391,14 @@ def test_geometry_refuses_bad_input(case):
     call, exc, words = BAD_GEOMETRY[case]
     with pytest.raises(exc, match=re.escape(words)):
         call()
+
+
+def test_profile_without_enough_samples_for_a_band_says_so(handles, tmp_path):
+    h = handles["llava15"]
+    store = extract(h, shapes.generate(6, seed=2), tmp_path / "s", batch_size=6, progress=False)
+    with pytest.warns(UserWarning, match="no confidence band for id_mle"):
+        df = G.profile(store, metrics=["id_mle", "anisotropy_pc1"], n_splits=3, progress=False)
+    mle = df[df.metric == "id_mle"]
+    assert mle.value.notna().all() and mle.ci_low.isna().any()  # no band where a half has <= k points
+    pc1 = df[df.metric == "anisotropy_pc1"]
+    assert (pc1.ci_low <= pc1.value).all() and (pc1.value <= pc1.ci_high).all()
