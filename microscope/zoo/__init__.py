@@ -15,13 +15,15 @@ from microscope.errors import ModelNotFoundError
 WEIGHTS = Path(__file__).parent / "weights"
 BUNDLED: dict[str, Path] = {"shapes-llava": WEIGHTS / "shapes-llava"}
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
+#: a sharded checkpoint's weights: its index stands in for ``model.safetensors``
+SHARD_INDEX = "model.safetensors.index.json"
 
 
 def model_dir(name_or_dir: str | Path) -> Path:
     """Directory of a bundled model name, or ``name_or_dir`` itself if it is a directory.
 
     Raises :class:`ModelNotFoundError` naming the path when it does not exist or lacks one of
-    :data:`REQUIRED_FILES`.
+    :data:`REQUIRED_FILES` (a sharded checkpoint's :data:`SHARD_INDEX` stands in for its weights).
     """
     key = str(name_or_dir)
     path = BUNDLED.get(key, Path(name_or_dir)).expanduser()
@@ -31,7 +33,8 @@ def model_dir(name_or_dir: str | Path) -> Path:
             f"model directory {path} does not exist: pass a bundled name ({known}) or a "
             "directory written by save_pretrained"
         )
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()
+               and not (f == "model.safetensors" and (path / SHARD_INDEX).is_file())]
     if missing:
         raise ModelNotFoundError(
             f"model directory {path} is incomplete (missing {', '.join(missing)}): re-create it "
