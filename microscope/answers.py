@@ -5,6 +5,16 @@
 
 Every effect the suite measures (knockout change, indirect effect, logit-lens probability) is
 about ``p(answer's first token)`` at the last prompt position, so they all share these ids.
+
+The id is the one the model would *generate* there: the answer is tokenised in context, after
+the chat template's generation prompt, and with the separator the template puts between that
+prompt and the assistant's text. The same word has several ids in most vocabularies — Llama's
+SentencePiece writes ``▁red`` after ``ASSISTANT:`` (the template adds a space), Qwen2's
+byte-level BPE writes ``red`` after ``<|im_start|>assistant\\n`` and Llama 3 writes ``Ġred`` after
+Idefics3's ``Assistant:`` — and only the in-context one is the model's answer. The separator
+comes from rendering the template with an assistant turn holding the answer; a template that
+cannot render one (or a bare tokenizer) gets a space after a prompt that does not end in
+whitespace, none otherwise.
 """
 
 from __future__ import annotations
@@ -14,23 +24,57 @@ from collections.abc import Sequence
 VARIANTS = ("lower", "capitalised")
 
 
-def _first_id(tok, text: str) -> int | None:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        return None
+def _messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def generation_context(processor, answer: str = "yes") -> tuple[str, str]:
+    """``(prompt, separator)``: the chat template's generation prompt for a one-image question
+    and the text its assistant turn puts between that prompt and the answer (``""`` for a bare
+    tokenizer, which has no template)."""
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or not callable(getattr(processor, "apply_chat_template", None)):
+        return "", ""
+    q = "?"
+    prompt = processor.apply_chat_template(_messages(q), add_generation_prompt=True)
+    try:
+        full = processor.apply_chat_template(
+            _messages(q) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            add_generation_prompt=False)
+    except Exception:  # a template that renders one user turn only (e.g. microscope.fusion's)
+        full = None
+    if isinstance(full, str) and full.startswith(prompt) and answer in full[len(prompt):]:
+        rest = full[len(prompt):]
+        return prompt, rest[:rest.index(answer)]
+    return prompt, "" if not prompt or prompt[-1].isspace() else " "
+
+
+def _first_id(tok, text: str, context: tuple[str, str] = ("", "")) -> int | None:
+    """Id of the first token of ``text`` written after ``context`` (prompt, separator): the first
+    token of ``prompt + separator + text`` that ends after the prompt."""
+    prompt, sep = context
+    if not prompt:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        first = int(ids[0]) if ids else None
+    else:
+        enc = tok(prompt + sep + text, add_special_tokens=False, return_offsets_mapping=True)
+        after = [i for i, (_a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if b > len(prompt)]
+        first = int(after[0]) if after else None
     unk = getattr(tok, "unk_token_id", None)
-    return None if unk is not None and ids[0] == unk else int(ids[0])
+    return None if first is None or (unk is not None and first == unk) else first
 
 
 def answer_ids(processor, answers: Sequence[str]) -> list[int]:
-    """First token id of each answer as the tokenizer writes it (no BOS).
+    """First token id of each answer in the form the model generates after its chat template
+    (see the module doc; a bare tokenizer: the answer tokenised alone, no BOS).
 
     Raises ``ValueError`` naming an answer the vocabulary cannot spell (empty or unknown token).
     """
     tok = getattr(processor, "tokenizer", processor)
+    ctx = generation_context(processor)
     out = []
     for a in answers:
-        i = _first_id(tok, a)
+        i = _first_id(tok, a, ctx)
         if i is None:
             raise ValueError(f"answer {a!r} has no token in this model's vocabulary (it tokenises to "
                              "nothing or to the unknown token); pick answers the model can produce")
@@ -39,7 +83,8 @@ def answer_ids(processor, answers: Sequence[str]) -> list[int]:
 
 
 def variant_id(processor, answer: str, variant: str) -> int | None:
-    """First token id of ``answer`` written as ``variant`` (``lower`` / ``capitalised``).
+    """First token id of ``answer`` written as ``variant`` (``lower`` / ``capitalised``), in the
+    form the model generates after its chat template (as :func:`answer_ids`).
 
     ``None`` when the variant is not in the vocabulary or starts with the same token as the
     lower-case form (nothing separate to measure).
@@ -47,8 +92,9 @@ def variant_id(processor, answer: str, variant: str) -> int | None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants are {list(VARIANTS)}")
     tok = getattr(processor, "tokenizer", processor)
-    low = _first_id(tok, answer.lower())
+    ctx = generation_context(processor)
+    low = _first_id(tok, answer.lower(), ctx)
     if variant == "lower":
         return low
-    cap = _first_id(tok, answer[:1].upper() + answer[1:].lower())
+    cap = _first_id(tok, answer[:1].upper() + answer[1:].lower(), ctx)
     return None if cap is None or cap == low else cap

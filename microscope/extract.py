@@ -127,7 +127,7 @@ def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = N
         batch = prepare_samples(handle, chunk)
         inputs = {n: v.to(handle.device) for n, v in batch.inputs.items()}
         with torch.no_grad(), capture(handle, layers, sites) as acts:
-            handle.model(**inputs)
+            handle.model(**inputs, logits_to_keep=1)  # no (B, T, vocab) logits: only the states are kept
         keep = torch.isin(batch.roles, keep_codes)
         rows, cols = keep.nonzero(as_tuple=True)
         first = (batch.roles != ROLE_CODE["pad"]).int().argmax(-1)

@@ -152,6 +152,75 @@ def _related(handle, batch: Batch, sample) -> torch.Tensor | None:
     return pos[list(patches)] if patches else pos[:0]
 
 
+def _plain_tokens(tok, text: str, image_token_id: int) -> list[tuple[int, int, int]]:
+    """``(id, start, end)`` of the prompt's tokens as :func:`microscope.roles.prepare` aligns them
+    with the processor's ids (the same call; image placeholders dropped)."""
+    enc = tok(text, return_offsets_mapping=True)
+    return [(int(i), int(a), int(b)) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+            if int(i) != image_token_id]
+
+
+def replacement_options(handle, batch: Batch, sample, words: Sequence[str] | None = None
+                        ) -> list[tuple[str, list[int], list[tuple[str, list[int]]]]]:
+    """For each constraint word of row 0: ``(word, positions, options)``, where ``positions`` are
+    its tokens' positions in ``batch`` and ``options`` lists ``(replacement, ids)``: a replacement
+    word and the ids it tokenises to *in context* — substituted for the whole word in the prompt
+    and tokenised as the question is, so a byte-level BPE's ``Ġtriangle`` becomes ``Ġcross`` (not
+    the start-of-text ``cross``) and a word after a newline keeps its context's form.
+
+    A word split into several tokens (``▁rh|omb|us``) is replaced as a whole. Only replacements
+    with as many tokens in context as the word, and that leave every other token of the prompt
+    unchanged, are options: the corrupted input must keep the clean run's positions (restoration
+    writes clean states position by position), so a replacement of another length is not
+    re-aligned but left out. Candidates are ``words``, else ``sample.replacements(word)`` (tried
+    lower-cased for a capitalised word, whose case the replacements then take). ``ValueError``
+    names a word none of whose candidates fits.
+    """
+    tok = handle.processor.tokenizer
+    img = handle.adapter.image_token_id
+    prompt = batch.prompts[0]
+    q0 = prompt.find(sample.question)
+    plain = _plain_tokens(tok, prompt, img)
+    ids = batch.inputs["input_ids"][0]
+    cons_pos = (batch.roles[0] == ROLE_CODE["constraint"]).nonzero().flatten().tolist()
+    out, used = [], 0
+    for c in sorted(sample.constraints, key=lambda c: c.start):
+        s, e = q0 + c.start, q0 + c.end
+        ks = [k for k, (_i, a, b) in enumerate(plain) if a < e and b > s and b > a]
+        if not ks:
+            continue
+        positions = cons_pos[used:used + len(ks)]
+        used += len(ks)
+        if len(positions) != len(ks) or any(int(ids[p]) != plain[k][0] for p, k in zip(positions, ks)):
+            raise RuntimeError(f"internal: constraint {c.word!r} of sample {sample.id!r} is not aligned with the "
+                               "processor's ids")
+        before, after = plain[:ks[0]], plain[ks[-1] + 1:]
+        word = c.word
+        pool = list(words) if words is not None else (sample.replacements(word)
+                                                      or sample.replacements(word.lower()))
+        if word[:1].isupper():
+            pool = [w[:1].upper() + w[1:] for w in pool]
+        options, lengths = [], {}
+        for w in dict.fromkeys(pool):
+            if w == word:
+                continue
+            new = _plain_tokens(tok, prompt[:s] + w + prompt[e:], img)
+            n = len(new) - len(before) - len(after)
+            lengths[w] = n
+            same = ([t[0] for t in new[:len(before)]] == [t[0] for t in before]
+                    and [t[0] for t in new[len(new) - len(after):]] == [t[0] for t in after])
+            if n == len(ks) and same:
+                options.append((w, [t[0] for t in new[len(before):len(before) + n]]))
+        if not options:
+            raise ValueError(f"no replacement for constraint word {word!r} of sample {sample.id!r}: it is {len(ks)} "
+                             f"token(s) in context and the candidates are {lengths or 'none'} (tokens in context); "
+                             "pass replace_with=[...] words of the same length in tokens")
+        out.append((word, positions, options))
+    if used != len(cons_pos):
+        raise RuntimeError(f"internal: constraint tokens of sample {sample.id!r} do not match its constraints")
+    return out
+
+
 def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """p(answer) at the last position; ``prefix``: the clean cache of the positions before
@@ -173,9 +242,10 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
 
     ``sigma`` defaults to the standard deviation of this sample's own decoder-input embeddings
     (text or image tokens, to match ``target``) — pass a data-set value (:func:`noise_sigma`) for
-    comparable runs. ``replace_with``: words whose first
-    tokens replace the constraint tokens (drawn uniformly per noise sample); by default the
-    sample's own ``replacements()`` when it has them (Shapes world: other words of the same kind).
+    comparable runs. ``replace_with``: words that replace each constraint word as a whole,
+    tokenised in context (drawn uniformly per noise sample among those with the word's length in
+    tokens, :func:`replacement_options`); by default the sample's own ``replacements()`` when it
+    has them (Shapes world: other words of the same kind).
     """
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose one of {list(CORRUPTIONS)}")
@@ -228,17 +298,11 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
         if words is None and not callable(getattr(sample, "replacements", None)):
             raise ValueError("corruption='replace' needs replace_with=[words...] for samples without "
                              "replacements()")
-        ids = batch.inputs["input_ids"][0]
-        tok = handle.processor.tokenizer
-        for t in pos.nonzero().flatten().tolist():
-            word = tok.convert_ids_to_tokens(int(ids[t])).lstrip("▁Ġ")
-            pool = [w for w in (words if words is not None else sample.replacements(word)) if w != word]
-            if not pool:
-                raise ValueError(f"no replacement word for constraint token {word!r}")
-            pick = torch.randint(len(pool), (n_noise,), generator=g).tolist()
-            new = torch.tensor(answer_ids(handle.processor, [pool[k] for k in pick]), device=e.device)
+        for _word, positions, options in replacement_options(handle, batch, sample, words):
+            pick = torch.randint(len(options), (n_noise,), generator=g).tolist()
+            new = torch.tensor([options[k][1] for k in pick], device=e.device)  # (n_noise, len(positions))
             with torch.no_grad():
-                rep[:, t] = a.embed(new).to(e.dtype)
+                rep[:, positions] = a.embed(new).to(e.dtype)
     prefix = prefix_of(out.past_key_values, first)
     pos_ids = prompt_positions(handle, inputs)
     with torch.no_grad():

@@ -1,8 +1,24 @@
-"""Tiny random-weight checkpoints of every supported family, built from HF config classes.
+"""Tiny random-weight checkpoints of every supported family, built from HF config classes, with
+the families' real tokenizers and chat-template formats.
 
-Each is written with ``save_pretrained`` (model and processor) to a directory, so tests load
-them with the same calls as a hub checkpoint. Their tokenizer is a word-level one over the Shapes
-world's words (the real ones are SentencePiece; roles only need ids and character offsets).
+Each is written with ``save_pretrained`` (model sharded into several safetensors files with an
+index, and processor) to a directory, so tests load them with the same calls as a hub checkpoint.
+Tokenizers (``tests/real_tokenizers.py``; sources and licences in ``tests/tokenizers/README.md``):
+
+- LLaVA-1.5, LLaVA-NeXT (Vicuna): Llama 2's SentencePiece BPE + ``<image>``, ``<pad>``;
+  ``USER: <image>\\n{question} ASSISTANT:``
+- LLaVA-NeXT-Mistral (:func:`build_llava_next_mistral`): Mistral 7B's SentencePiece BPE;
+  ``[INST] <image>\\n{question} [/INST]``
+- Qwen2-VL, Qwen2.5-VL: Qwen2's byte-level BPE with its own vision tokens; ChatML with the
+  default system prompt and ``<|vision_start|><|image_pad|><|vision_end|>``
+- LLaVA-OneVision: the same Qwen2 tokenizer + ``<image>``, ``<video>``;
+  ``<|im_start|>user <image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``
+- Idefics3: Llama 3's byte-level BPE + Idefics3's image tokens (``<fake_token_around_image>``,
+  ``<image>``, ``<end_of_utterance>``, ``<global-img>``, the 6 × 6 ``<row_i_col_j>`` tokens);
+  ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\\nAssistant:``
+
+The vocabulary of each tiny model is ``len(tokenizer)``; hidden sizes stay tiny (text 48, vision
+32), so even Qwen2's 151k-token embedding is a few million parameters.
 """
 
 from __future__ import annotations
@@ -10,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -19,111 +36,197 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
+    PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from microscope.zoo.shapes_llava import CHAT_TEMPLATE, build_tokenizer
+from tests.real_tokenizers import tokenizer_json
 
 SIZE, PATCH = 56, 14  # 4 x 4 = 16 patches per tile
+#: shard size for save_pretrained: every tiny model is written as several shards plus an index
+SHARD = "4MB"
+MAX_POSITIONS = 512
 
 
-def _configs(tok):
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=SIZE, patch_size=PATCH, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return vision, text
+def chat_template(user: str, image: str, end_user: str, generation: str, sep: str, end_assistant: str,
+                  start: str = "") -> str:
+    """A Jinja chat template: ``start`` once; a user turn is ``user`` + its items (an image is
+    ``image``, text verbatim) + ``end_user``; an assistant turn is ``generation + sep`` + its text +
+    ``end_assistant``; the generation prompt is ``generation``."""
+    items = ("{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image +
+             "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}")
+    text = ("{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+            "{% endfor %}")
+    return (start + "{% for message in messages %}{% if message['role'] == 'user' %}" + user + items + end_user +
+            "{% else %}" + generation + sep + text + end_assistant + "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + generation + "{% endif %}")
 
 
-def build_llava15(path: Path, seed: int = 0) -> Path:
-    """LLaVA-1.5 layout: CLIP (penultimate layer, CLS dropped), MLP projector, Llama."""
-    tok = build_tokenizer()
-    vision, text = _configs(tok)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      image_seq_length=(SIZE // PATCH) ** 2)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    ip = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
-                          chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
-    model.save_pretrained(path)
+#: LLaVA-1.5 / LLaVA-NeXT-Vicuna: ``USER: <image>\n{question} ASSISTANT:``
+LLAVA_TEMPLATE = chat_template("USER: ", "<image>\n", "", " ASSISTANT:", " ", "</s>")
+#: LLaVA-NeXT-Mistral: ``[INST] <image>\n{question} [/INST]``
+MISTRAL_TEMPLATE = chat_template("[INST] ", "<image>\n", "", " [/INST]", " ", "</s>")
+#: Qwen2-VL / Qwen2.5-VL: ChatML with the default system prompt, the image between vision tokens
+QWEN_TEMPLATE = chat_template("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n",
+                              "<|im_start|>assistant\n", "", "<|im_end|>\n",
+                              start="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+#: LLaVA-OneVision: ChatML without a system prompt, ``<image>\n`` before the text
+ONEVISION_TEMPLATE = chat_template("<|im_start|>user ", "<image>\n", "<|im_end|>\n", "<|im_start|>assistant\n", "",
+                                   "<|im_end|>\n")
+#: Idefics3: ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant:``
+IDEFICS3_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ",
+                                  "<end_of_utterance>\n", start="<|begin_of_text|>")
+
+
+def _tokenizer(name: str, added: list[str], extra: dict[str, str] | None = None, **special: str
+               ) -> PreTrainedTokenizerFast:
+    """Real tokenizer ``name`` with special tokens ``added`` (appended to the vocabulary in order),
+    left padding, and ``extra`` named special tokens (e.g. ``image_token``)."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json(name)), padding_side="left",
+                                  model_max_length=MAX_POSITIONS, extra_special_tokens=extra or {}, **special)
+    tok.add_special_tokens({"additional_special_tokens": added})
+    pad = special.get("pad_token")
+    if pad is not None and pad in added:
+        tok.pad_token = pad
+    return tok
+
+
+def llama2_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 2's tokenizer as llava-hf's LLaVA-1.5 extends it: ``<image>`` (32000), ``<pad>`` (32001)."""
+    return _tokenizer("llama2", ["<image>", "<pad>"], {"image_token": "<image>"}, bos_token="<s>", eos_token="</s>",
+                      unk_token="<unk>", pad_token="<pad>")
+
+
+def mistral_tokenizer() -> PreTrainedTokenizerFast:
+    """Mistral 7B's tokenizer with ``<image>`` and ``<pad>`` added (LLaVA-NeXT-Mistral)."""
+    return _tokenizer("mistral", ["<image>", "<pad>"], {"image_token": "<image>"}, bos_token="<s>", eos_token="</s>",
+                      unk_token="<unk>", pad_token="<pad>")
+
+
+def qwen2_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2's tokenizer: its vision tokens are already in the vocabulary (``<|image_pad|>`` …)."""
+    return _tokenizer("qwen2", [], {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+                      eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def onevision_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2's tokenizer with LLaVA-OneVision's ``<image>`` and ``<video>`` added."""
+    return _tokenizer("qwen2", ["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"},
+                      eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+IDEFICS3_TOKENS = (["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+                   + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)] + ["<global-img>"])
+
+
+def idefics3_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's tokenizer with Idefics3's image and utterance tokens added."""
+    return _tokenizer("llama3", IDEFICS3_TOKENS, {"image_token": "<image>"}, bos_token="<|begin_of_text|>",
+                      eos_token="<end_of_utterance>", pad_token="<|reserved_special_token_0|>")
+
+
+def _save(model, proc, path: Path) -> Path:
+    """Model (sharded, with ``model.safetensors.index.json``) and processor into ``path``."""
+    model.save_pretrained(path, max_shard_size=SHARD)
     proc.save_pretrained(path)
     return path
 
 
-def build_llava_next(path: Path, seed: int = 0) -> Path:
-    """LLaVA-NeXT layout: anyres tiling (base image + tiles), image-newline tokens, Llama."""
-    tok = build_tokenizer()
-    vision, text = _configs(tok)
+def _text_ids(tok) -> dict:
+    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
+def _vision() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=SIZE, patch_size=PATCH, projection_dim=32)
+
+
+def _llama(tok, cls=LlamaConfig):
+    return cls(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, **_text_ids(tok))
+
+
+def build_llava15(path: Path, seed: int = 0) -> Path:
+    """LLaVA-1.5 layout: CLIP (penultimate layer, CLS dropped), MLP projector, Llama."""
+    tok = llama2_tokenizer()
+    cfg = LlavaConfig(vision_config=_vision(), text_config=_llama(tok),
+                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", image_seq_length=(SIZE // PATCH) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    ip = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
+                          chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
+    return _save(model, proc, path)
+
+
+def _build_llava_next(path: Path, seed: int, tok, text, template: str) -> Path:
     pins = [[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]]
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                          vision_feature_layer=-2, vision_feature_select_strategy="default",
-                          image_grid_pinpoints=pins, image_seq_length=(SIZE // PATCH) ** 2)
+    cfg = LlavaNextConfig(vision_config=_vision(), text_config=text,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=pins,
+                          image_seq_length=(SIZE // PATCH) ** 2)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
     ip = LlavaNextImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
                                     image_grid_pinpoints=pins)
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
-                              vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                              vision_feature_select_strategy="default", chat_template=template,
                               num_additional_image_tokens=1)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return _save(model, proc, path)
+
+
+def build_llava_next(path: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT (Vicuna) layout: anyres tiling (base image + tiles), image-newline tokens, Llama."""
+    tok = llama2_tokenizer()
+    return _build_llava_next(path, seed, tok, _llama(tok), LLAVA_TEMPLATE)
+
+
+def build_llava_next_mistral(path: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT-Mistral layout: as :func:`build_llava_next` with a Mistral decoder, Mistral's
+    tokenizer and its ``[INST] … [/INST]`` format."""
+    tok = mistral_tokenizer()
+    return _build_llava_next(path, seed, tok, _llama(tok, MistralConfig), MISTRAL_TEMPLATE)
 
 
 def build_idefics3(path: Path, seed: int = 0) -> Path:
     """Idefics3 layout (SmolVLM's family): SigLIP-style tower, pixel-shuffle connector (scale 2),
-    image tokens wrapped in <fake_token_around_image> / <global-img> tokens, Llama text model."""
+    image tokens wrapped in <fake_token_around_image> / <global-img> tokens, Llama 3 text model."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tok = build_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>",
-                                                         "<end_of_utterance>"]})
-    _, text = _configs(tok)
+    tok = idefics3_tokenizer()
     vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=SIZE, patch_size=PATCH)
-    cfg = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+    cfg = Idefics3Config(vision_config=vision.to_dict(), text_config=_llama(tok).to_dict(), scale_factor=2,
                          image_token_id=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(cfg).eval()
     ip = Idefics3ImageProcessorPil(size={"longest_edge": SIZE}, max_image_size={"longest_edge": SIZE},
                                    do_image_splitting=False)
-    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, chat_template=IDEFICS3_TEMPLATE,
                              image_seq_len=(SIZE // PATCH // 2) ** 2)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
-
-
-def _qwen_tokenizer():
-    tok = build_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]})
-    return tok
-
-
-#: Qwen2-VL's conversation layout: the image placeholder between vision start/end tokens
-QWEN_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><image><|vision_end|>\n")
+    return _save(model, proc, path)
 
 
 def _build_qwen(path: Path, seed: int, family: str) -> Path:
     """Qwen2-VL / Qwen2.5-VL layout: dynamic-resolution tower (here 112 x 112 px → 8 x 8 patches,
     merged 2 x 2 into 16 image tokens), M-RoPE (3-D positions for image tokens), Qwen2 decoder."""
     import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from microscope.model import image_only
 
-    tok = _qwen_tokenizer()
+    tok = qwen2_tokenizer()
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in
-           {"image_token_id": "<image>", "video_token_id": "<|video_pad|>",
+           {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}.items()}
-    text = dict(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, **_text_ids(tok),
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0})
     if family == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, patch_size=PATCH, spatial_merge_size=2,
@@ -138,15 +241,11 @@ def _build_qwen(path: Path, seed: int, family: str) -> Path:
     config = cfg(vision_config=vision, text_config=text, **ids)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     pixels = (2 * SIZE) ** 2
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=PATCH,
                                   merge_size=2, temporal_patch_size=2)
     proc = image_only(getattr(transformers, proc_cls))(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return _save(model, proc, path)
 
 
 def build_qwen2_vl(path: Path, seed: int = 0) -> Path:
@@ -173,33 +272,29 @@ def build_llava_onevision(path: Path, seed: int = 0) -> Path:
 
     from microscope.model import image_only
 
-    tok = build_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    tok = onevision_tokenizer()
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=SIZE, patch_size=PATCH)  # SigLIP: no CLS token, every patch kept
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     pins = [[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]]
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_llama(tok, Qwen2Config),
                                image_token_index=tok.convert_tokens_to_ids("<image>"),
                                video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
                                vision_feature_select_strategy="full", image_grid_pinpoints=pins)
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(cfg).eval()
     ip = LlavaOnevisionImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_grid_pinpoints=pins)
-    proc = image_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+    proc = image_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, chat_template=ONEVISION_TEMPLATE,
                                                num_image_tokens=(SIZE // PATCH) ** 2,
                                                vision_feature_select_strategy="full")
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return _save(model, proc, path)
 
 
 #: every tiny family, by name: its builder
 BUILDERS = {"llava15": build_llava15, "llava_next": build_llava_next, "idefics3": build_idefics3,
             "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision}
 TINY = list(BUILDERS)
+#: tokenizer variants checked by tests/test_tokenizers.py only (not run through every invariant)
+VARIANTS = {"llava_next_mistral": build_llava_next_mistral}
 #: the custom-fusion examples (tests/fusion_example.py), loaded as "tests.fusion_example:NAME"
 FUSION = ["bunny", "omnifusion"]
 #: every small model the invariants run on
