@@ -7,7 +7,9 @@ stream after decoder layer ``l`` at the last prompt position,
 ``p_l = softmax(W_U · norm(h_l))``, and reports for the answer's first token (and its
 capitalised form where the vocabulary has a separate one, :mod:`microscope.answers`) the
 probability ``p_l[token]`` and the rank ``#{v : logit_l[v] > logit_l[token]}`` (0 = top).
-At the last layer this is exactly the model's output distribution.
+At the last layer this is exactly the model's output distribution. A sample without a gold
+answer (``answer=None``) is read for the model's own greedy answer token instead, one variant
+named ``"model"``; a gold answer the vocabulary cannot spell gives no rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from microscope.answers import VARIANTS, variant_id
+from microscope.answers import MODEL, VARIANTS, variant_id
 from microscope.extract import capture
 from microscope.roles import prepare_samples
 
@@ -28,7 +30,9 @@ def logit_lens(handle, samples: Sequence, layers: Sequence[int] | None = None, b
     """One row per sample × layer × answer variant present in the vocabulary.
 
     Columns: ``model, sample_id, category, answer, variant, token, layer, prob, rank``.
-    ``layers`` default to every decoder layer (``-1``, the embedding output, may be added).
+    ``variant`` is ``lower`` / ``capitalised`` for a gold answer, ``model`` for the model's own
+    greedy token when the sample has no gold answer. ``layers`` default to every decoder layer
+    (``-1``, the embedding output, may be added).
     """
     a = handle.adapter
     layers = a.check_layers(list(range(a.n_layers)) if layers is None else list(layers))
@@ -39,10 +43,11 @@ def logit_lens(handle, samples: Sequence, layers: Sequence[int] | None = None, b
         batch = prepare_samples(handle, chunk)
         inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
         with torch.no_grad(), capture(handle, layers) as acts:
-            handle.model(**inputs, use_cache=False, logits_to_keep=1)
+            own = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
         last = batch.last_index.to(handle.device)
         ar = torch.arange(len(chunk), device=handle.device)
-        targets = [{v: variant_id(handle.processor, s.answer, v) for v in variants} for s in chunk]
+        targets = [{MODEL: own[j]} if s.answer is None else {v: variant_id(handle.processor, s.answer, v)
+                                                              for v in variants} for j, s in enumerate(chunk)]
         for layer in layers:
             with torch.no_grad():
                 h = acts[f"resid.{layer}"][ar, last]
