@@ -201,16 +201,7 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
     a = handle.adapter
-    gold_id(handle.processor, sample.answer)  # NoTarget before any forward
     batch = prepare_samples(handle, [sample])
-    inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
-    L = a.n_layers
-    with torch.no_grad(), capture(handle, list(range(-1, L)), SITES) as acts:
-        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
-    logits = out.logits[0, -1].float()
-    gold, source = answer_target(handle.processor, sample.answer, logits)
-    clean = {k: v[0] for k, v in acts.items()}
-    p_clean = float(logits.softmax(-1)[gold])
     rel = _related(handle, batch, sample)
     roles = batch.roles[0]
     if target == "constraint":
@@ -227,6 +218,15 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             pos = (roles == ROLE_CODE["image"]) & ~pos
     if not pos.any():
         raise NothingToCorrupt(f"sample {sample.id!r} has no {target} tokens to corrupt")
+    gold_id(handle.processor, sample.answer)  # NoTarget before any forward
+    inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
+    L = a.n_layers
+    with torch.no_grad(), capture(handle, list(range(-1, L)), SITES) as acts:
+        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+    logits = out.logits[0, -1].float()
+    gold, source = answer_target(handle.processor, sample.answer, logits)
+    clean = {k: v[0] for k, v in acts.items()}
+    p_clean = float(logits.softmax(-1)[gold])
     e = clean["resid.-1"]
     first = int(pos.nonzero().min())
     g = torch.Generator().manual_seed(int(seed))
