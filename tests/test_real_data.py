@@ -298,53 +298,70 @@ def test_empty_results_say_why_instead_of_failing(own_answer_samples):
 # ------------------------------------------------------------------------------- notebooks
 
 NOTEBOOK_DATA = {
-    "vqa_constraints": lambda im: {"csvs": [str(p) for p in VQAC], "images": str(im["vqa_constraints"])},
-    "gqa_knockout_csvs": lambda im: {"questions": [str(p) for p in KNOCKOUT], "images": str(im["gqa_knockout"])},
-    "gqa_testdev_like": lambda im: {"questions": str(GQA_VAL), "images": str(im["gqa"]), "categories": None},
-    "scienceqa": lambda im: {"problems": str(DATA / "scienceqa" / "problems.json"), "images": str(im["scienceqa"]),
-                             "pid_splits": str(DATA / "scienceqa" / "pid_splits.json")},
+    "vqa_constraints": lambda im, tmp: {"csvs": [str(p) for p in VQAC], "images": str(im["vqa_constraints"])},
+    # the knockout paper's CSVs together with testdev-like JSON questions (no scene graph for any image),
+    # of the types whose answers every vocabulary spells (yes / no / left / right)
+    "gqa": lambda im, tmp: {"questions": [str(p) for p in KNOCKOUT] + [str(GQA_VAL)], "images": str(im["gqa"]),
+                            "scene_graphs": str(_scene_graphs(tmp / "graphs.json", [])),
+                            "categories": ["ChooseRel", "LogicalObj", "existRelS", "existRelSRC", "twoSameMaterial"]},
+    "scienceqa": lambda im, tmp: {"problems": str(DATA / "scienceqa" / "problems.json"),
+                                  "images": str(im["scienceqa"]),
+                                  "pid_splits": str(DATA / "scienceqa" / "pid_splits.json")},
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NOTEBOOK_DATA))
 def test_notebooks_03_and_04_run_on_each_real_data_set(name, images, tiny_dirs, tmp_path):
-    """Notebooks 03 and 04 end to end on each real excerpt with a tiny checkpoint, only_correct
-    left on: VQA-Constraints on the model's own answers (all kept), the gold-answer data sets kept
-    or, when the random-weight model gets nothing right, stating why in the output and summary."""
+    """Notebooks 03 and 04 end to end on each real excerpt with a tiny checkpoint: VQA-Constraints
+    on the model's own answers (only_correct on: all kept); GQA on gold answers (only_correct off,
+    since the random-weight model is at chance), related-image edges on the CSVs' boxes and skipped
+    for the questions without a scene graph; ScienceQA with only_correct on, where nothing is kept
+    and the output and summary say why."""
     import papermill as pm
 
     from microscope import suite
 
-    args = NOTEBOOK_DATA[name](images)
-    dataset = "gqa" if name.startswith("gqa") else name
-    if name == "gqa_testdev_like":  # no scene graph for any of its images, like every testdev question
-        args["scene_graphs"] = str(_scene_graphs(tmp_path / "graphs.json", []))
+    if name == "gqa":  # one images folder for the CSVs' and the JSON's images
+        for p in images["gqa_knockout"].iterdir():
+            shutil.copy(p, images["gqa"] / p.name)
+    args = NOTEBOOK_DATA[name](images, tmp_path)
+    only_correct = name != "gqa"
     out = {}
-    for nb, extra in (("03_attention_knockout", {"n_samples": 6, "lens_samples": 6}),
-                      ("04_information_tracing", {"n_samples": 3, "n_noise": 2, "n_attribution": 2,
-                                                  "attribution_noise": 2})):
+    for nb, extra in (("03_attention_knockout", {"n_samples": 4, "lens_samples": 4}),
+                      ("04_information_tracing", {"n_samples": 2, "n_noise": 1, "n_attribution": 1,
+                                                  "attribution_noise": 1})):
         o = tmp_path / nb
         ran = pm.execute_notebook(
             str(suite.NOTEBOOKS / f"{nb}.ipynb"), str(tmp_path / f"{nb}.ipynb"), cwd=str(suite.NOTEBOOKS),
-            progress_bar=False, parameters={"model": str(tiny_dirs["llava15"]), "dataset": dataset,
+            progress_bar=False, parameters={"model": str(tiny_dirs["llava15"]), "dataset": name,
                                             "dataset_args": args, "out_dir": str(o), "small": True,
+                                            "only_correct": only_correct,
                                             "figures_dir": str(tmp_path / "fig"), "run_dir": str(tmp_path), **extra})
         text = "\n".join("".join(x.get("text", "")) for c in ran.cells for x in c.get("outputs", []))
         out[nb] = (json.loads((o / "summary.json").read_text()), text)
     (ko, ko_text), (tr, tr_text) = out["03_attention_knockout"], out["04_information_tracing"]
-    n = ko["n_samples"]
-    assert 1 <= n <= 6
+    assert ko["n_samples"] == 4 if name != "scienceqa" else ko["n_samples"] == 1
     if name == "vqa_constraints":  # no gold answer: every sample is measured on its own answer
-        assert ko["n_gold"] == 0 and ko["base_accuracy"] is None and ko["n_correct"] == n
+        assert ko["n_gold"] == 0 and ko["base_accuracy"] is None and ko["n_correct"] == 4
         assert 0 <= ko["own_answer_kept_image_blocked"] <= 1 and "have no usable gold answer" in ko_text
-        assert tr["n_traced"] == tr["n_model_answers"] == 3 and tr["why_empty"] is None
+        assert tr["n_traced"] == tr["n_model_answers"] == 2 and tr["why_empty"] is None
     for summary, text, key in ((ko, ko_text, "n_correct"), (tr, tr_text, "n_traced")):
         if summary[key] == 0:  # nothing kept: the output and the summary say why
             assert summary["why_empty"].startswith("no ") and summary["why_empty"] in text
         else:
             assert summary["why_empty"] is None
+    if name == "gqa":  # every sample kept; the JSON questions (no scene graph) have no related-image rows
+        assert ko["n_correct"] == 4 and tr["n_traced"] == 2 and ko["n_gold"] == 4
+        with pytest.warns(DatasetWarning):
+            drawn = gqa.load(**{k: v for k, v in args.items()}, n=4, seed=1)
+        no_graph = sum(not x.boxes for x in drawn)
+        assert ko["skipped"].get("have no referred patches for related-image↛question", 0) == no_graph
+        if no_graph:
+            assert f"{no_graph} of 4 questions have no scene graph" in ko_text
+        df = pd.read_parquet(tmp_path / "03_attention_knockout" / "knockout.parquet")
+        assert df[df.edge == "related-image↛question"].sample_id.nunique() == 4 - no_graph
     if name == "scienceqa":  # no constraint words to corrupt: said, not a crash
         assert tr["n_traced"] == 0 and "have no constraint tokens to corrupt" in tr["why_empty"]
     figs = {p.name for p in (tmp_path / "fig").iterdir()}
     assert {"03_knockout_by_category.png", "04_tracing_by_layer.png", "04_tracing_example.png"} <= figs
-    shutil.rmtree(tmp_path / "fig")
