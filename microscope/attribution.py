@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -32,7 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from microscope import attention, tracing
+from microscope.answers import MODEL, NoTarget, only_correct_note
 from microscope.knockout import image_patch_positions
+from microscope.results import explain
 from microscope.roles import prepare_samples
 
 _NAME = "microscope_record_eager"
@@ -155,13 +159,25 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
                        only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
     """Indirect effect of restoring each image token (its residual state at ``layer``; ``-1`` =
     decoder input) with every image token corrupted. One row per sample × image token:
-    ``model, sample_id, category, patch, position, score, related, p_clean, p_corrupted``."""
-    if sigma is None:
+    ``model, sample_id, category, patch, position, score, related, answer_source, p_clean,
+    p_corrupted``. Samples without a gold answer are scored on the model's own answer
+    (``only_correct`` does not apply to them); skipped samples are counted in
+    ``df.attrs["skipped"]``, and an empty table says why (``df.attrs["why_empty"]``)."""
+    if sigma is None and len(samples):
         sigma = tracing.noise_sigma(handle, samples, "image")
     rows = []
+    skipped: Counter = Counter()
+    n_model = 0
     for k, s in enumerate(tqdm(samples, desc="restoration scores", disable=not progress, mininterval=5)):
-        c = tracing.corrupt(handle, s, "noise", "image", n_noise=n_noise, scale=scale, sigma=sigma, seed=seed + k)
+        try:
+            c = tracing.corrupt(handle, s, "noise", "image", n_noise=n_noise, scale=scale, sigma=sigma,
+                                seed=seed + k)
+        except NoTarget:
+            skipped["have a gold answer the vocabulary cannot spell"] += 1
+            continue
+        n_model += c.answer_source == MODEL
         if only_correct and not c.correct:
+            skipped["answered wrongly (only_correct=True)"] += 1
             continue
         pos = image_patch_positions(handle, c.batch, 0, getattr(s, "grid", None))
         p = tracing.restore(c, [("resid", [layer], [int(t)]) for t in pos], batch_size=batch_size)
@@ -169,9 +185,12 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
         for j, (t, pj) in enumerate(zip(pos.tolist(), p)):
             rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
                          "patch": j, "position": t, "score": float(pj - c.p_corrupted), "related": j in related,
-                         "p_clean": c.p_clean, "p_corrupted": c.p_corrupted})
-    return pd.DataFrame(rows, columns=["model", "sample_id", "category", "patch", "position", "score", "related",
-                                       "p_clean", "p_corrupted"])
+                         "answer_source": c.answer_source, "p_clean": c.p_clean, "p_corrupted": c.p_corrupted})
+    if only_correct and n_model:
+        warnings.warn(only_correct_note(n_model), stacklevel=2)
+    df = pd.DataFrame(rows, columns=["model", "sample_id", "category", "patch", "position", "score", "related",
+                                     "answer_source", "p_clean", "p_corrupted"])
+    return explain(df, skipped, len(samples), "restoration scores")
 
 
 def precision_at_k(df: pd.DataFrame, score: str = "score", k: int | None = None) -> pd.DataFrame:

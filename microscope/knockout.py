@@ -24,7 +24,11 @@ of the patches covering the referred object(s)) and ``other-image`` (the remaini
 
 Knockout effect (DESIGN §6): ``(p_blocked − p_base) / p_base × 100`` for the first token of the
 correct answer at the last position, with attention blocked in a window of ``k`` consecutive
-layers centred at ``l`` (clipped at the ends), on samples the model answers correctly.
+layers centred at ``l`` (clipped at the ends), on samples the model answers correctly. A sample
+without a gold answer (``answer=None``) is measured on the model's own greedy answer
+(:func:`microscope.answers.answer_target`); ``only_correct`` does not apply to it. Samples left out are
+counted per reason in ``df.attrs["skipped"]``, and an empty table says why in
+``df.attrs["why_empty"]`` (:mod:`microscope.results`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import contextlib
 import math
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -41,10 +46,11 @@ import torch
 from tqdm.auto import tqdm
 
 from microscope import attention, validate
-from microscope.answers import answer_ids
+from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import capture
 from microscope.model import ANYRES, patch_grid
 from microscope.prefix import expand, position_kwargs, positions, prefix_of
+from microscope.results import explain
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
@@ -313,10 +319,15 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     image tokens have no patch grid. Positions before the first target query cannot change (causal
     attention), so those forwards start after them from the clean key/value cache
     (:mod:`microscope.prefix`). Samples answered wrongly are skipped when ``only_correct``; edges on
-    related/other image patches are skipped for samples whose question refers to no patch.
+    related/other image patches are skipped for samples whose question refers to no patch (or has
+    no boxes, e.g. a GQA question without a scene graph), and samples whose gold answer the
+    vocabulary cannot spell are skipped: each count is in ``df.attrs["skipped"]``. A sample with
+    ``answer=None`` is measured on the model's own greedy answer (``only_correct`` has no meaning
+    for it: it is kept, with a warning).
 
     Returns one row per (sample, edge, centre): ``model, sample_id, category, edge, layer``
-    (window centre), ``layer_lo, layer_hi, window, p_base, p_blocked, change`` (%).
+    (window centre), ``layer_lo, layer_hi, window, answer_token, answer_source, p_base, p_blocked,
+    change`` (%); ``answer_token`` is the measured token, ``answer_source`` ``"gold"`` or ``"model"``.
     """
     a = handle.adapter
     L = a.n_layers
@@ -332,7 +343,15 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     records = []
     device = handle.device
     patch_edges_ok: bool | None = None
+    skipped: Counter = Counter()
+    n_model = 0
+    tok = handle.processor.tokenizer
     for s in tqdm(samples, desc="knockout sweep", disable=not progress, mininterval=5):
+        try:
+            gold_id(handle.processor, s.answer)
+        except NoTarget:
+            skipped["have a gold answer the vocabulary cannot spell"] += 1
+            continue
         batch = prepare_samples(handle, [s])
         if patch_edges_ok is None:
             try:
@@ -343,11 +362,13 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
                 if any(parse_edge(e_)[0] in _PATCH_GROUPS for e_ in edges):
                     warnings.warn(f"related/other-image edges skipped: {e}", stacklevel=2)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-        gold = answer_ids(handle.processor, [s.answer])[0]
         with torch.no_grad(), capture(handle, [-1]) as acts:
             out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()
+        gold, source = answer_target(handle.processor, s.answer, logits)
+        n_model += source == MODEL
         if only_correct and int(logits.argmax()) != gold:
+            skipped["answered wrongly (only_correct=True)"] += 1
             continue
         p_base = float(logits.softmax(-1)[gold])
         emb = acts["resid.-1"]
@@ -356,12 +377,16 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         for e in edges:
             src_name, _ = parse_edge(e)
             if src_name in _PATCH_GROUPS and (not rel or not patch_edges_ok):
+                if patch_edges_ok:
+                    skipped[f"have no referred patches for {e}"] += 1
                 continue
             src, tgt = edge_masks(handle, batch, e, [rel] if src_name in _PATCH_GROUPS else None)
             if tgt[0].any():
                 todo += [(e, c, src[0], tgt[0]) for c in range(L)]
         if not todo:
+            skipped["have no target position for any edge"] += 1
             continue
+        target_tok = tok.convert_ids_to_tokens(gold)
         # positions before the first target query are untouched by every row's plan (causal
         # attention): take them from the clean run's key/value cache and compute only the rest
         first = min(int(t[3].nonzero().min()) for t in todo)
@@ -383,12 +408,14 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
                 records.append({
                     "model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
                     "edge": e, "layer": c, "layer_lo": wins[c].start, "layer_hi": wins[c].stop - 1,
-                    "window": window, "p_base": p_base, "p_blocked": pb,
-                    "change": (pb - p_base) / p_base * 100.0,
+                    "window": window, "answer_token": target_tok, "answer_source": source, "p_base": p_base,
+                    "p_blocked": pb, "change": (pb - p_base) / p_base * 100.0,
                 })
-    cols = ["model", "sample_id", "category", "edge", "layer", "layer_lo", "layer_hi", "window", "p_base",
-            "p_blocked", "change"]
-    return pd.DataFrame.from_records(records, columns=cols)
+    if only_correct and n_model:
+        warnings.warn(only_correct_note(n_model), stacklevel=2)
+    cols = ["model", "sample_id", "category", "edge", "layer", "layer_lo", "layer_hi", "window", "answer_token",
+            "answer_source", "p_base", "p_blocked", "change"]
+    return explain(pd.DataFrame.from_records(records, columns=cols), skipped, len(samples), "knockout rows")
 
 
 def predict(handle, samples: Sequence, edge: str | None = None, layers: Sequence[int] | None = None,
@@ -396,18 +423,35 @@ def predict(handle, samples: Sequence, edge: str | None = None, layers: Sequence
     """Greedy first-token answers with ``edge`` knocked out in ``layers`` (default: all layers).
 
     ``edge=None`` predicts without intervention. One row per sample: ``model, sample_id,
-    category, answer, prediction, correct, p_answer``.
+    category, answer, answer_token, answer_source, prediction, correct, matches_answer, p_answer``.
+    ``answer_token`` is the gold answer's first token, or for ``answer=None`` the model's own
+    greedy answer without intervention (``answer_source`` ``"model"``); ``p_answer`` its
+    probability here. ``correct`` (nullable boolean) compares the prediction with the gold answer
+    and is missing without one (and for a gold answer the vocabulary cannot spell);
+    ``matches_answer`` compares it with ``answer_token``: for samples without gold, whether the
+    knockout leaves the model's own answer in place.
     """
     layers = list(range(handle.adapter.n_layers)) if layers is None else handle.adapter.check_layers(
         layers, allow_embedding=False)
     batch_size = validate.positive_int(batch_size, "batch_size")
     if edge is not None:
         parse_edge(edge)
+    tok = handle.processor.tokenizer
     rows = []
     for i in tqdm(range(0, len(samples), batch_size), desc="predict", disable=not progress, mininterval=5):
         chunk = samples[i:i + batch_size]
         batch = prepare_samples(handle, chunk)
         inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
+        gold = []
+        for s in chunk:
+            try:
+                gold.append(gold_id(handle.processor, s.answer))
+            except NoTarget:
+                gold.append(-1)  # a gold answer with no token: nothing to compare with
+        own = None
+        if edge is not None and any(g is None for g in gold):  # the model's own answers, without knockout
+            with torch.no_grad():
+                own = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float().argmax(-1)
         plan = []
         if edge is not None:
             src, tgt = edge_masks(handle, batch, edge,
@@ -416,19 +460,28 @@ def predict(handle, samples: Sequence, edge: str | None = None, layers: Sequence
         with torch.no_grad(), knockout(handle, plan):
             logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
         probs = logits.softmax(-1).cpu()
-        gold = answer_ids(handle.processor, [s.answer for s in chunk])
         pred = probs.argmax(-1).tolist()
-        names = handle.processor.tokenizer.convert_ids_to_tokens(pred)
-        for s, g, p, nm, pr in zip(chunk, gold, pred, names, probs):
+        own = pred if own is None else own.cpu().tolist()
+        names = tok.convert_ids_to_tokens(pred)
+        for j, (s, g) in enumerate(zip(chunk, gold)):
+            t, source = (own[j], MODEL) if g is None else (g, "gold")
             rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
-                         "answer": s.answer, "prediction": nm, "correct": p == g, "p_answer": float(pr[g])})
-    return pd.DataFrame(rows, columns=["model", "sample_id", "category", "answer", "prediction", "correct",
-                                       "p_answer"])
+                         "answer": s.answer, "answer_token": tok.convert_ids_to_tokens(t) if t >= 0 else None,
+                         "answer_source": source, "prediction": names[j],
+                         "correct": None if g is None or g < 0 else pred[j] == g,
+                         "matches_answer": pred[j] == t,
+                         "p_answer": float(probs[j, t]) if t >= 0 else float("nan")})
+    df = pd.DataFrame(rows, columns=["model", "sample_id", "category", "answer", "answer_token", "answer_source",
+                                     "prediction", "correct", "matches_answer", "p_answer"])
+    df["correct"] = df["correct"].astype("boolean")
+    df["matches_answer"] = df["matches_answer"].astype(bool)
+    return df
 
 
 def largest_drops(df: pd.DataFrame) -> dict[str, dict]:
-    """Per edge, the window centre with the most negative mean change and that mean (%)."""
-    out = {}
+    """Per edge, the window centre with the most negative mean change and that mean (%); ``{}``
+    for a table without rows (see ``df.attrs["why_empty"]``)."""
+    out: dict[str, dict] = {}
     for e, g in df.groupby("edge", sort=False):
         m = g.groupby("layer")["change"].mean()
         out[e] = {"layer": int(m.idxmin()), "change": float(m.min()), "n_samples": int(g.sample_id.nunique())}

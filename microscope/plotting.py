@@ -6,6 +6,7 @@ and PNG. Role colours are fixed across every figure (:data:`ROLE_COLORS`).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -34,6 +35,19 @@ def save(fig, name: str, out: str | Path) -> list[Path]:
         # no creation date: the same figure gives the same bytes (clean diffs of figures/)
         fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
     return paths
+
+
+def empty_panel(ax, df: pd.DataFrame, what: str):
+    """Write on ``ax`` why there is nothing to draw (the table's ``attrs["why_empty"]``, set by the
+    analysis that made it, e.g. "no traced samples: 6 of 6 samples answered wrongly
+    (only_correct=True)"), so a figure of zero rows says why instead of failing; returns the figure."""
+    from microscope.results import why_empty
+
+    ax.text(0.5, 0.5, textwrap.fill(why_empty(df, what), 48), ha="center", va="center", transform=ax.transAxes,
+            fontsize=8, color="0.3")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax.figure
 
 
 def _mean_ci(g: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -197,9 +211,13 @@ EDGE_COLORS = {
 
 def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, title: str = ""):
     """Mean % change of p(answer) per window centre, one line per edge, 95% CI bands
-    (normal approximation over samples), zero drawn in."""
+    (normal approximation over samples), zero drawn in; a table without rows says why."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3))
+    if df.empty:
+        if title:
+            ax.set_title(title)
+        return empty_panel(ax, df, "knockout rows")
     edges = edges or list(dict.fromkeys(df.edge))
     for e in edges:
         g = df[df.edge == e]
@@ -218,8 +236,13 @@ def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, t
 
 
 def knockout_by_category(df: pd.DataFrame, edges: list[str] | None = None, categories: list[str] | None = None):
-    """Small multiples: one :func:`knockout_curves` panel per question category."""
+    """Small multiples: one :func:`knockout_curves` panel per question category (one panel saying
+    why, for a table without rows)."""
     categories = categories or list(dict.fromkeys(df.category))
+    if df.empty or not categories:
+        fig, axes = small_multiples(1, width=3.8)
+        empty_panel(axes[0], df, "knockout rows")
+        return fig
     fig, axes = small_multiples(len(categories), width=3.8, sharey=True)
     for ax, cat in zip(axes, categories):
         d = df[df.category == cat]
@@ -231,10 +254,14 @@ def knockout_by_category(df: pd.DataFrame, edges: list[str] | None = None, categ
 
 def logit_lens_curve(df: pd.DataFrame, ax=None, title: str = "logit lens at the last position"):
     """Mean probability of the answer token per layer, one line per variant (lower-case /
-    capitalised), with 95% CI bands."""
+    capitalised; ``model``: the model's own answer for samples without a gold one), with 95% CI
+    bands; a table without rows says why."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3))
-    colors = {"lower": "#0072B2", "capitalised": "#D55E00"}
+    if df.empty:
+        ax.set_title(title)
+        return empty_panel(ax, df, "logit-lens rows")
+    colors = {"lower": "#0072B2", "capitalised": "#D55E00", "model": "#009E73"}
     for v, g in df.groupby("variant", sort=False):
         s = _mean_ci(g, "layer", "prob")
         ax.plot(s.layer, s["mean"], marker="o", ms=3, color=colors.get(v), label=f"answer ({v})")
@@ -259,8 +286,13 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
                   vmax: float | None = None):
     """One sample's indirect effects as a layer × token heatmap (diverging, centred at 0), tokens
     labelled and coloured by role. Image tokens before the first corrupted token have effect 0 by
-    causality; with ``collapse_image`` a run of them is drawn as one column."""
+    causality; with ``collapse_image`` a run of them is drawn as one column. A table without rows of
+    ``kind`` says why."""
     d = df[df.kind == kind]
+    if d.empty:
+        if ax is None:
+            _, ax = plt.subplots(figsize=(4, 2))
+        return empty_panel(ax, df, f"{kind} rows")
     m = d.pivot_table(index="layer", columns="position", values="effect")
     info = d.drop_duplicates("position").set_index("position").loc[m.columns]
     keep = list(m.columns)
@@ -298,8 +330,13 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
 
 def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None):
     """Dataset-level indirect effect per layer, one panel per kind, one line per token group, with
-    the 95% CI band (the table of :func:`microscope.tracing.aggregate`)."""
+    the 95% CI band (the table of :func:`microscope.tracing.aggregate`); a table without rows says
+    why."""
     kinds = [k for k in KIND_LABELS if k in set(agg.kind)]
+    if not kinds:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        empty_panel(ax, agg, "traced samples")
+        return fig
     groups = groups or [g for g in GROUP_COLORS if g in set(agg.group)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.9 * len(kinds), 3.0), squeeze=False, sharey=True)
     for ax, k in zip(axes.flat, kinds):
@@ -321,9 +358,12 @@ def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None):
 
 def attribution_precision(prec: pd.DataFrame, ax=None, title: str = "top-k image tokens vs referred object"):
     """Mean top-k precision per method and category against the chance level (table with columns
-    ``method, category, precision, chance``)."""
+    ``method, category, precision, chance``); a table without rows says why."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3))
+    if prec.empty:
+        ax.set_title(title)
+        return empty_panel(ax, prec, "samples with referred patches")
     methods = list(dict.fromkeys(prec.method))
     cats = list(dict.fromkeys(prec.category))
     w = 0.8 / (len(methods) + 1)

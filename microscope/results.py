@@ -39,3 +39,32 @@ def write_summary(out_dir: str | Path, **numbers) -> Path:
     old.update(_plain(numbers))
     path.write_text(json.dumps(old, indent=1))
     return path
+
+
+#: ``DataFrame.attrs`` keys: why an analysis table has no rows, and how many samples it skipped per reason
+WHY_EMPTY, SKIPPED = "why_empty", "skipped"
+
+
+def explain(df: pd.DataFrame, skipped: dict[str, int], total: int, what: str) -> pd.DataFrame:
+    """Record in ``df.attrs`` the samples an analysis skipped (``{reason: count}``) and, if ``df``
+    has no rows, why: ``"no <what>: 6 of 6 samples answered wrongly (only_correct=True)"``."""
+    df.attrs[SKIPPED] = {k: int(v) for k, v in skipped.items() if v}
+    if df.empty:
+        parts = [f"{n} of {total} samples {reason}" for reason, n in skipped.items() if n]
+        df.attrs[WHY_EMPTY] = f"no {what}: " + ("; ".join(parts) if parts else
+                                                 "no samples were given" if total == 0 else "nothing to measure")
+    return df
+
+
+def why_empty(df: pd.DataFrame, what: str = "rows") -> str:
+    """Why ``df`` has no rows, as recorded by the analysis that made it (:func:`explain`), else a
+    generic sentence."""
+    return df.attrs.get(WHY_EMPTY) or f"no {what}: the table is empty"
+
+
+def mean_or_none(values) -> float | None:
+    """Mean of the non-missing ``values`` (booleans count as 0/1), ``None`` when there are none
+    (for summary.json, which has no NaN)."""
+    s = pd.Series(values, dtype="Float64") if not isinstance(values, pd.Series) else values.astype("Float64")
+    s = s.dropna()
+    return float(s.mean()) if len(s) else None

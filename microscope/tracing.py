@@ -30,12 +30,20 @@ forwards, with forward hooks writing the clean values into the rows that restore
 map of one kind (L layers × T tokens × N) takes ``ceil(L·T·N / batch_size)`` forwards.
 Restoring ``resid`` at every position of a layer gives back ``p_clean`` exactly; zero noise
 gives zero effect; the same seed gives the same numbers (all tested).
+
+The answer is the sample's gold answer, or for ``answer=None`` (VQA-Constraints) the model's own
+greedy first token on the clean run, as the published tracing does; every row records it
+(``answer_token``, ``answer_source``). :func:`trace_dataset` counts the samples it skips per reason in
+``df.attrs["skipped"]`` and says why an empty table is empty (``df.attrs["why_empty"]``);
+:func:`aggregate` and :func:`peak_layers` return empty results for it instead of failing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -45,11 +53,12 @@ import torch
 from tqdm.auto import tqdm
 
 from microscope import validate
-from microscope.answers import answer_ids
+from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions, related_patches
 from microscope.prefix import expand, length, position_kwargs, prefix_of
 from microscope.prefix import positions as prompt_positions
+from microscope.results import WHY_EMPTY, explain, why_empty
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
@@ -134,6 +143,7 @@ class Corrupted:
     first: int = 0                      # first corrupted position
     prefix: list | None = None          # clean (key, value) per layer of the positions before it
     position_ids: torch.Tensor | None = None  # (3, 1, T) M-RoPE positions; None for 1-D RoPE
+    answer_source: str = "gold"         # "gold", or "model": the clean run's own greedy answer
 
     @property
     def n_noise(self) -> int:
@@ -246,6 +256,9 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     tokenised in context (drawn uniformly per noise sample among those with the word's length in
     tokens, :func:`replacement_options`); by default the sample's own ``replacements()`` when it
     has them (Shapes world: other words of the same kind).
+    The measured answer is the sample's gold answer, or with ``answer=None`` the clean run's
+    greedy first token (``answer_source="model"``, ``correct`` then True by construction);
+    :class:`~microscope.answers.NoTarget` for a gold answer the vocabulary cannot spell.
     """
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose one of {list(CORRUPTIONS)}")
@@ -258,14 +271,6 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     scale = validate.scale(scale)
     a = handle.adapter
     batch = prepare_samples(handle, [sample])
-    inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
-    gold = answer_ids(handle.processor, [sample.answer])[0]
-    L = a.n_layers
-    with torch.no_grad(), capture(handle, list(range(-1, L)), SITES) as acts:
-        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
-    logits = out.logits[0, -1].float()
-    clean = {k: v[0] for k, v in acts.items()}
-    p_clean = float(logits.softmax(-1)[gold])
     rel = _related(handle, batch, sample)
     roles = batch.roles[0]
     if target == "constraint":
@@ -282,6 +287,15 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             pos = (roles == ROLE_CODE["image"]) & ~pos
     if not pos.any():
         raise NothingToCorrupt(f"sample {sample.id!r} has no {target} tokens to corrupt")
+    gold_id(handle.processor, sample.answer)  # NoTarget before any forward
+    inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
+    L = a.n_layers
+    with torch.no_grad(), capture(handle, list(range(-1, L)), SITES) as acts:
+        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+    logits = out.logits[0, -1].float()
+    gold, source = answer_target(handle.processor, sample.answer, logits)
+    clean = {k: v[0] for k, v in acts.items()}
+    p_clean = float(logits.softmax(-1)[gold])
     e = clean["resid.-1"]
     first = int(pos.nonzero().min())
     g = torch.Generator().manual_seed(int(seed))
@@ -310,7 +324,7 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     return Corrupted(handle=handle, sample=sample, batch=batch, answer_id=gold, clean=clean, corrupted=rep,
                      positions=pos, p_clean=p_clean, p_corrupted=p_cor, correct=int(logits.argmax()) == gold,
                      groups=token_groups(batch, 0, rel), related_positions=rel, first=first, prefix=prefix,
-                     position_ids=pos_ids)
+                     position_ids=pos_ids, answer_source=source)
 
 
 @contextlib.contextmanager
@@ -397,7 +411,9 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
     """The layer × token map of indirect effects of one sample, for each kind.
 
     One row per (kind, layer, position): ``model, sample_id, category, kind, corruption, target,
-    layer, position, role, group, token, p_clean, p_corrupted, p_restored, effect``. ``mlp``/``attn``
+    layer, position, role, group, token, answer_token, answer_source, p_clean, p_corrupted,
+    p_restored, effect`` (``target`` is what was corrupted; ``answer_token`` the measured token,
+    from the gold answer or, ``answer_source="model"``, the model's own). ``mlp``/``attn``
     restore a window of ``window`` layers centred at ``layer`` (clipped at the ends); ``resid`` also
     has layer ``-1``, the decoder input (restoring it at a corrupted token undoes that token's corruption).
     """
@@ -433,13 +449,19 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
                     keys.append((kind, layer, t))
                     p.append(c.p_corrupted)
     roles = c.batch.roles[0]
+    answer_tok = handle.processor.tokenizer.convert_ids_to_tokens(c.answer_id)
     rows = [{
         "model": handle.name, "sample_id": sample.id, "category": getattr(sample, "category", ""), "kind": kind,
         "corruption": corruption, "target": target, "layer": layer, "position": t, "role": ROLES[int(roles[t])],
-        "group": c.groups[t], "token": toks[t], "p_clean": c.p_clean, "p_corrupted": c.p_corrupted,
-        "p_restored": float(pj), "effect": float(pj) - c.p_corrupted,
+        "group": c.groups[t], "token": toks[t], "answer_token": answer_tok, "answer_source": c.answer_source,
+        "p_clean": c.p_clean, "p_corrupted": c.p_corrupted, "p_restored": float(pj),
+        "effect": float(pj) - c.p_corrupted,
     } for (kind, layer, t), pj in zip(keys, p)]
-    return pd.DataFrame(rows).sort_values(["kind", "layer", "position"], ignore_index=True)
+    return pd.DataFrame(rows, columns=TRACE_COLUMNS).sort_values(["kind", "layer", "position"], ignore_index=True)
+
+
+TRACE_COLUMNS = ["model", "sample_id", "category", "kind", "corruption", "target", "layer", "position", "role",
+                 "group", "token", "answer_token", "answer_source", "p_clean", "p_corrupted", "p_restored", "effect"]
 
 
 def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corruption: str = "noise",
@@ -447,28 +469,52 @@ def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corru
                   window: int | None = None, replace_with: Sequence[str] | None = None, seed: int = 0,
                   batch_size: int = 256, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
     """:func:`trace` over ``samples`` (one shared ``sigma``, from the samples unless given), skipping
-    samples the model answers wrongly (``only_correct``) or that have nothing to corrupt."""
+    samples the model answers wrongly (``only_correct``; it does not apply to samples without a
+    gold answer, which are traced on the model's own answer), that have nothing to corrupt, or
+    whose gold answer the vocabulary cannot spell. The counts are in ``df.attrs["skipped"]``; an
+    empty table (with every column) says why in ``df.attrs["why_empty"]``."""
     scale, kinds = validate.scale(scale), validate.names(kinds, KINDS, "kinds")
     window = None if window is None else validate.window(window)
-    if sigma is None and corruption == "noise":
+    if sigma is None and corruption == "noise" and len(samples):
         sigma = noise_sigma(handle, samples, "image" if "image" in target else "text")
     out = []
+    skipped: Counter = Counter()
+    n_model = 0
     for k, s in enumerate(tqdm(samples, desc="trace", disable=not progress, mininterval=5)):
         try:
             c = corrupt(handle, s, corruption, target, n_noise, scale, sigma, replace_with, seed + k)
         except NothingToCorrupt:
+            skipped[f"have no {target} tokens to corrupt"] += 1
             continue
+        except NoTarget:
+            skipped["have a gold answer the vocabulary cannot spell"] += 1
+            continue
+        n_model += c.answer_source == MODEL
         if only_correct and not c.correct:
+            skipped["answered wrongly (only_correct=True)"] += 1
             continue
         out.append(trace(handle, s, kinds, corruption, target, n_noise, scale, sigma, window,
                          batch_size=batch_size, corrupted=c))
-    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+    if only_correct and n_model:
+        warnings.warn(only_correct_note(n_model), stacklevel=2)
+    df = pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=TRACE_COLUMNS)
+    return explain(df, skipped, len(samples), "traced samples")
+
+
+AGG_COLUMNS = ["kind", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"]
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """Mean indirect effect per kind × layer × token group, over samples (a sample's tokens in a
     group are averaged first), with a 95% normal CI: ``kind, layer, group, effect, ci_low,
-    ci_high, n_samples``."""
+    ci_high, n_samples``. A trace table without rows gives an empty table with these columns and
+    a warning saying why (``attrs["why_empty"]``, carried over)."""
+    if df.empty:
+        why = why_empty(df, "traced samples")
+        warnings.warn(f"nothing to aggregate: {why}", stacklevel=2)
+        out = pd.DataFrame(columns=AGG_COLUMNS)
+        out.attrs[WHY_EMPTY] = why
+        return out
     per = df.groupby(["kind", "layer", "group", "sample_id"], sort=False).effect.mean().reset_index()
     g = per.groupby(["kind", "layer", "group"], sort=False).effect.agg(["mean", "std", "count"]).reset_index()
     half = 1.96 * g["std"].fillna(0) / np.sqrt(g["count"].clip(lower=1))
@@ -481,9 +527,11 @@ def peak_layers(agg: pd.DataFrame, groups: Sequence[str] | None = None) -> dict[
     merely undoes the corruption) with the largest mean effect in any of ``groups`` (default the
     constraint groups), the group and that effect. Near-ties (within 1% of the maximum, e.g. the
     last position's residual state, equal at every layer after the information arrived) go to the
-    earliest layer: where the information is first there."""
+    earliest layer: where the information is first there. ``{}`` for an empty table."""
     groups = list(groups or ("first constraint", "middle constraint", "last constraint"))
-    out = {}
+    out: dict[str, dict] = {}
+    if agg.empty:
+        return out
     for kind, g in agg[agg.group.isin(groups) & (agg.layer >= 0)].groupby("kind", sort=False):
         top = g.effect.max()
         near = g[g.effect >= top - 0.01 * abs(top)].sort_values(["layer", "effect"], ascending=[True, False])

@@ -2,12 +2,15 @@
 
     from microscope.data import load_samples
     samples = load_samples("shapes", n=200, seed=0, handle=h)
-    samples = load_samples("gqa", n=200, handle=h, questions="testdev_balanced_questions.json",
+    samples = load_samples("gqa", n=200, handle=h, questions="val_balanced_questions.json",
                            images="images/", scene_graphs="val_sceneGraphs.json")
+    samples = load_samples("vqa_constraints", handle=h, csvs=["okvqa.csv"], images="coco/")
 
 Every loader yields samples with ``id, image, question, answer, category, constraints`` and
 ``referred_patches()`` (:class:`~microscope.data.vqa.VQASample` for real data), which is all the
-analyses read; notebooks take ``dataset`` and ``dataset_args`` parameters and call this.
+analyses read; notebooks take ``dataset`` and ``dataset_args`` parameters and call this. Real
+data sets come back as :class:`~microscope.data.vqa.Samples`: the rows a loader skipped, and
+why, are in ``samples.skipped`` (``samples.report()`` as a table).
 """
 
 from __future__ import annotations
@@ -51,5 +54,6 @@ def load_samples(dataset: str = "shapes", n: int | None = None, seed: int = 0, h
         raise ValueError(f"dataset {dataset!r} does not take {bad}; it accepts {list(params)}")
     samples = loader(n=n, seed=seed, **kwargs)
     if not samples:
-        raise ValueError(f"dataset {dataset!r} with {kwargs} gave no samples")
+        why = getattr(samples, "summary", lambda: "")()
+        raise ValueError(f"dataset {dataset!r} with {kwargs} gave no samples" + (f":\n{why}" if why else ""))
     return with_grid(samples, handle) if handle is not None else samples

@@ -7,22 +7,32 @@
 
 It has the fields the suite reads from a Shapes-world sample (``id``, ``image``, ``question``,
 ``answer``, ``category``, ``constraints``, ``referred_patches()``), so every analysis runs on
-either. Boxes are ``(x0, y0, x1, y1)`` pixels of the original image; :func:`box_patches` maps them
+either. ``answer`` is ``None`` for data without a gold answer (VQA-Constraints): every analysis
+then measures the model's own greedy answer (:mod:`microscope.answers`). Boxes are
+``(x0, y0, x1, y1)`` pixels of the original image; :func:`box_patches` maps them
 onto a vision tower's patch grid for the CLIP-style preprocessing of LLaVA-1.5 (resize the
 shortest edge, centre-crop a square), :func:`resized_box_patches` for a resize of the whole image
 (the anyres base view, Qwen2-VL). Both take ``visible``, the fraction of each side of the
 preprocessed ``S`` px square that the ``g = floor(S / p)`` patches cover (``g·p / S``: 378/384
 for SigLIP-384/14); boxes in the remaining strip fall on no patch, since the tower never sees it.
+
+Loaders return :class:`Samples`, a list that also says which rows it skipped and why
+(``samples.skipped``) and which it kept only in part (``samples.notes``): one bad row never
+aborts a whole file. :func:`locate` finds a constraint phrase in its question by a stated rule.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image
 
 from microscope.data.shapes import Constraint
@@ -31,6 +41,79 @@ from microscope.errors import MicroscopeError
 
 class DatasetError(MicroscopeError, ValueError):
     """A data-set file is missing or not in the expected layout (the message names it)."""
+
+
+class DatasetWarning(UserWarning):
+    """Rows of a data-set file were skipped or kept only in part (the message counts them)."""
+
+
+#: extensions tried, in order, for an image path that names no existing file
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+class Samples(list):
+    """A loader's samples, plus the rows it left out and the rows it kept only in part.
+
+    ``skipped``: one dict per row left out, ``{"source", "row", "reason"}``; ``notes``: one per
+    sample kept with a limitation, ``{"source", "row", "id", "note"}`` (e.g. no scene graph, so no
+    boxes; a constraint found by its head noun). :meth:`report` gives both as one tidy table.
+    """
+
+    def __init__(self, items=(), skipped: Sequence[dict] = (), notes: Sequence[dict] = ()):
+        super().__init__(items)
+        self.skipped: list[dict] = list(skipped)
+        self.notes: list[dict] = list(notes)
+
+    def report(self) -> pd.DataFrame:
+        """Skipped and partly kept rows: ``source, row, id, action, reason``."""
+        rows = [{"source": d["source"], "row": d["row"], "id": None, "action": "skipped", "reason": d["reason"]}
+                for d in self.skipped]
+        rows += [{"source": d["source"], "row": d["row"], "id": d["id"], "action": "kept", "reason": d["note"]}
+                 for d in self.notes]
+        return pd.DataFrame(rows, columns=["source", "row", "id", "action", "reason"])
+
+    def summary(self) -> str:
+        """One line per distinct reason with its count ('' when nothing was skipped or noted)."""
+        out = [f"skipped {n} row(s): {r}" for r, n in Counter(d["reason"] for d in self.skipped).items()]
+        out += [f"kept {n} sample(s) {r}" for r, n in Counter(d["note"] for d in self.notes).items()]
+        return "\n".join(out)
+
+    def warn(self, what: str, total: int) -> None:
+        """A :class:`DatasetWarning` counting skipped rows out of ``total`` (nothing if none)."""
+        if self.skipped:
+            reasons = Counter(_reason_kind(d["reason"]) for d in self.skipped)
+            warnings.warn(f"{what}: skipped {len(self.skipped)} of {total} rows ("
+                          + "; ".join(f"{n} {r}" for r, n in reasons.items())
+                          + "); samples.skipped lists each row and reason", DatasetWarning, stacklevel=3)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+def draw(items: list, n: int | None, seed: int) -> list:
+    """``n`` of ``items`` drawn without replacement with ``seed``, in their original order (all if
+    ``n`` is None or not smaller)."""
+    import numpy as np
+
+    if n is None or n >= len(items):
+        return items
+    pick = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
+    return [items[i] for i in pick]
+
+
+def resolve_image(path: Path) -> Path:
+    """``path`` if it is a file, else the first of ``path`` + each of :data:`IMAGE_EXTS` that is
+    (published VQA-Constraints paths like ``./A photo of Ron Fricke`` carry no extension; the
+    whole name is kept, so ``Audible.com`` becomes ``Audible.com.jpg``), else ``path`` itself."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for ext in IMAGE_EXTS:
+        cand = path.with_name(path.name + ext)
+        if cand.is_file():
+            return cand
+    return path
 
 
 def read_json(path: Path, what: str):
@@ -60,6 +143,73 @@ def phrase_span(text: str, phrase: str) -> tuple[int, int] | None:
     """First case-insensitive occurrence of ``phrase`` in ``text`` as ``(start, end)``."""
     k = text.lower().find(phrase.lower().strip())
     return None if k < 0 or not phrase.strip() else (k, k + len(phrase.strip()))
+
+
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
+#: words that are never a head noun: determiners, demonstratives, pronouns
+FUNCTION_WORDS = frozenset("""a an the this that these those here there it its they them their his her him he she
+one ones some any my your our which what who""".split())
+#: words that end a noun phrase's head (prepositions, copulas, participles seen in the published files)
+PHRASE_BREAKS = frozenset("""of in on at like with for from to by about near under over behind above below into
+is are was were be being been shown pictured""".split())
+
+
+def _stem(word: str) -> str:
+    """Lower case, possessive and plural endings removed: ``Trees`` → ``tree``, ``bus's`` → ``bus``,
+    ``berries`` → ``berry``, ``boxes`` → ``box``."""
+    w = word.lower().replace("’", "'")
+    w = w[:-2] if w.endswith("'s") else w.rstrip("'")
+    if len(w) > 4 and w.endswith("ies"):
+        return w[:-3] + "y"
+    if len(w) > 3 and w.endswith("es") and w[-3] in "sxz" or w.endswith(("ches", "shes")):
+        return w[:-2]
+    if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
+        return w[:-1]
+    return w
+
+
+def head_noun(phrase: str) -> str | None:
+    """The phrase's head noun: its last word before the first preposition or verb
+    (:data:`PHRASE_BREAKS`) that is not a determiner or pronoun (:data:`FUNCTION_WORDS`);
+    ``None`` when there is none (``"this"``, ``"these"``, ``"here"``)."""
+    words = [m.group() for m in _WORD.finditer(phrase)]
+    for i, w in enumerate(words):
+        if i and w.lower() in PHRASE_BREAKS:
+            words = words[:i]
+            break
+    content = [w for w in words if w.lower() not in FUNCTION_WORDS]
+    return content[-1] if content else None
+
+
+def locate(question: str, phrase: str) -> tuple[tuple[int, int] | None, str]:
+    """Where ``phrase`` (a constraint entity) sits in ``question``, and the rule that found it.
+
+    Rules, in order: ``verbatim`` (case-insensitive, as whole words: ``hat`` is not found inside
+    ``What``); ``inflection`` (the phrase's words,
+    compared by :func:`_stem`: case, plural and possessive endings ignored, as consecutive words of
+    the question: ``refrigerator`` finds ``refrigerators``); ``head noun`` (the phrase's
+    :func:`head_noun` alone, by the same comparison: ``this plant`` finds ``plant`` in "Name the
+    type of plant this is?"). Returns ``(None, reason)`` when no rule applies.
+    """
+    phrase = phrase.strip()
+    if not phrase:
+        return None, "empty constraint"
+    m = re.search(r"(?<![A-Za-z0-9])" + re.escape(phrase) + r"(?![A-Za-z0-9])", question, re.IGNORECASE)
+    if m is not None:
+        return (m.start(), m.end()), "verbatim"
+    qw = [(m.start(), m.end(), _stem(m.group())) for m in _WORD.finditer(question)]
+    pw = [_stem(m.group()) for m in _WORD.finditer(phrase)]
+    if pw:
+        for i in range(len(qw) - len(pw) + 1):
+            if [w for _, _, w in qw[i:i + len(pw)]] == pw:
+                return (qw[i][0], qw[i + len(pw) - 1][1]), "inflection"
+    head = head_noun(phrase)
+    if head is None:
+        return None, f"constraint {phrase!r} is not in the question and has no content word to look for"
+    for a, b, w in qw:
+        if w == _stem(head):
+            return (a, b), "head noun"
+    return None, f"constraint {phrase!r} is not in the question, nor is its head noun {head!r}"
 
 
 def box_patches(box: Sequence[float], width: int, height: int, grid: int, visible: float = 1.0
@@ -103,7 +253,7 @@ class VQASample:
     id: str
     image_path: Path
     question: str
-    answer: str
+    answer: str | None  # None: no gold answer; analyses use the model's own greedy answer
     category: str
     constraints: tuple[Constraint, ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()   # the referred objects' boxes
@@ -119,7 +269,10 @@ class VQASample:
             with Image.open(self.image_path) as im:
                 return im.convert("RGB")
         except FileNotFoundError as e:
-            raise DatasetError(f"sample {self.id}: image file {self.image_path} does not exist") from e
+            tried = "" if self.image_path.suffix.lower() in IMAGE_EXTS else \
+                f" (nor with {', '.join(IMAGE_EXTS)} appended)"
+            raise DatasetError(f"sample {self.id}: image file {self.image_path} does not exist{tried}; check the "
+                               "images folder given to the loader") from e
         except OSError as e:
             raise DatasetError(f"sample {self.id}: image file {self.image_path} is not a readable image ({e})") \
                 from e
@@ -172,4 +325,4 @@ def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
         else:
             s.grid = grid
         s.visible = visible
-    return list(samples)
+    return samples if isinstance(samples, list) else list(samples)

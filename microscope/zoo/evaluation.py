@@ -71,6 +71,8 @@ def _answer_counts(samples: Sequence) -> tuple[dict[str, Counter], dict[str, Cou
     by_q: dict[str, Counter] = defaultdict(Counter)
     by_cat: dict[str, Counter] = defaultdict(Counter)
     for s in samples:
+        if s.answer is None:  # no gold answer: nothing to count
+            continue
         by_q[s.question][s.answer] += 1
         by_cat[s.category][s.answer] += 1
     return by_q, by_cat
@@ -121,10 +123,14 @@ def evaluate(model, processor, n: int = 2000, seed: int = 7, batch: int = 64,
 def leave_one_out_prior(samples: Sequence) -> pd.Series:
     """Per-sample correctness of the question-only predictor fitted on the *other* samples: the
     most frequent answer to the same question string, else in the same category (for data sets
-    that cannot be re-drawn like the Shapes world). Ties go to the alphabetically first answer."""
+    that cannot be re-drawn like the Shapes world). Ties go to the alphabetically first answer.
+    Nullable boolean: missing for samples without a gold answer (``answer=None``)."""
     by_q, by_cat = _answer_counts(samples)
-    out = []
+    out: list[bool | None] = []
     for s in samples:
+        if s.answer is None:
+            out.append(None)
+            continue
         for table, key in ((by_q, s.question), (by_cat, s.category)):
             c = table[key].copy()
             c[s.answer] -= 1
@@ -135,4 +141,4 @@ def leave_one_out_prior(samples: Sequence) -> pd.Series:
                 break
         else:
             out.append(False)
-    return pd.Series(out, index=[s.id for s in samples], name="prior_correct")
+    return pd.Series(out, index=[s.id for s in samples], name="prior_correct", dtype="boolean")
