@@ -51,7 +51,12 @@ def _assert_user_error(msg: str, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    return build_llava15(tmp_path_factory.mktemp("load") / "single")
+    """A tiny LLaVA-1.5 with its weights in one ``model.safetensors`` (the builders save sharded)."""
+    built = build_llava15(tmp_path_factory.mktemp("load") / "built")
+    path = _copy(built, tmp_path_factory.mktemp("load") / "single", weights=False)
+    LlavaForConditionalGeneration.from_pretrained(built).save_pretrained(path, max_shard_size="10GB")
+    assert (path / "model.safetensors").is_file()
+    return path
 
 
 @pytest.fixture(scope="module")
