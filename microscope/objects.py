@@ -27,7 +27,7 @@ objects in ``K`` drawn, ``N`` all objects, ``P_N`` the clean one):
 - ``variable``: an intervention on the **variable the question's answer is a function of**
   (:data:`ANSWER_VARIABLE`): the object's colour (QueryAttr, ChooseAttr, CompareAttr), its shape
   (ChooseCat), its horizontal position (ChooseRel) — effect = mean ``TV(P_N, P_edit)`` over every
-  other value (5 colours, 3 shapes, up to ``n_positions`` free positions) — or its presence
+  other value (5 colours, 3 shapes, up to ``n_positions`` free places across the image) — or its presence
   (LogicalObj: "is there a circle or a square?" is a function of which shapes are present, and
   any one match suffices, so the test is the Shapley value above, over all ``2^n`` sets of
   objects, which credits each of two redundant matches where ``occlude`` credits neither).
@@ -165,11 +165,31 @@ def _free(box, others, seen) -> bool:
     return all(x0 >= o[2] + _GAP or o[0] >= x1 + _GAP or y0 >= o[3] + _GAP or o[1] >= y1 + _GAP for o in others)
 
 
-def variants(sample, variable: str, n_positions: int = 4) -> list[Variant]:
+def _moves(box, others, seen: int, n_positions: int, steps: int = 9) -> list[tuple[int, int, int, int]]:
+    """Up to ``n_positions`` new places for ``box``, at distinct horizontal positions spread over
+    the seen square: on a ``steps × steps`` lattice of positions, those at least half the box's
+    width away horizontally that overlap no other box (gap included), the one nearest the
+    original row kept per column, then ``n_positions`` columns evenly picked."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    cols = []
+    for x in sorted({int(round(v)) for v in np.linspace(0, seen - w, steps)}):
+        if abs(x - x0) * 2 < w:
+            continue
+        free = [(abs(y - y0), (x, y, x + w, y + h)) for y in {int(round(v)) for v in np.linspace(0, seen - h, steps)}
+                if _free((x, y, x + w, y + h), others, seen)]
+        if free:
+            cols.append(min(free)[1])
+    if len(cols) <= n_positions:
+        return cols
+    return [cols[int(round(k))] for k in np.linspace(0, len(cols) - 1, n_positions)]
+
+
+def variants(sample, variable: str, n_positions: int = 6) -> list[Variant]:
     """The ``variable`` interventions on every object of ``sample``: every other colour, every
-    other shape, or up to ``n_positions`` horizontal positions (evenly spaced over the seen square,
-    at least half the object's width from where it is, not overlapping another object; the row is
-    kept). ``presence``: every subset of objects kept."""
+    other shape, or up to ``n_positions`` new places at distinct horizontal positions spread over
+    the seen square, overlapping no other object (:func:`_moves`). ``presence``: every subset of
+    objects kept."""
     from microscope.data import shapes
 
     objs, n, everyone = tuple(sample.objects), len(sample.objects), tuple(range(len(sample.objects)))
@@ -187,15 +207,11 @@ def variants(sample, variable: str, n_positions: int = 4) -> list[Variant]:
             values = [s for s in shapes.SHAPES if s != o.shape]
             edits = [dataclasses.replace(o, shape=s) for s in values]
         elif variable == "position":
-            seen, (x0, y0, x1, y1) = sample.visible_size, o.box
-            w, others = x1 - x0, [p.box for j, p in enumerate(objs) if j != i]
-            xs = sorted({int(round(x)) for x in np.linspace(0, seen - w, n_positions)})
             edits, values = [], []
-            for x in xs:
-                box = (x, y0, x + w, y1)
-                if abs(x - x0) * 2 >= w and _free(box, others, seen):
-                    edits.append(dataclasses.replace(o, box=box))
-                    values.append(f"x={x}")
+            for box in _moves(o.box, [p.box for j, p in enumerate(objs) if j != i], sample.visible_size,
+                              n_positions):
+                edits.append(dataclasses.replace(o, box=box))
+                values.append(f"x={box[0]}, y={box[1]}")
         else:
             raise ValueError(f"unknown variable {variable!r}; variables are color, shape, position, presence")
         for e, v in zip(edits, values):
@@ -244,7 +260,7 @@ def scene_distributions(handle, sample, scenes: Sequence[Variant], space: str, b
     return p_clean, p
 
 
-def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_positions: int = 4,
+def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_positions: int = 6,
                  only_correct: bool = True, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
     """Every test of the module doc on every object of every sample with objects (Shapes world)
     that has a referred object and another one to rank it against (the others are skipped).
@@ -259,7 +275,7 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
                              "Shapes-world samples)")
         gold = answer_ids(handle.processor, [s.answer])[0]
         n, ref = len(s.objects), set(s.referred)
-        if not ref or len(ref) == n:  # nothing to rank: no referred object, or no other one
+        if not rankable(s):  # nothing to rank: no referred object, or no other one
             continue
         variable = ANSWER_VARIABLE.get(s.category)
         for space in spaces:
@@ -298,6 +314,13 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
                                  "test": test, "effect": float(eff[i]), "n_variants": counts[test][i],
                                  "p_clean": float(p_clean[gold]), "correct": correct})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def rankable(sample) -> bool:
+    """Whether ``sample`` has objects, at least one of them referred and at least one not: the
+    samples on which an object ranking can be right or wrong."""
+    objs = getattr(sample, "objects", None)
+    return bool(objs) and 0 < len(set(sample.referred)) < len(objs)
 
 
 def ranks_referred_first(effect: Sequence[float], referred: Sequence[bool]) -> bool:
