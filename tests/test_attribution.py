@@ -99,7 +99,7 @@ def test_every_score_fails_wrong_attributions_and_objectness_cannot_pass_referre
         per = np.stack([s.patch_coverage([i]) for i in range(len(s.objects))])
         other = [i for i in range(len(s.objects)) if i not in s.referred]
         covs[s.id] = per[other].sum(0) if other else np.zeros(36)
-    t["oracle"] = t.coverage
+    t["oracle"] = t.coverage + t.owner_referred  # truth first; a patch two objects share goes to its owner
     t["distractors"] = np.concatenate([covs[sid] for sid in dict.fromkeys(t.sample_id)])
     t = gt.shuffled(t, "oracle", seed=1)
     per = gt.score_samples(t, ["oracle", "oracle (shuffled)", "distractors", "objectness (oracle)"])
@@ -226,7 +226,7 @@ def test_presence_tests_cannot_separate_look_alikes_but_the_variable_test_can(sh
     occ = df[df.test == "occlude"]
     assert occ.effect.abs().max() < 0.02  # every circle can stand in for the red one
     var = df[df.test == "variable"].set_index("object").effect
-    assert var[2] > 0.5 and var.drop(2).max() < 0.05
+    assert var[2] > 0.25 and var.drop(2).max() < 0.05  # one reshape of the red circle (to a square) flips it
 
 
 # --------------------------------------------------------------------------- attribution methods
@@ -239,8 +239,9 @@ def test_objectness_is_question_blind_and_finds_objects(shapes_handle):
     b = at.objectness_scores(h, other_q, progress=False)
     assert np.allclose(a.score, b.score, atol=1e-5)  # the question cannot reach the image tokens
     t = at.attribution_table(gt.patch_truth(s), {"objectness": a})
-    summ = gt.summarize(gt.score_samples(t, ["objectness"])).set_index("metric")
-    assert summ.loc["roc_auc", "value"] > 0.85
+    # it finds every object (patches any object covers >= 15%), not the referred one
+    found = [gt.auc(g.objectness, g["objectness (oracle)"] >= 0.15) for _, g in t.groupby("sample_id")]
+    assert np.mean(found) > 0.95
 
 
 def test_integrated_gradients_are_complete_and_group_restoration_efficient(shapes_handle):
@@ -283,7 +284,7 @@ def test_corruption_effects_and_selection(shapes_handle):
                                                    ("blank image", "blank", "image", 0.0)],
                                 n_noise=4, progress=False)
     zero = eff[eff.corruption == "zero"]
-    assert (zero.drop.abs() < 1e-6).all() and (zero.flipped == ~zero.correct).all()
+    assert (zero["drop"].abs() < 1e-6).all() and (zero.flipped == ~zero.correct).all()
     blank = eff[eff.corruption == "blank image"]
     assert len(blank) == 6 and (blank.p_clean.to_numpy() == pytest.approx(zero.p_clean.to_numpy(), abs=1e-5))
     summ = tr.corruption_summary(eff).set_index("corruption")
