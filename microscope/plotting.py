@@ -296,9 +296,12 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
     return ax.figure
 
 
-def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None):
+def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None, total: float | None = None,
+                 title: str = ""):
     """Dataset-level indirect effect per layer, one panel per kind, one line per token group, with
-    the 95% CI band (the table of :func:`microscope.tracing.aggregate`)."""
+    the 95% CI band (the table of :func:`microscope.tracing.aggregate`); 0 (no effect) and, if
+    given, ``total`` (mean ``p_clean − p_corrupted``: everything restored) drawn in; ``title``
+    (e.g. which samples were traced) above the panels."""
     kinds = [k for k in KIND_LABELS if k in set(agg.kind)]
     groups = groups or [g for g in GROUP_COLORS if g in set(agg.group)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.9 * len(kinds), 3.0), squeeze=False, sharey=True)
@@ -311,10 +314,14 @@ def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None):
             ax.plot(g.layer, g.effect, marker="o", ms=3, color=c, label=gname)
             ax.fill_between(g.layer, g.ci_low, g.ci_high, color=c, alpha=0.2, lw=0)
         ax.axhline(0, color="0.3", lw=0.8)
+        if total is not None:
+            ax.axhline(total, color="0.3", lw=0.8, ls="--", label="p clean − p corrupted")
         ax.set_title(KIND_LABELS[k])
         ax.set_xlabel("layer (-1 = decoder input)" if k == "resid" else "layer (window centre)")
     axes.flat[0].set_ylabel("mean indirect effect")
     axes.flat[-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -402,12 +409,13 @@ def object_accuracy(acc: pd.DataFrame, title: str = "object-level tests: referre
     return fig
 
 
-def corruption_effects(effects: pd.DataFrame, drop: float = 0.1, title: str = "how much each corruption corrupts"):
-    """Per corruption, the distribution of p(answer) over correctly answered samples: clean
-    (grey, the baseline) and corrupted (a box with every sample as a dot), annotated with the
-    share of samples whose p drops by more than ``drop`` and the share whose answer flips (the
-    table of :func:`microscope.tracing.corruption_effects`)."""
-    d = effects[effects.correct]
+def corruption_effects(effects: pd.DataFrame, drop: float = 0.1, title: str = "how much each corruption corrupts",
+                       only_correct: bool = True):
+    """Per corruption, the distribution of p(answer) over correctly answered samples (all with
+    ``only_correct=False``): clean (grey, the baseline) and corrupted (a box with every sample as
+    a dot), annotated with the share of samples whose p drops by more than ``drop`` and the
+    share whose answer flips (the table of :func:`microscope.tracing.corruption_effects`)."""
+    d = effects[effects.correct] if only_correct else effects
     labels = list(dict.fromkeys(d.corruption))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels)), 3.4))
     rng = np.random.default_rng(0)

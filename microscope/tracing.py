@@ -503,12 +503,13 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
     return pd.DataFrame(rows, columns=EFFECT_COLUMNS)
 
 
-def corruption_summary(effects: pd.DataFrame, drop: float = 0.1) -> pd.DataFrame:
-    """Per corruption, over the samples answered correctly: the quartiles and mean of
-    p(corrupted), the share of samples whose p(answer) drops by more than ``drop`` and the share
-    whose answer flips. Columns: ``corruption, n_samples, p_clean, p_corrupted_mean,
-    p_corrupted_q25, p_corrupted_median, p_corrupted_q75, share_drop, share_flipped``."""
-    d = effects[effects.correct]
+def corruption_summary(effects: pd.DataFrame, drop: float = 0.1, only_correct: bool = True) -> pd.DataFrame:
+    """Per corruption, over the samples answered correctly (all with ``only_correct=False``): the
+    quartiles and mean of p(corrupted), the share of samples whose p(answer) drops by more than
+    ``drop`` and the share whose answer flips. Columns: ``corruption, n_samples, p_clean,
+    p_corrupted_mean, p_corrupted_q25, p_corrupted_median, p_corrupted_q75, share_drop,
+    share_flipped``."""
+    d = effects[effects.correct] if only_correct else effects
     g = d.groupby("corruption", sort=False)
     out = g.agg(n_samples=("sample_id", "size"), p_clean=("p_clean", "mean"), p_corrupted_mean=("p_corrupted", "mean"),
                 p_corrupted_q25=("p_corrupted", lambda x: x.quantile(0.25)),
@@ -519,19 +520,21 @@ def corruption_summary(effects: pd.DataFrame, drop: float = 0.1) -> pd.DataFrame
     return out
 
 
-def select_by_effect(effects: pd.DataFrame, corruption: str, below: float = 0.5, at_least: int = 1
-                     ) -> tuple[list[str], str]:
-    """The samples (answered correctly) whose p(answer) under ``corruption`` falls below
-    ``below``, and a sentence saying so for figures. If fewer than ``at_least`` do, the
-    ``at_least`` with the lowest p(corrupted) are taken instead, and the sentence says that."""
-    d = effects[(effects.corruption == corruption) & effects.correct].sort_values("p_corrupted", kind="stable")
+def select_by_effect(effects: pd.DataFrame, corruption: str, below: float = 0.5, at_least: int = 1,
+                     only_correct: bool = True) -> tuple[list[str], str]:
+    """The samples (answered correctly, unless ``only_correct=False``) whose p(answer) under
+    ``corruption`` falls below ``below``, and a sentence saying so for figures. If fewer than
+    ``at_least`` do, the ``at_least`` with the lowest p(corrupted) are taken instead, and the
+    sentence says that."""
+    d = effects[effects.corruption == corruption]
+    d = (d[d.correct] if only_correct else d).sort_values("p_corrupted", kind="stable")
     if not len(d):
-        raise ValueError(f"no correctly answered sample was corrupted with {corruption!r}")
-    hit = d[d.p_corrupted < below]
+        raise ValueError(f"no {'correctly answered ' if only_correct else ''}sample was corrupted with {corruption!r}")
+    hit, which = d[d.p_corrupted < below], "correct " if only_correct else ""
     if len(hit) >= at_least:
-        return list(hit.sample_id), (f"{len(hit)} of {len(d)} correct samples whose p(answer) falls below {below:g} "
+        return list(hit.sample_id), (f"{len(hit)} of {len(d)} {which}samples whose p(answer) falls below {below:g} "
                                      f"under {corruption}")
     pick = d.head(at_least)
-    return list(pick.sample_id), (f"only {len(hit)} of {len(d)} correct samples fall below p = {below:g} under "
+    return list(pick.sample_id), (f"only {len(hit)} of {len(d)} {which}samples fall below p = {below:g} under "
                                   f"{corruption}: the {len(pick)} with the lowest p(corrupted) (≥ "
                                   f"{pick.p_corrupted.max():.2f}) instead")
