@@ -4,9 +4,12 @@
     acc = object_accuracy(df)                    # per space × test × category: accuracy vs chance
 
 Every test changes one object (or a set of objects) of a Shapes-world scene, runs the model, and
-measures how far the next-token distribution moves from the clean one, by total variation:
-``TV(P, Q) = ½ Σ_v |P(v) − Q(v)|`` (0: unchanged; 1: disjoint). The change is made in one of two
-**spaces**:
+measures how far the answer moved from the clean run by the change of the answer's **log-odds**,
+``d(P, Q) = |lo(P) − lo(Q)|`` with ``lo(P) = log P(a) − log Σ_{v≠a} P(v)`` (:func:`distance`).
+Unlike a difference of probabilities or the total variation ``½ Σ_v |P(v) − Q(v)|`` (also
+available), it does not saturate where the model is sure: 0.999 → 0.99 is 2.3 in log-odds and
+0.009 in TV, so moving a referred object that cannot flip the answer still shows. The change
+is made in one of two **spaces**:
 
 - ``pixels``: the scene is drawn again with the change (:meth:`~microscope.data.shapes.Sample.render`);
   the whole model, vision tower included, runs on the new image.
@@ -17,16 +20,16 @@ measures how far the next-token distribution moves from the clean one, by total 
 **Tests** (``test`` column; ``K`` a set of objects kept, ``P_K`` the distribution with only the
 objects in ``K`` drawn, ``N`` all objects, ``P_N`` the clean one):
 
-- ``occlude`` (necessity): ``TV(P_N, P_{N∖i})``, object ``i`` painted out.
-- ``restore`` (sufficiency): ``TV(P_N, P_∅) − TV(P_N, P_{i})``, the share of the distance to the
-  clean answer that keeping only object ``i`` recovers.
+- ``occlude`` (necessity): ``d(P_N, P_{N∖i})``, object ``i`` painted out.
+- ``restore`` (sufficiency): ``d(P_N, P_∅) − d(P_N, P_{i})``, how much of the distance to the
+  clean answer keeping only object ``i`` recovers.
 - ``occlude`` and ``restore`` are the last and first terms of the **Shapley value** of the game
-  ``v(K) = −TV(P_N, P_K)`` over every set of objects:
-  ``φ_i = Σ_{K ⊆ N∖i} |K|!(n−|K|−1)!/n! · (v(K ∪ i) − v(K))``, which sums to ``TV(P_N, P_∅)``
+  ``v(K) = −d(P_N, P_K)`` over every set of objects:
+  ``φ_i = Σ_{K ⊆ N∖i} |K|!(n−|K|−1)!/n! · (v(K ∪ i) − v(K))``, which sums to ``d(P_N, P_∅)``
   (efficiency) and splits the credit between objects that can stand in for each other.
 - ``variable``: an intervention on the **variable the question's answer is a function of**
   (:data:`ANSWER_VARIABLE`): the object's colour (QueryAttr, ChooseAttr, CompareAttr), its shape
-  (ChooseCat), its horizontal position (ChooseRel) — effect = mean ``TV(P_N, P_edit)`` over every
+  (ChooseCat), its horizontal position (ChooseRel) — effect = mean ``d(P_N, P_edit)`` over every
   other value (5 colours, 3 shapes, up to ``n_positions`` free places across the image) — or its presence
   (LogicalObj: "is there a circle or a square?" is a function of which shapes are present, and
   any one match suffices, so the test is the Shapley value above, over all ``2^n`` sets of
@@ -39,9 +42,13 @@ the referred object from a look-alike, nor a two-object question's referents fro
 Changing the referred object's colour keeps the question answerable and changes its answer.
 
 **Accuracy** (:func:`object_accuracy`): a sample is right when every referred object's effect
-exceeds every other object's (ties count as wrong). Samples need a referred object and another
-object to rank (the only ones the test can fail). Chance: ``1 / C(n, r)`` for ``n`` objects, ``r``
-referred (a random order ranks the referred set first).
+exceeds every other object's by more than :data:`TIE` (closer effects are ties, counted wrong).
+Samples need a referred object and another object to rank (the only ones the test can fail).
+Chance: ``1 / C(n, r)`` for ``n`` objects, ``r`` referred (a random order ranks the referred set
+first). The ground truth also says which interventions change the question's *true* answer
+(:meth:`~microscope.data.shapes.Sample.answer_for`): a sample is **testable** when every referred
+object has such an intervention — a ChooseRel referent with the other one at the image's edge
+cannot be moved across it, so no change of that object alone can show the answer depends on it.
 """
 
 from __future__ import annotations
@@ -69,7 +76,9 @@ SPACES = ("pixels", "embeddings")
 TESTS = ("occlude", "restore", "variable")
 _GAP = 2  # px between boxes, as the Shapes world places them
 COLUMNS = ["model", "sample_id", "category", "n_objects", "n_referred", "object", "referred", "space", "test",
-           "effect", "n_variants", "p_clean", "correct"]
+           "effect", "n_variants", "n_changing", "testable", "p_clean", "correct"]
+#: effects closer than this (in log-odds or TV) are ties: a ranking decided by float noise is no ranking
+TIE = 1e-3
 
 
 class _Stop(Exception):
@@ -132,6 +141,24 @@ def _embed_probs(handle, embeds: torch.Tensor, prefix, pos_ids, batch_size: int 
 def total_variation(p: torch.Tensor | np.ndarray, q: torch.Tensor | np.ndarray) -> np.ndarray:
     """``TV(p, q) = ½ Σ_v |p(v) − q(v)|`` over the last axis."""
     return 0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum(-1)
+
+
+def answer_log_odds(p: torch.Tensor | np.ndarray, answer: int) -> np.ndarray:
+    """``lo(P) = log P(a) − log Σ_{v≠a} P(v)`` over the last axis (summing the other tokens, not
+    ``1 − P(a)``, keeps it exact where ``P(a)`` rounds to 1)."""
+    q = np.asarray(p, dtype=np.float64)
+    other = np.delete(q, answer, axis=-1).sum(-1)
+    return np.log(np.clip(q[..., answer], 1e-300, None)) - np.log(np.clip(other, 1e-300, None))
+
+
+def distance(p_clean, p, answer: int, measure: str = "logodds") -> np.ndarray:
+    """How far each distribution in ``p`` moved from ``p_clean``: ``|lo(P_clean) − lo(P)|`` (the
+    answer's log-odds, ``measure="logodds"``) or ``TV(P_clean, P)`` (``"tv"``)."""
+    if measure == "logodds":
+        return np.abs(answer_log_odds(p_clean, answer) - answer_log_odds(p, answer))
+    if measure == "tv":
+        return total_variation(p_clean, p)
+    raise ValueError(f"unknown measure {measure!r}; measures are 'logodds' and 'tv'")
 
 
 def shapley_values(value: dict[frozenset, float], n: int) -> np.ndarray:
@@ -261,13 +288,15 @@ def scene_distributions(handle, sample, scenes: Sequence[Variant], space: str, b
 
 
 def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_positions: int = 6,
-                 only_correct: bool = True, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+                 measure: str = "logodds", only_correct: bool = True, batch_size: int = 64,
+                 progress: bool = True) -> pd.DataFrame:
     """Every test of the module doc on every object of every sample with objects (Shapes world)
     that has a referred object and another one to rank it against (the others are skipped).
 
     One row per sample × space × test × object: ``model, sample_id, category, n_objects,
-    n_referred, object, referred, space, test, effect, n_variants, p_clean, correct``. Samples
-    the model answers wrongly are left out when ``only_correct``."""
+    n_referred, object, referred, space, test, effect, n_variants, n_changing, testable, p_clean,
+    correct``, with effects in ``measure`` (:func:`distance`). Samples the model answers wrongly
+    are left out when ``only_correct``."""
     rows = []
     for s in tqdm(samples, desc="object tests", disable=not progress, mininterval=5):
         if not getattr(s, "objects", None) or not hasattr(s, "render"):
@@ -291,7 +320,7 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
             correct = int(p_clean.argmax()) == gold
             if only_correct and not correct:
                 break
-            tv = total_variation(p_clean, p)
+            tv = distance(p_clean, p, gold, measure)
             v = {frozenset(g.keep): -float(d) for g, d in zip(game, tv[:len(game)])}
             N, empty = frozenset(range(n)), frozenset()
             effects = {
@@ -299,21 +328,36 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
                 "restore": [v[frozenset([i])] - v[empty] for i in range(n)],
             }
             counts = {"occlude": [1] * n, "restore": [2] * n}
+            changing = {t: [None] * n for t in effects}  # variants changing the true answer: only for "variable"
+            testable = {t: None for t in effects}
             if variable == "presence":
                 effects["variable"], counts["variable"] = list(shapley_values(v, n)), [len(game)] * n
+                flips = [_changes(s, g) for g in game]
+                changing["variable"] = [sum(f for g, f in zip(game, flips) if i in g.keep) for i in range(n)]
+                testable["variable"] = any(flips)
             elif variable is not None:
                 ev = tv[len(game):]
                 tg = np.array([e.target for e in edits])
                 effects["variable"] = [float(ev[tg == i].mean()) if (tg == i).any() else float("nan")
                                        for i in range(n)]
                 counts["variable"] = [int((tg == i).sum()) for i in range(n)]
+                flips = np.array([_changes(s, e) for e in edits], dtype=bool)
+                changing["variable"] = [int(flips[tg == i].sum()) for i in range(n)]
+                testable["variable"] = all(changing["variable"][i] > 0 for i in ref)
             for test, eff in effects.items():
                 for i in range(n):
                     rows.append({"model": handle.name, "sample_id": s.id, "category": s.category, "n_objects": n,
                                  "n_referred": len(ref), "object": i, "referred": i in ref, "space": space,
                                  "test": test, "effect": float(eff[i]), "n_variants": counts[test][i],
+                                 "n_changing": changing[test][i], "testable": testable[test],
                                  "p_clean": float(p_clean[gold]), "correct": correct})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _changes(sample, v: Variant) -> bool:
+    """Whether the changed scene ``v`` has a true answer, and another one than the sample's."""
+    a = sample.answer_for(v.objects, v.keep)
+    return a is not None and a != sample.answer
 
 
 def rankable(sample) -> bool:
@@ -323,29 +367,42 @@ def rankable(sample) -> bool:
     return bool(objs) and 0 < len(set(sample.referred)) < len(objs)
 
 
-def ranks_referred_first(effect: Sequence[float], referred: Sequence[bool]) -> bool:
-    """True when every referred object's effect is strictly larger than every other object's."""
+def ranks_referred_first(effect: Sequence[float], referred: Sequence[bool], tie: float = TIE) -> bool:
+    """True when every referred object's effect exceeds every other object's by more than ``tie``
+    (closer effects are a tie, and a tie is not a ranking)."""
     e, r = np.asarray(effect, dtype=float), np.asarray(referred, dtype=bool)
     if not r.any() or r.all():
         raise ValueError("ranking needs at least one referred and one other object")
-    return bool(np.nanmin(e[r]) > np.nanmax(e[~r])) if not np.isnan(e[r]).any() else False
+    if np.isnan(e[r]).any():
+        return False
+    return bool(np.nanmin(e[r]) > np.nanmax(e[~r], initial=-np.inf) + tie)
 
 
-def object_accuracy(df: pd.DataFrame, by: Sequence[str] = ("space", "test", "category")) -> pd.DataFrame:
+def object_accuracy(df: pd.DataFrame, by: Sequence[str] = ("space", "test", "category"), tie: float = TIE
+                    ) -> pd.DataFrame:
     """Per group of ``by``: the share of samples whose referred objects all rank above every
     other object (:func:`ranks_referred_first`), its chance level (mean ``1 / C(n, r)``) and the
-    number of samples. Samples without a referred object or without another object are left
-    out. Columns: ``*by, accuracy, chance, n_samples``."""
+    number of samples; and the same over the **testable** samples only, where every referred
+    object has an intervention (of the ``variable`` test) that changes the question's true answer
+    (:meth:`~microscope.data.shapes.Sample.answer_for`) — e.g. a ChooseRel referent that can be
+    moved across the other; elsewhere no test on that object alone can show the answer depends
+    on it. Samples without a referred object or without another object are left out. Columns:
+    ``*by, accuracy, chance, n_samples, accuracy_testable, n_testable``."""
     keys = list(by)
+    inner = [c for c in keys if c != "category"]
     per = []
-    for k, g in df.groupby([*[c for c in keys if c != "category"], "sample_id"], sort=False):
+    for k, g in df.groupby([*inner, "sample_id"], sort=False):
         r = g.referred.to_numpy()
         if not r.any() or r.all():
             continue
         n, m = len(r), int(r.sum())
-        per.append({**dict(zip([c for c in keys if c != "category"], k[:-1])), "category": g.category.iloc[0],
-                    "ok": ranks_referred_first(g.effect, r), "chance": 1 / math.comb(n, m)})
-    per = pd.DataFrame(per, columns=[*[c for c in keys if c != "category"], "category", "ok", "chance"])
+        t = g.testable.iloc[0] if "testable" in g else None
+        per.append({**dict(zip(inner, k[:-1])), "category": g.category.iloc[0],
+                    "ok": ranks_referred_first(g.effect, r, tie), "chance": 1 / math.comb(n, m),
+                    "testable": bool(t) if t is not None and not pd.isna(t) else np.nan})
+    per = pd.DataFrame(per, columns=[*inner, "category", "ok", "chance", "testable"])
+    per["ok_testable"] = per.ok.where(per.testable == True)  # noqa: E712 (NaN: not assessed)
     out = per.groupby(keys, sort=False).agg(accuracy=("ok", "mean"), chance=("chance", "mean"),
-                                            n_samples=("ok", "size")).reset_index()
+                                            n_samples=("ok", "size"), accuracy_testable=("ok_testable", "mean"),
+                                            n_testable=("ok_testable", "count")).reset_index()
     return out

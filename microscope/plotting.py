@@ -375,17 +375,18 @@ def attribution_scores(summ: pd.DataFrame, metrics: list[str] | None = None, tit
         ax.set_xticklabels(d.method, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{SCORE_LABELS.get(m, m)} (n = {int(d.n_samples.max())})", fontsize=9)
         ax.set_ylim(0, 1.05)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper right", ncol=2, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     return fig
 
 
 def object_accuracy(acc: pd.DataFrame, title: str = "object-level tests: referred objects ranked first"):
     """Accuracy per category, one bar per (space, test), with each category's chance level as a
     black tick (the table of :func:`microscope.objects.object_accuracy`)."""
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     cats = list(dict.fromkeys(acc.category))
     keys = list(dict.fromkeys(zip(acc.space, acc.test)))
     w = 0.8 / max(1, len(keys))
@@ -404,7 +405,7 @@ def object_accuracy(acc: pd.DataFrame, title: str = "object-level tests: referre
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of samples")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
     return fig
 

@@ -202,6 +202,36 @@ class Sample:
             cov[list(o.patches)] += o.patch_fraction
         return cov
 
+    def answer_for(self, objects: Sequence[ShapeObject] | None = None, keep: Sequence[int] | None = None
+                   ) -> str | None:
+        """The true answer of this sample's question about a changed scene: the objects ``keep``
+        (default all) as given in ``objects`` (default :attr:`objects`). ``None`` when the
+        question has no answer there: the object it names is missing or not unique, the answer is
+        not among the options, or two objects it compares are closer horizontally than the
+        generator's margin. ``answer_for() == answer`` on every generated sample."""
+        objs = list(self.objects if objects is None else objects)
+        objs = objs if keep is None else [objs[i] for i in keep]
+        words = [c.word for c in self.constraints]
+
+        def one(attr: str, value: str) -> ShapeObject | None:
+            match = [o for o in objs if getattr(o, attr) == value]
+            return match[0] if len(match) == 1 else None
+
+        cat = self.category
+        if cat == "LogicalObj":
+            return "yes" if any(o.shape in words for o in objs) else "no"
+        if cat in ("QueryAttr", "ChooseAttr", "ChooseCat"):
+            o = one("color" if cat == "ChooseCat" else "shape", words[0])
+            ans = None if o is None else (o.shape if cat == "ChooseCat" else o.color)
+            return ans if ans is not None and (not self.options or ans in self.options) else None
+        a, b = one("shape", words[0]), one("shape", words[1])
+        if a is None or b is None:
+            return None
+        if cat == "CompareAttr":
+            return "yes" if a.color == b.color else "no"
+        dx = b.center[0] - a.center[0]
+        return None if abs(dx) < _REL_MARGIN * _scale(objs) else ("left" if dx > 0 else "right")
+
     def object_mask(self, i: int) -> np.ndarray:
         """Boolean ``image_size × image_size`` mask of object ``i``'s pixels."""
         mask = np.zeros((self.image_size, self.image_size), dtype=bool)
