@@ -23,6 +23,7 @@ the referred object(s) cover, unless given) against those patches; chance is ``|
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import warnings
 from collections import Counter
@@ -34,8 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from microscope import attention, tracing
-from microscope.answers import MODEL, NoTarget, only_correct_note
+from microscope.answers import MODEL, NoTarget, answer_ids, only_correct_note
 from microscope.knockout import image_patch_positions
+from microscope.prefix import position_kwargs
+from microscope.prefix import positions as prompt_positions
 from microscope.results import explain
 from microscope.roles import prepare_samples
 
@@ -214,3 +217,170 @@ def summary(prec: pd.DataFrame) -> dict:
     """Mean precision and chance over samples."""
     return {"precision": float(np.mean(prec.precision)) if len(prec) else float("nan"),
             "chance": float(np.mean(prec.chance)) if len(prec) else float("nan"), "n_samples": int(len(prec))}
+
+
+# --------------------------------------------------------------------------- baselines and group methods
+
+def blank_like(sample):
+    """``sample`` with its objects removed: the Shapes world's empty scene, or for other samples a
+    plain image of the image's median colour (what "nothing here" looks like to the tower)."""
+    import dataclasses
+
+    from PIL import Image
+
+    if hasattr(sample, "render") and getattr(sample, "objects", None) is not None:
+        img = sample.render(keep=[])
+    else:
+        arr = np.asarray(sample.image.convert("RGB"))
+        img = Image.new("RGB", sample.image.size, tuple(int(v) for v in np.median(arr.reshape(-1, 3), axis=0)))
+    if "image" in {f.name for f in dataclasses.fields(sample)}:
+        return dataclasses.replace(sample, image=img)
+    return _WithImage(sample, img)  # a sample that reads its image from disk (VQASample)
+
+
+class _WithImage:
+    """A sample proxy whose ``image`` is replaced (for samples that read the image from disk)."""
+
+    def __init__(self, sample, image):
+        self._s, self.image = sample, image
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+def _image_tokens(handle, sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions, clean, blank)``: the patch-grid positions of the sample's image tokens and the
+    decoder inputs (T, d) of the sample and of its :func:`blank_like` copy."""
+    from microscope.objects import decoder_inputs
+
+    batch = prepare_samples(handle, [sample])
+    pos = image_patch_positions(handle, batch, 0, getattr(sample, "grid", None))
+    clean, blank = decoder_inputs(handle, [sample, blank_like(sample)])
+    return pos, clean, blank
+
+
+def objectness_scores(handle, samples: Sequence, progress: bool = True) -> pd.DataFrame:
+    """Question-blind objectness of every image token: ``‖e_j − b_j‖₂``, the distance of patch
+    ``j``'s decoder input from the one the tower gives the empty scene (:func:`blank_like`) at
+    the same position. The image tokens come before the question, so under causal attention the
+    score cannot depend on it. One row per sample × patch: ``model, sample_id, category, patch,
+    position, score``."""
+    rows = []
+    for s in tqdm(samples, desc="objectness", disable=not progress, mininterval=5):
+        pos, clean, blank = _image_tokens(handle, s)
+        d = (clean[pos] - blank[pos]).float().norm(dim=-1).cpu().numpy()
+        rows += [{"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""), "patch": j,
+                  "position": int(t), "score": float(v)} for j, (t, v) in enumerate(zip(pos.tolist(), d))]
+    return pd.DataFrame(rows, columns=["model", "sample_id", "category", "patch", "position", "score"])
+
+
+def object_owners(sample, min_coverage: float = 0.15) -> np.ndarray:
+    """Per patch, the index of the object covering most of it if it covers ≥ ``min_coverage`` of
+    the patch, else -1 (:func:`microscope.groundtruth.patch_truth`'s ``owner``)."""
+    per = np.stack([sample.patch_coverage([i]) for i in range(len(sample.objects))])
+    return np.where(per.max(0) >= max(min_coverage, 1e-12), per.argmax(0), -1)
+
+
+def group_restoration_scores(handle, samples: Sequence, min_coverage: float = 0.15, n_noise: int = 10,
+                             scale: float = 3.0, sigma: float | None = None, seed: int = 0, batch_size: int = 256,
+                             only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Restoration of whole objects: every image token corrupted with noise (as in
+    :func:`restoration_scores`), then the decoder inputs of a *set* ``K`` of objects' patches
+    (patches an object covers ≥ ``min_coverage``) restored together, for every ``K``:
+    ``v(K) = p_restored(K)``. An object's score is its Shapley value
+    ``φ_i = Σ_{K ⊆ N∖i} |K|!(n−|K|−1)!/n! (v(K ∪ i) − v(K))`` (Σφ = v(N) − p_corrupted), which
+    credits both objects of a question that needs two at once (each alone restores little);
+    each patch gets its owner's φ, background patches 0. Needs samples with objects (Shapes
+    world). One row per sample × patch: ``model, sample_id, category, patch, position, score,
+    owner, p_clean, p_corrupted``."""
+    from microscope.objects import shapley_values
+
+    if sigma is None:
+        sigma = tracing.noise_sigma(handle, samples, "image")
+    rows = []
+    for k, s in enumerate(tqdm(samples, desc="group restoration", disable=not progress, mininterval=5)):
+        if getattr(s, "objects", None) is None:
+            raise ValueError(f"sample {s.id!r} has no objects: group restoration needs object masks (Shapes world)")
+        c = tracing.corrupt(handle, s, "noise", "image", n_noise=n_noise, scale=scale, sigma=sigma, seed=seed + k)
+        if only_correct and not c.correct:
+            continue
+        pos = image_patch_positions(handle, c.batch, 0, getattr(s, "grid", None))
+        owner = object_owners(s, min_coverage)
+        n = len(s.objects)
+        sets = [frozenset(K) for r in range(n + 1) for K in itertools.combinations(range(n), r)]
+        jobs = [("resid", [-1], [int(pos[j]) for j in np.flatnonzero(np.isin(owner, list(K)))]) for K in sets]
+        p = tracing.restore(c, jobs, batch_size=batch_size)
+        phi = shapley_values(dict(zip(sets, p)), n)
+        for j, t in enumerate(pos.tolist()):
+            rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""), "patch": j,
+                         "position": t, "score": float(phi[owner[j]]) if owner[j] >= 0 else 0.0,
+                         "owner": int(owner[j]), "p_clean": c.p_clean, "p_corrupted": c.p_corrupted})
+    return pd.DataFrame(rows, columns=["model", "sample_id", "category", "patch", "position", "score", "owner",
+                                       "p_clean", "p_corrupted"])
+
+
+def _answer_probability(handle, clean: torch.Tensor, pos: torch.Tensor, gold: int, pos_ids):
+    """``x ↦ p(answer)`` for image-token decoder inputs ``x`` (B, P, d) written at ``pos`` into the
+    clean decoder input ``clean`` (T, d); differentiable."""
+    T = clean.shape[0]
+
+    def p_answer(x: torch.Tensor) -> torch.Tensor:
+        emb = clean.unsqueeze(0).expand(x.shape[0], -1, -1).clone()
+        emb[:, pos] = x
+        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+        logits = handle.model(inputs_embeds=emb, attention_mask=mask, use_cache=False, logits_to_keep=1,
+                              **position_kwargs(pos_ids, T, x.shape[0])).logits[:, -1].float()
+        return logits.softmax(-1)[:, gold]
+
+    return p_answer
+
+
+def integrated_gradients(handle, samples: Sequence, n_steps: int = 32, internal_batch_size: int = 64,
+                         only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Integrated gradients (Sundararajan et al. 2017, through Captum) of ``p(answer)`` with
+    respect to the image tokens' decoder inputs ``x``, from the empty scene's ``b``
+    (:func:`blank_like`): ``IG_j = Σ_d (x_jd − b_jd) ∫₀¹ ∂p(b + α(x − b)) / ∂x_jd dα`` (Riemann
+    sum over ``n_steps`` points, Gauss-Legendre). Completeness: ``Σ_j IG_j = p(x) − p(b)`` up to
+    the integration error, returned as ``delta``. One row per sample × patch: ``model,
+    sample_id, category, patch, position, score, delta``."""
+    from captum.attr import IntegratedGradients
+
+    rows = []
+    for s in tqdm(samples, desc="integrated gradients", disable=not progress, mininterval=5):
+        batch = prepare_samples(handle, [s])
+        inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
+        pos, clean, blank = _image_tokens(handle, s)
+        gold = answer_ids(handle.processor, [s.answer])[0]
+        pos_ids = prompt_positions(handle, inputs)
+        p_answer = _answer_probability(handle, clean, pos, gold, pos_ids)
+        with torch.no_grad():
+            p = p_answer(clean[pos].unsqueeze(0))
+        if only_correct:
+            with torch.no_grad():
+                top = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[0, -1].argmax()
+            if int(top) != gold:
+                continue
+        with torch.enable_grad():
+            attr, delta = IntegratedGradients(p_answer).attribute(
+                clean[pos].unsqueeze(0), baselines=blank[pos].unsqueeze(0), n_steps=n_steps,
+                internal_batch_size=internal_batch_size, return_convergence_delta=True)
+        score = attr[0].sum(-1).detach().float().cpu().numpy()
+        rows += [{"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""), "patch": j,
+                  "position": int(t), "score": float(v), "delta": float(delta), "p_clean": float(p)}
+                 for j, (t, v) in enumerate(zip(pos.tolist(), score))]
+    return pd.DataFrame(rows, columns=["model", "sample_id", "category", "patch", "position", "score", "delta",
+                                       "p_clean"])
+
+
+def attribution_table(truth: pd.DataFrame, methods: dict[str, pd.DataFrame], common: bool = True) -> pd.DataFrame:
+    """One row per sample × patch: the :func:`microscope.groundtruth.patch_truth` columns and one
+    column per method (its ``score`` summed over layers where it has several). ``common``: only
+    the samples every method scored (methods skip samples the model answers wrongly)."""
+    out = truth
+    for name, df in methods.items():
+        per = df.groupby(["sample_id", "patch"], sort=False).score.sum().rename(name).reset_index()
+        out = out.merge(per, on=["sample_id", "patch"], how="left")
+    if common and methods:
+        ok = out.groupby("sample_id")[list(methods)].apply(lambda g: bool(g.notna().all().all()))
+        out = out[out.sample_id.isin(ok[ok].index)]
+    return out.reset_index(drop=True)

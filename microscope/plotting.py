@@ -328,10 +328,12 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
     return ax.figure
 
 
-def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None):
+def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None, total: float | None = None,
+                 title: str = ""):
     """Dataset-level indirect effect per layer, one panel per kind, one line per token group, with
-    the 95% CI band (the table of :func:`microscope.tracing.aggregate`); a table without rows says
-    why."""
+    the 95% CI band (the table of :func:`microscope.tracing.aggregate`); 0 (no effect) and, if
+    given, ``total`` (mean ``p_clean − p_corrupted``: everything restored) drawn in; ``title``
+    (e.g. which samples were traced) above the panels; a table without rows says why."""
     kinds = [k for k in KIND_LABELS if k in set(agg.kind)]
     if not kinds:
         fig, ax = plt.subplots(figsize=(4, 3))
@@ -348,10 +350,14 @@ def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None):
             ax.plot(g.layer, g.effect, marker="o", ms=3, color=c, label=gname)
             ax.fill_between(g.layer, g.ci_low, g.ci_high, color=c, alpha=0.2, lw=0)
         ax.axhline(0, color="0.3", lw=0.8)
+        if total is not None:
+            ax.axhline(total, color="0.3", lw=0.8, ls="--", label="p clean − p corrupted")
         ax.set_title(KIND_LABELS[k])
         ax.set_xlabel("layer (-1 = decoder input)" if k == "resid" else "layer (window centre)")
     axes.flat[0].set_ylabel("mean indirect effect")
     axes.flat[-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -380,3 +386,92 @@ def attribution_precision(prec: pd.DataFrame, ax=None, title: str = "top-k image
     ax.set_title(title)
     ax.legend(fontsize=8)
     return ax.figure
+
+
+METHOD_COLORS = {
+    "attention → constraint": "#CC79A7", "attention → last": "#E69F00", "restoration": "#56B4E9",
+    "group restoration": "#0072B2", "integrated gradients": "#009E73", "objectness": "0.55",
+    "objectness (oracle)": "0.75",
+}
+SCORE_LABELS = {"precision@k": "precision@k", "top-1": "top-1", "roc_auc": "ROC-AUC",
+                "referred_vs_distractor": "referred vs distractor"}
+
+
+def attribution_scores(summ: pd.DataFrame, metrics: list[str] | None = None, title: str = ""):
+    """One panel per score: a bar per method (mean with its 95% CI), the best question-blind
+    objectness baseline as a dashed line and chance as a dotted line (the table of
+    :func:`microscope.groundtruth.summarize` with ``by=("method", "metric")``)."""
+    metrics = metrics or [m for m in SCORE_LABELS if m in set(summ.metric)]
+    fig, axes = small_multiples(len(metrics), width=3.3, height=3.1, cols=len(metrics), sharey=True)
+    for ax, m in zip(axes, metrics):
+        d = summ[summ.metric == m]
+        x = np.arange(len(d))
+        colors = [METHOD_COLORS.get(k, "#D55E00") for k in d.method]
+        ax.bar(x, d.value, color=colors, yerr=[d.value - d.ci_low, d.ci_high - d.value], capsize=2, lw=0)
+        ax.axhline(float(d.objectness.iloc[0]), color="0.2", ls="--", lw=1, label="objectness (question-blind)")
+        ax.axhline(float(d.chance.iloc[0]), color="0.2", ls=":", lw=1, label="chance")
+        ax.set_xticks(x)
+        ax.set_xticklabels(d.method, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{SCORE_LABELS.get(m, m)} (n = {int(d.n_samples.max())})", fontsize=9)
+        ax.set_ylim(0, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper right", ncol=2, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def object_accuracy(acc: pd.DataFrame, title: str = "object-level tests: referred objects ranked first"):
+    """Accuracy per category, one bar per (space, test), with each category's chance level as a
+    black tick (the table of :func:`microscope.objects.object_accuracy`)."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    cats = list(dict.fromkeys(acc.category))
+    keys = list(dict.fromkeys(zip(acc.space, acc.test)))
+    w = 0.8 / max(1, len(keys))
+    palette = {"occlude": "#56B4E9", "restore": "#E69F00", "variable": "#009E73"}
+    for i, (space, test) in enumerate(keys):
+        g = acc[(acc.space == space) & (acc.test == test)].set_index("category").reindex(cats)
+        ax.bar(np.arange(len(cats)) + i * w, g.accuracy, w, color=palette.get(test, "0.5"),
+               hatch="//" if space == "embeddings" else None, ec="white", lw=0, label=f"{test} · {space}")
+    ch = acc.groupby("category").chance.mean().reindex(cats)
+    n = acc.groupby("category").n_samples.max().reindex(cats)
+    for j, c in enumerate(ch):
+        ax.plot([j - w / 2, j + 0.8 - w / 2], [c, c], color="k", lw=1.5, label="chance" if j == 0 else None)
+    ax.axhline(0.95, color="0.4", ls="--", lw=0.8)
+    ax.set_xticks(np.arange(len(cats)) + 0.4 - w / 2)
+    ax.set_xticklabels([f"{c}\n(n = {int(k)})" for c, k in zip(cats, n)], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of samples")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def corruption_effects(effects: pd.DataFrame, drop: float = 0.1, title: str = "how much each corruption corrupts",
+                       only_correct: bool = True):
+    """Per corruption, the distribution of p(answer) over correctly answered samples (all with
+    ``only_correct=False``): clean (grey, the baseline) and corrupted (a box with every sample as
+    a dot), annotated with the share of samples whose p drops by more than ``drop`` and the
+    share whose answer flips (the table of :func:`microscope.tracing.corruption_effects`)."""
+    d = effects[effects.correct] if only_correct else effects
+    labels = list(dict.fromkeys(d.corruption))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels)), 3.4))
+    rng = np.random.default_rng(0)
+    for i, lab in enumerate(labels):
+        g = d[d.corruption == lab]
+        ax.boxplot([g.p_clean], positions=[i - 0.2], widths=0.25, showfliers=False,
+                   boxprops={"color": "0.6"}, medianprops={"color": "0.6"}, whiskerprops={"color": "0.6"},
+                   capprops={"color": "0.6"})
+        ax.boxplot([g.p_corrupted], positions=[i + 0.15], widths=0.3, showfliers=False)
+        ax.scatter(i + 0.15 + rng.uniform(-0.1, 0.1, len(g)), g.p_corrupted, s=5, alpha=0.5, color="#D55E00", lw=0)
+        ax.text(i, 1.06, f"drop>{drop:g}: {(g['drop'] > drop).mean():.0%}\nflip: {g.flipped.mean():.0%}",
+                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(-0.03, 1.25)
+    ax.set_ylabel("p(answer): clean (grey) · corrupted")
+    ax.set_title(f"{title} (n = {d.sample_id.nunique()} samples)", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from microscope import validate
-from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
+from microscope.answers import MODEL, NoTarget, answer_ids, answer_target, gold_id, only_correct_note
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions, related_patches
 from microscope.prefix import expand, length, position_kwargs, prefix_of
@@ -538,3 +538,111 @@ def peak_layers(agg: pd.DataFrame, groups: Sequence[str] | None = None) -> dict[
         best = near.iloc[0]
         out[kind] = {"layer": int(best.layer), "group": str(best.group), "effect": float(best.effect)}
     return out
+
+
+# --------------------------------------------------------------------------- how much each corruption corrupts
+
+#: the corruptions :func:`corruption_effects` compares by default: (label, corruption, target, scale);
+#: ``blank`` replaces the image by an empty one (no noise samples)
+CORRUPTION_SET = (
+    ("noise 1σ (constraint)", "noise", "constraint", 1.0),
+    ("noise 3σ (constraint)", "noise", "constraint", 3.0),
+    ("noise 10σ (constraint)", "noise", "constraint", 10.0),
+    ("word swap (constraint)", "replace", "constraint", 0.0),
+    ("noise 3σ (image)", "noise", "image", 3.0),
+    ("blank image", "blank", "image", 0.0),
+)
+EFFECT_COLUMNS = ["model", "sample_id", "category", "corruption", "kind", "target", "scale", "p_clean",
+                  "p_corrupted", "drop", "flipped", "correct"]
+
+
+def _next_token_probs(c: Corrupted) -> torch.Tensor:
+    """Mean next-token distribution over ``c``'s corrupted copies (the suffix after the clean prefix)."""
+    h = c.handle
+    emb = c.corrupted[:, c.first:] if c.prefix else c.corrupted
+    R, T = emb.shape[:2]
+    mask = torch.ones((R, T + length(c.prefix)), dtype=torch.long, device=emb.device)
+    with torch.no_grad():
+        logits = h.model(inputs_embeds=emb, attention_mask=mask, past_key_values=expand(h, c.prefix, R),
+                         use_cache=c.prefix is not None, logits_to_keep=1,
+                         **position_kwargs(c.position_ids, T, R)).logits[:, -1].float()
+    return logits.softmax(-1).mean(0).cpu()
+
+
+def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] = CORRUPTION_SET, n_noise: int = 10,
+                       sigma_text: float | None = None, sigma_image: float | None = None, seed: int = 0,
+                       progress: bool = True) -> pd.DataFrame:
+    """How much each corruption moves each sample's answer: the evidence a trace rests on.
+
+    ``corruptions``: ``(label, corruption, target, scale)`` tuples as in :data:`CORRUPTION_SET`;
+    ``corruption`` is ``noise`` or ``replace`` (:func:`corrupt`), or ``blank`` (the image replaced
+    by an empty one, :func:`microscope.attribution.blank_like`). Per sample × corruption:
+    ``p_corrupted`` = mean over the ``n_noise`` corrupted copies of p(answer) (one copy for
+    ``blank``), ``drop = p_clean − p_corrupted``, ``flipped`` = the top token of the mean corrupted
+    distribution is not the answer. Samples without the target tokens are left out of that
+    corruption. Columns: ``model, sample_id, category, corruption, kind, target, scale, p_clean,
+    p_corrupted, drop, flipped, correct``."""
+    from microscope.attribution import blank_like
+    from microscope.objects import _probs
+
+    if sigma_text is None and any(k == "noise" and t == "constraint" for _, k, t, _ in corruptions):
+        sigma_text = noise_sigma(handle, samples, "text")
+    if sigma_image is None and any(k == "noise" and t != "constraint" for _, k, t, _ in corruptions):
+        sigma_image = noise_sigma(handle, samples, "image")
+    rows = []
+    for i, s in enumerate(tqdm(samples, desc="corruption effects", disable=not progress, mininterval=5)):
+        gold = answer_ids(handle.processor, [s.answer])[0]
+        p_clean = None
+        for label, kind, target, scale in corruptions:
+            if kind == "blank":
+                probs = _probs(handle, [s, blank_like(s)])
+                p_clean, correct, dist = float(probs[0, gold]), int(probs[0].argmax()) == gold, probs[1]
+            else:
+                try:
+                    c = corrupt(handle, s, kind, target, n_noise=n_noise, scale=scale,
+                                sigma=sigma_text if target == "constraint" else sigma_image, seed=seed + i)
+                except NothingToCorrupt:
+                    continue
+                p_clean, correct, dist = c.p_clean, c.correct, _next_token_probs(c)
+            rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
+                         "corruption": label, "kind": kind, "target": target, "scale": scale, "p_clean": p_clean,
+                         "p_corrupted": float(dist[gold]), "drop": p_clean - float(dist[gold]),
+                         "flipped": int(dist.argmax()) != gold, "correct": correct})
+    return pd.DataFrame(rows, columns=EFFECT_COLUMNS)
+
+
+def corruption_summary(effects: pd.DataFrame, drop: float = 0.1, only_correct: bool = True) -> pd.DataFrame:
+    """Per corruption, over the samples answered correctly (all with ``only_correct=False``): the
+    quartiles and mean of p(corrupted), the share of samples whose p(answer) drops by more than
+    ``drop`` and the share whose answer flips. Columns: ``corruption, n_samples, p_clean,
+    p_corrupted_mean, p_corrupted_q25, p_corrupted_median, p_corrupted_q75, share_drop,
+    share_flipped``."""
+    d = effects[effects.correct] if only_correct else effects
+    g = d.groupby("corruption", sort=False)
+    out = g.agg(n_samples=("sample_id", "size"), p_clean=("p_clean", "mean"), p_corrupted_mean=("p_corrupted", "mean"),
+                p_corrupted_q25=("p_corrupted", lambda x: x.quantile(0.25)),
+                p_corrupted_median=("p_corrupted", "median"),
+                p_corrupted_q75=("p_corrupted", lambda x: x.quantile(0.75)),
+                share_drop=("drop", lambda x: float((x > drop).mean())),
+                share_flipped=("flipped", "mean")).reset_index()
+    return out
+
+
+def select_by_effect(effects: pd.DataFrame, corruption: str, below: float = 0.5, at_least: int = 1,
+                     only_correct: bool = True) -> tuple[list[str], str]:
+    """The samples (answered correctly, unless ``only_correct=False``) whose p(answer) under
+    ``corruption`` falls below ``below``, and a sentence saying so for figures. If fewer than
+    ``at_least`` do, the ``at_least`` with the lowest p(corrupted) are taken instead, and the
+    sentence says that."""
+    d = effects[effects.corruption == corruption]
+    d = (d[d.correct] if only_correct else d).sort_values("p_corrupted", kind="stable")
+    if not len(d):
+        raise ValueError(f"no {'correctly answered ' if only_correct else ''}sample was corrupted with {corruption!r}")
+    hit, which = d[d.p_corrupted < below], "correct " if only_correct else ""
+    if len(hit) >= at_least:
+        return list(hit.sample_id), (f"{len(hit)} of {len(d)} {which}samples whose p(answer) falls below {below:g} "
+                                     f"under {corruption}")
+    pick = d.head(at_least)
+    return list(pick.sample_id), (f"only {len(hit)} of {len(d)} {which}samples fall below p = {below:g} under "
+                                  f"{corruption}: the {len(pick)} with the lowest p(corrupted) (≥ "
+                                  f"{pick.p_corrupted.max():.2f}) instead")

@@ -95,25 +95,43 @@ def test_knockout_notebook_reports_accuracies_and_largest_drops(run):
     assert {"03_knockout_by_category.pdf", "03_knockout_related_vs_other.png", "03_logit_lens.pdf"} <= figs
 
 
-def test_tracing_notebook_reports_peak_layers_and_attribution_precision(run):
+def test_tracing_notebook_reports_corruptions_peak_layers_and_attribution_against_ground_truth(run):
     root, summary = run
     t = summary["notebooks"]["04_information_tracing"]
     assert 1 <= t["n_traced"] <= 6 and t["n_noise"] == 3 and t["window"] == 3
     assert t["p_corrupted"] < t["p_clean"]
+    assert "below 0.5" in t["traced"] and "noise 3σ (constraint)" in t["traced"]  # how the traced set was chosen
     assert set(t["peak_layer"]) == {"resid", "mlp", "attn"}
     for v in t["peak_layer"].values():
         assert 0 <= v["layer"] < 6 and v["effect"] > 0
     # the embedded model moves the answer into the last position in its first layers
     assert t["peak_layer"]["attn"]["group"] == "last" and t["peak_layer"]["attn"]["layer"] <= 2
-    prec = t["topk_precision"]
-    assert set(prec) == {"attention → constraint", "attention → last", "restoration"}
-    assert prec["restoration"]["precision"] > prec["restoration"]["chance"] + 0.2
+    assert set(t["corruptions"]) == {"noise 1σ (constraint)", "noise 3σ (constraint)", "noise 10σ (constraint)",
+                                     "word swap (constraint)", "noise 3σ (image)", "blank image"}
+    for c in t["corruptions"].values():
+        assert 0 <= c["share_drop"] <= 1 and 0 <= c["share_flipped"] <= 1 and c["n_samples"] >= 1
+    att = t["attribution"]
+    assert {"attention → constraint", "attention → last", "restoration", "group restoration", "integrated gradients",
+            "objectness", "objectness (oracle)", f"{t['best_method']} (shuffled)"} == set(att)
+    for m in att.values():  # every score next to its objectness baseline and chance
+        assert {"value", "objectness", "chance", "n_samples"} <= set(m["precision@k"])
+    r = att["restoration"]["precision@k"]
+    assert r["value"] > r["chance"] + 0.2
+    objs = t["objects"]
+    assert set(objs) == {f"{s}/{x}" for s in ("pixels", "embeddings") for x in ("occlude", "restore", "variable")}
+    assert set(objs["pixels/variable"]) == {"QueryAttr", "ChooseAttr", "ChooseCat", "LogicalObj", "ChooseRel",
+                                            "CompareAttr"}
+    assert set(t["headline"]) == {"object_accuracy_worst_category", "single_referent_precision_at_k",
+                                  "referred_vs_distractor"}
     figs = {p.name for p in (root / "figures").iterdir()}
-    assert {"04_tracing_by_layer.pdf", "04_tracing_example.png", "04_attribution_precision.pdf"} <= figs
+    assert {"04_corruption_effects.pdf", "04_tracing_by_layer.pdf", "04_tracing_example.png",
+            "04_attribution_scores.pdf", "04_object_tests.png"} <= figs
     import pandas as pd
 
     agg = pd.read_parquet(root / "run" / "04_information_tracing" / "trace_by_group.parquet")
     assert {"kind", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"} <= set(agg.columns)
+    table = pd.read_parquet(root / "run" / "04_information_tracing" / "attribution_table.parquet")
+    assert {"coverage", "truth", "owner", "restoration", "integrated gradients"} <= set(table.columns)
 
 
 def test_knockout_and_tracing_notebooks_run_on_a_gqa_layout(tmp_path, shapes_handle):

@@ -181,12 +181,81 @@ class Sample:
                 return [w for w in kind if w != word]
         return []
 
-    def referred_patches(self) -> tuple[int, ...]:
-        """Sorted union of the patches covered by the referred objects."""
-        out: set[int] = set()
-        for i in self.referred:
-            out.update(self.objects[i].patches)
-        return tuple(sorted(out))
+    def referred_patches(self, min_coverage: float = 0.0) -> tuple[int, ...]:
+        """Sorted union of the patches covered by the referred objects: every patch holding at
+        least one of their pixels (``min_coverage = 0``), or those whose area they cover by at
+        least the fraction ``min_coverage`` (see :meth:`patch_coverage`)."""
+        if not 0.0 <= min_coverage <= 1.0:
+            raise ValueError(f"min_coverage must be a fraction in [0, 1], got {min_coverage!r}")
+        cov = self.patch_coverage()
+        return tuple(int(j) for j in np.flatnonzero((cov > 0) & (cov >= min_coverage)))
+
+    def patch_coverage(self, objects: Sequence[int] | None = None) -> np.ndarray:
+        """Fraction of each patch's area covered by ``objects`` (indices into :attr:`objects`;
+        default: the referred ones), as a float array of ``grid²`` values in raster order.
+
+        ``coverage[j] = |pixels of the objects in patch j| / patch_size²``; objects never overlap,
+        so the coverage of several is the sum of theirs (at most 1)."""
+        cov = np.zeros(self.grid * self.grid)
+        for i in (self.referred if objects is None else objects):
+            o = self.objects[i]
+            cov[list(o.patches)] += o.patch_fraction
+        return cov
+
+    def answer_for(self, objects: Sequence[ShapeObject] | None = None, keep: Sequence[int] | None = None
+                   ) -> str | None:
+        """The true answer of this sample's question about a changed scene: the objects ``keep``
+        (default all) as given in ``objects`` (default :attr:`objects`). ``None`` when the
+        question has no answer there: the object it names is missing or not unique, the answer is
+        not among the options, or two objects it compares are closer horizontally than the
+        generator's margin. ``answer_for() == answer`` on every generated sample."""
+        objs = list(self.objects if objects is None else objects)
+        objs = objs if keep is None else [objs[i] for i in keep]
+        words = [c.word for c in self.constraints]
+
+        def one(attr: str, value: str) -> ShapeObject | None:
+            match = [o for o in objs if getattr(o, attr) == value]
+            return match[0] if len(match) == 1 else None
+
+        cat = self.category
+        if cat == "LogicalObj":
+            return "yes" if any(o.shape in words for o in objs) else "no"
+        if cat in ("QueryAttr", "ChooseAttr", "ChooseCat"):
+            o = one("color" if cat == "ChooseCat" else "shape", words[0])
+            ans = None if o is None else (o.shape if cat == "ChooseCat" else o.color)
+            return ans if ans is not None and (not self.options or ans in self.options) else None
+        a, b = one("shape", words[0]), one("shape", words[1])
+        if a is None or b is None:
+            return None
+        if cat == "CompareAttr":
+            return "yes" if a.color == b.color else "no"
+        dx = b.center[0] - a.center[0]
+        return None if abs(dx) < _REL_MARGIN * _scale(objs) else ("left" if dx > 0 else "right")
+
+    def object_mask(self, i: int) -> np.ndarray:
+        """Boolean ``image_size × image_size`` mask of object ``i``'s pixels."""
+        mask = np.zeros((self.image_size, self.image_size), dtype=bool)
+        o = self.objects[i]
+        mask[:self.visible_size, :self.visible_size] = _draw_mask(o.shape, o.box, self.visible_size)
+        return mask
+
+    def render(self, keep: Sequence[int] | None = None, objects: Sequence[ShapeObject] | None = None
+               ) -> Image.Image:
+        """The scene drawn again with only the objects ``keep`` (indices; default all), each as
+        given in ``objects`` (default :attr:`objects`; pass edited copies, e.g.
+        ``dataclasses.replace(o, color="red")``, for a counterfactual scene with the same boxes).
+        ``render()`` gives :attr:`image` byte for byte; ``render(keep=[])`` the empty background."""
+        objs = self.objects if objects is None else tuple(objects)
+        if len(objs) != len(self.objects):
+            raise ValueError(f"objects must give all {len(self.objects)} objects of the scene, got {len(objs)}")
+        keep = range(len(objs)) if keep is None else keep
+        img = np.empty((self.image_size, self.image_size, 3), dtype=np.uint8)
+        img[:] = BACKGROUND
+        seen = self.visible_size
+        for i in keep:
+            o = objs[i]
+            img[:seen, :seen][_draw_mask(o.shape, o.box, seen)] = COLORS[o.color]
+        return Image.fromarray(img, "RGB")
 
 
 def vocabulary() -> list[str]:
