@@ -1,4 +1,4 @@
-"""Geometry of hidden states: linearity, intrinsic dimension, anisotropy (DESIGN §6).
+"""Geometry of hidden states: linearity, intrinsic dimension, anisotropy.
 
 Plain functions on (n, d) arrays or tensors (numpy or torch in, float out), computed in float64
 with torch (so they run on a GPU when the input is there):

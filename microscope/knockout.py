@@ -16,13 +16,13 @@ dtype's minimum. No module's ``forward`` is replaced, the vision tower's attenti
 the vision config) is untouched, and an empty plan calls the original function with the
 original mask, so it reproduces the unpatched logits exactly.
 
-Edges (DESIGN §2.2) are written ``source↛target`` (``->`` works too): ``source`` positions are
+Edges are written ``source↛target`` (``->`` works too): ``source`` positions are
 the keys whose information is blocked, ``target`` the queries that can no longer attend to
 them. Sides are role names (:data:`~microscope.roles.ROLES`), ``question`` (question incl.
 constraint tokens), ``text`` (every non-image prompt position), ``related-image`` (image tokens
 of the patches covering the referred object(s)) and ``other-image`` (the remaining image tokens).
 
-Knockout effect (DESIGN §6): ``(p_blocked − p_base) / p_base × 100`` for the first token of the
+Knockout effect: ``(p_blocked − p_base) / p_base × 100`` for the first token of the
 correct answer at the last position, with attention blocked in a window of ``k`` consecutive
 layers centred at ``l`` (clipped at the ends), on samples the model answers correctly. A sample
 without a gold answer (``answer=None``) is measured on the model's own greedy answer

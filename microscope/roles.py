@@ -5,7 +5,7 @@
     batch.roles          # (B, T) int codes into ROLES
     batch.role_mask("image")
 
-Roles (DESIGN §5): ``image`` where ``input_ids == image_token_id`` (LLaVA-NeXT's image-newline
+Roles: ``image`` where ``input_ids == image_token_id`` (LLaVA-NeXT's image-newline
 tokens included: its processor gives them the image token id too); ``question`` for tokens whose
 characters lie in the question; ``constraint`` for question tokens overlapping a constraint span;
 ``template`` for everything else the chat template adds (BOS, ``USER:``, ``ASSISTANT:``);

@@ -19,7 +19,7 @@ The math, line by line (Meng et al. 2022; Basu et al. 2024 for MLLMs):
 3. **Restore** one state in every corrupted copy: ``h_l[t]`` (``resid``), or ``m_j[t]`` / ``a_j[t]`` for
    the ``j`` in a window of layers around ``l`` (``mlp`` / ``attn``), to its clean value, and let the
    rest of the forward run. ``p_restored = mean_n p(answer | corrupted_n, restored)``.
-4. **Indirect effect** ``IE = p_restored − p_corrupted`` (DESIGN §6).
+4. **Indirect effect** ``IE = p_restored − p_corrupted``.
 
 Positions before the first corrupted one cannot differ from the clean run (causal attention):
 their effect is exactly 0, :func:`trace` does not run them, and every restoration forward starts

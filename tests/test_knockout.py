@@ -1,4 +1,4 @@
-"""Attention knockout: invariants (DESIGN §2.2), the batched sweep against one forward per
+"""Attention knockout: invariants, the batched sweep against one forward per
 window, edges, errors, and the logit lens."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Causal tracing (DESIGN §2.3): invariants, determinism, groups, errors; visual-token attribution."""
+"""Causal tracing: invariants, determinism, groups, errors; visual-token attribution."""
 
 from __future__ import annotations
 
