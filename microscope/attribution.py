@@ -2,7 +2,14 @@
 
     df = attention_contributions(handle, samples)   # per sample × layer × image patch
     rs = restoration_scores(handle, samples)        # indirect effect of restoring one image token
-    precision_at_k(df, "score")                     # top-k patches vs the referred object's patches
+    gr = group_restoration_scores(handle, samples)  # Shapley value of restoring whole objects together
+    ig = integrated_gradients(handle, samples)      # Captum IG on the image tokens' decoder inputs
+    ob = objectness_scores(handle, samples)         # question-blind baseline: where anything is
+    table = attribution_table(groundtruth.patch_truth(samples), {"restoration": rs, ...})
+
+Score them with :mod:`microscope.groundtruth` (patches covered ≥ 15%, precision@k, top-1,
+ROC-AUC, referred-vs-distractor, each beside objectness and chance); ``precision_at_k`` below is
+the older any-pixel yardstick, kept for comparison.
 
 Two measures, both per image token ``j`` (patch index in raster order):
 
