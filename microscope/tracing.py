@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from microscope import validate
-from microscope.answers import MODEL, NoTarget, answer_ids, answer_target, gold_id, only_correct_note
+from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions, related_patches
 from microscope.prefix import expand, length, position_kwargs, prefix_of
@@ -579,8 +579,10 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
     by an empty one, :func:`microscope.attribution.blank_like`). Per sample × corruption:
     ``p_corrupted`` = mean over the ``n_noise`` corrupted copies of p(answer) (one copy for
     ``blank``), ``drop = p_clean − p_corrupted``, ``flipped`` = the top token of the mean corrupted
-    distribution is not the answer. Samples without the target tokens are left out of that
-    corruption. Columns: ``model, sample_id, category, corruption, kind, target, scale, p_clean,
+    distribution is not the answer (the gold answer, or with ``answer=None`` the model's own
+    clean greedy token). Samples without the target tokens are left out of that corruption, and
+    samples whose gold answer the vocabulary cannot spell are left out. Columns: ``model,
+    sample_id, category, corruption, kind, target, scale, p_clean,
     p_corrupted, drop, flipped, correct``."""
     from microscope.attribution import blank_like
     from microscope.objects import _probs
@@ -591,11 +593,14 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
         sigma_image = noise_sigma(handle, samples, "image")
     rows = []
     for i, s in enumerate(tqdm(samples, desc="corruption effects", disable=not progress, mininterval=5)):
-        gold = answer_ids(handle.processor, [s.answer])[0]
-        p_clean = None
+        try:
+            gold = gold_id(handle.processor, s.answer)  # None: the model's own greedy answer
+        except NoTarget:
+            continue
         for label, kind, target, scale in corruptions:
             if kind == "blank":
                 probs = _probs(handle, [s, blank_like(s)])
+                gold = int(probs[0].argmax()) if gold is None else gold
                 p_clean, correct, dist = float(probs[0, gold]), int(probs[0].argmax()) == gold, probs[1]
             else:
                 try:
@@ -603,6 +608,7 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
                                 sigma=sigma_text if target == "constraint" else sigma_image, seed=seed + i)
                 except NothingToCorrupt:
                     continue
+                gold = c.answer_id
                 p_clean, correct, dist = c.p_clean, c.correct, _next_token_probs(c)
             rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
                          "corruption": label, "kind": kind, "target": target, "scale": scale, "p_clean": p_clean,
@@ -633,11 +639,11 @@ def select_by_effect(effects: pd.DataFrame, corruption: str, below: float = 0.5,
     """The samples (answered correctly, unless ``only_correct=False``) whose p(answer) under
     ``corruption`` falls below ``below``, and a sentence saying so for figures. If fewer than
     ``at_least`` do, the ``at_least`` with the lowest p(corrupted) are taken instead, and the
-    sentence says that."""
+    sentence says that; if no sample qualifies at all, ``([], the reason)``."""
     d = effects[effects.corruption == corruption]
     d = (d[d.correct] if only_correct else d).sort_values("p_corrupted", kind="stable")
-    if not len(d):
-        raise ValueError(f"no {'correctly answered ' if only_correct else ''}sample was corrupted with {corruption!r}")
+    if not len(d):  # nothing to trace: an empty selection that says why (the notebooks report it)
+        return [], f"no {'correctly answered ' if only_correct else ''}sample was corrupted with {corruption!r}"
     hit, which = d[d.p_corrupted < below], "correct " if only_correct else ""
     if len(hit) >= at_least:
         return list(hit.sample_id), (f"{len(hit)} of {len(d)} {which}samples whose p(answer) falls below {below:g} "

@@ -80,12 +80,13 @@ def _scene_graphs(path: Path, image_ids: list[str]) -> Path:
 
 
 def test_vqa_constraints_reads_the_published_csvs_as_they_are(images):
-    """The three published schemas, unmodified: main_entity / image_url columns, no answer
-    column, extension-less image paths, and the 4 okvqa rows whose entity is not verbatim."""
+    """The three published schemas (header, column order, unnamed index, main_entity / image_url,
+    no answer column, extension-less image paths, a quoted field with a comma), with rows written
+    for the project, 4 okvqa rows of which do not contain their entity verbatim."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", DatasetWarning)  # nothing is skipped in the first rows
         s = vqa_constraints.load(VQAC, images=images["vqa_constraints"])
-    assert len(s) == 70 + 12 + 16 and not s.skipped
+    assert len(s) == 8 + 3 + 6 and not s.skipped
     assert {x.category for x in s} == {"okvqa", "multimodal_movies", "multimodal_known"}
     assert all(x.answer is None for x in s)  # the published analysis traces the model's own answer
     by_id = {x.id: x for x in s}
@@ -94,17 +95,17 @@ def test_vqa_constraints_reads_the_published_csvs_as_they_are(images):
         assert x.question[c.start:c.end] == c.word
     not_verbatim = {x.id: (x.meta["entity"], x.constraints[0].word) for x in s
                     if x.meta["constraint_rule"] != "verbatim"}
-    assert not_verbatim == {"okvqa-1": ("this plant", "plant"), "okvqa-14": ("bike on the ground", "bike"),
-                            "okvqa-40": ("the suit", "suit"), "okvqa-67": ("this hat", "hat")}
+    assert not_verbatim == {"okvqa-1": ("this plant", "plant"), "okvqa-3": ("bike on the ground", "bike"),
+                            "okvqa-5": ("the suit", "suit"), "okvqa-7": ("this hat", "hat")}
     assert {d["id"] for d in s.notes} == set(not_verbatim)
     m = by_id["multimodal_movies-0"]
-    assert m.question == "Name a movie directed by this director?" and m.meta["director"] == "Ron Fricke"
+    assert m.question == "Name a film made by this director?" and m.meta["director"] == "Akira Kurosawa"
     assert m.constraints[0].word == "this director"
-    assert m.image_path.name == "A photo of Ron Fricke.jpg" and m.image.size == (64, 56)  # drawn 71st
-    k = by_id["multimodal_known-3"]  # "./A photo of Audible.com": the whole name gets the extension
-    assert k.meta["subject"] == "Audible.com" and k.image_path.name == "A photo of Audible.com.jpg"
-    assert by_id["multimodal_known-5"].constraints[0].word == "This application,"  # quoted field with a comma
-    assert by_id["okvqa-0"].image_path == images["vqa_constraints"] / "val2014" / "COCO_val2014_000000297147.jpg"
+    assert m.image_path.name == "A photo of Akira Kurosawa.jpg" and m.image.size == (88, 64)  # drawn 9th
+    k = by_id["multimodal_known-3"]  # "./A photo of Wikipedia.org": the whole name gets the extension
+    assert k.meta["subject"] == "Wikipedia.org" and k.image_path.name == "A photo of Wikipedia.org.jpg"
+    assert by_id["multimodal_known-5"].constraints[0].word == "This instrument,"  # quoted field with a comma
+    assert by_id["okvqa-0"].image_path == images["vqa_constraints"] / "val2014" / "COCO_val2014_000000000139.jpg"
     assert len(vqa_constraints.load(VQAC, images=images["vqa_constraints"], n=10, seed=3)) == 10
 
 
@@ -113,9 +114,9 @@ def test_vqa_constraints_skips_one_bad_row_with_its_reason_not_the_file(tmp_path
     rows.insert(3, "999,What is in the box?,these,./val2014/x.jpg")  # a pronoun that is not in the question
     rows.insert(5, "998,,this,./val2014/y.jpg")
     (tmp_path / "okvqa.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    with pytest.warns(DatasetWarning, match=r"skipped 2 of 72 rows \(1 constraint not located; 1 no question"):
+    with pytest.warns(DatasetWarning, match=r"skipped 2 of 10 rows \(1 constraint not located; 1 no question"):
         s = vqa_constraints.load(tmp_path / "okvqa.csv", images=images["vqa_constraints"])
-    assert len(s) == 70
+    assert len(s) == 8
     assert s.skipped[0] == {"source": str(tmp_path / "okvqa.csv"), "row": 4, "reason": "constraint not located: "
                             "constraint 'these' is not in the question and has no content word to look for"}
     rep = s.report()
@@ -362,6 +363,6 @@ def test_notebooks_03_and_04_run_on_each_real_data_set(name, images, tiny_dirs, 
         df = pd.read_parquet(tmp_path / "03_attention_knockout" / "knockout.parquet")
         assert df[df.edge == "related-image↛question"].sample_id.nunique() == 4 - no_graph
     if name == "scienceqa":  # no constraint words to corrupt: said, not a crash
-        assert tr["n_traced"] == 0 and "have no constraint tokens to corrupt" in tr["why_empty"]
+        assert tr["n_traced"] == 0 and "sample was corrupted with" in tr["why_empty"]  # no constraint tokens
     figs = {p.name for p in (tmp_path / "fig").iterdir()}
     assert {"03_knockout_by_category.png", "04_tracing_by_layer.png", "04_tracing_example.png"} <= figs
