@@ -370,13 +370,14 @@ Job = tuple[str, Sequence[int], Sequence[int]]  # (kind, layers, positions)
 def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """``p_restored`` (mean over noise samples) for each job ``(kind, layers, positions)``: the
     clean values of ``kind`` at every (layer, position) of the job are written into each
-    corrupted copy. ``resid`` layer ``-1`` is the decoder input itself."""
+    corrupted copy (a job with no positions restores nothing). ``resid`` layer ``-1`` is the
+    decoder input itself."""
     h = c.handle
     for kind, layers, positions in jobs:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
         h.adapter.check_layers(layers, allow_embedding=(kind == "resid"))
-        validate.positions(positions, c.n_tokens)
+        validate.positions(positions, c.n_tokens, allow_empty=True)  # restoring nothing: p_corrupted
     N = c.n_noise
     # positions before the first corrupted one are clean in every row: they come from the prefix
     # cache and are not recomputed; restoring one of them is a no-op

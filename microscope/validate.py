@@ -140,9 +140,9 @@ def layers(value, n_layers: int, allow_embedding: bool = True, name: str = "laye
     return out
 
 
-def positions(value, n_tokens: int, name: str = "positions") -> list[int]:
+def positions(value, n_tokens: int, name: str = "positions", allow_empty: bool = False) -> list[int]:
     """Token positions ``0..n_tokens-1`` of the prompt (no negative indexing: ``-1`` is refused
-    rather than silently meaning nothing)."""
+    rather than silently meaning nothing); an empty list only with ``allow_empty``."""
     items = as_list(value, name)
     out = []
     for p in items:
@@ -153,7 +153,7 @@ def positions(value, n_tokens: int, name: str = "positions") -> list[int]:
             raise ValueError(f"position {int(p)} in {name} is out of range: the prompt has {n_tokens} tokens, "
                              f"positions 0..{n_tokens - 1}{hint}")
         out.append(int(p))
-    if not out:
+    if not out and not allow_empty:
         raise ValueError(f"{name} is empty: give at least one position (0..{n_tokens - 1}), or None for all")
     return out
 
