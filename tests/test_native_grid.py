@@ -4,7 +4,7 @@ SigLIP-384/14 (LLaVA-OneVision) embeds a 384 px image with a stride-14 convoluti
 grid over the first 378 px; the last 6 px rows and columns are never seen. Shapes samples are
 drawn at 384 px with their objects inside the seen 378 px, and real images' boxes are mapped
 onto the part of the resized image the grid covers. Checked against the tiny models' own
-processor and embeddings (tests/tiny_native.py), cell by cell.
+processor and embeddings (tests/tiny_models.py build_llava_onevision), cell by cell.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from microscope.data.vqa import VQASample, box_patches, resized_box_patches, wit
 from microscope.extract import capture
 from microscope.model import patch_grid
 from tests.test_shapes import _solve
-from tests.tiny_native import build_onevision_native
+from tests.tiny_models import build_llava_onevision
 
 
 def _load(path) -> microscope.model.Handle:
@@ -41,7 +41,7 @@ def onevision(tmp_path_factory):
     """Tiny OneVision models at 62 px and 384 px (patch 14) whose image tokens are the tower's
     patch embeddings (no attention between patches before the decoder)."""
     root = tmp_path_factory.mktemp("native")
-    return {size: _load(build_onevision_native(root / f"ov{size}", size=size, tower_layers=1, feature_layer=-2))
+    return {size: _load(build_llava_onevision(root / f"ov{size}", size=size, tower_layers=1, feature_layer=-2))
             for size in (62, 384)}
 
 

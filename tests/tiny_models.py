@@ -144,9 +144,9 @@ def _vision() -> CLIPVisionConfig:
                             image_size=SIZE, patch_size=PATCH, projection_dim=32)
 
 
-def _llama(tok, cls=LlamaConfig):
+def _llama(tok, cls=LlamaConfig, positions: int = MAX_POSITIONS):
     return cls(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, **_text_ids(tok))
+               num_key_value_heads=2, max_position_embeddings=positions, **_text_ids(tok))
 
 
 def build_llava15(path: Path, seed: int = 0) -> Path:
@@ -256,9 +256,18 @@ def build_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
     return _build_qwen(path, seed, "qwen2_5_vl")
 
 
-def build_llava_onevision(path: Path, seed: int = 0) -> Path:
+def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: int = PATCH, tower_layers: int = 2,
+                          feature_layer: int = -1) -> Path:
     """LLaVA-OneVision layout: SigLIP tower, anyres tiling with every patch token kept ("full"),
-    image-newline tokens, Qwen2 decoder."""
+    image-newline tokens, Qwen2 decoder.
+
+    ``size`` need not be a multiple of ``patch``: SigLIP's stride-``patch`` convolution sees
+    ``g = size // patch`` patches per side and never the last ``size − g·patch`` pixels (the real
+    SigLIP-384/14 tower: 27 × 27 over 378 px). The pinpoints are 1 × 1, 1 × 2, 2 × 1 and 2 × 2
+    tiles of ``size`` px. ``feature_layer``: the tower hidden state the projector reads (-1: the
+    last layer; ``-(tower_layers + 1)``: the patch embeddings, so that image token k depends on
+    patch k's pixels alone — transformers collects no hidden states when asked for layer 0).
+    """
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -272,20 +281,23 @@ def build_llava_onevision(path: Path, seed: int = 0) -> Path:
 
     from microscope.model import image_only
 
+    grid = size // patch
+    positions = max(MAX_POSITIONS, 5 * grid * (grid + 1) + 256)  # base view + 2 x 2 crops with newlines
     tok = onevision_tokenizer()
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=SIZE, patch_size=PATCH)  # SigLIP: no CLS token, every patch kept
-    pins = [[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]]
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_llama(tok, Qwen2Config),
+    tok.model_max_length = positions
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=tower_layers,
+                                num_attention_heads=2, image_size=size, patch_size=patch)  # no CLS token
+    pins = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_llama(tok, Qwen2Config, positions),
                                image_token_index=tok.convert_tokens_to_ids("<image>"),
-                               video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
-                               vision_feature_select_strategy="full", image_grid_pinpoints=pins)
+                               video_token_index=tok.convert_tokens_to_ids("<video>"),
+                               vision_feature_layer=feature_layer, vision_feature_select_strategy="full",
+                               image_grid_pinpoints=pins)
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    ip = LlavaOnevisionImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_grid_pinpoints=pins)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_grid_pinpoints=pins)
     proc = image_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, chat_template=ONEVISION_TEMPLATE,
-                                               num_image_tokens=(SIZE // PATCH) ** 2,
-                                               vision_feature_select_strategy="full")
+                                               num_image_tokens=grid * grid, vision_feature_select_strategy="full")
     return _save(model, proc, path)
 
 
