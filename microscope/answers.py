@@ -25,27 +25,42 @@ own greedy answer instead: :func:`answer_target` returns the arg-max of its clea
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
+
+from microscope.roles import build_prompt, user_turn
 
 VARIANTS = ("lower", "capitalised")
 
 
-def _messages(question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+#: generation contexts already rendered, per processor (its chat template does not change)
+_CONTEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def generation_context(processor, answer: str = "yes") -> tuple[str, str]:
+def generation_context(processor) -> tuple[str, str]:
     """``(prompt, separator)``: the chat template's generation prompt for a one-image question
     and the text its assistant turn puts between that prompt and the answer (``""`` for a bare
-    tokenizer, which has no template)."""
+    tokenizer, which has no template). Rendered once per processor."""
     tok = getattr(processor, "tokenizer", None)
     if tok is None or not callable(getattr(processor, "apply_chat_template", None)):
         return "", ""
+    try:
+        return _CONTEXTS[processor]
+    except (KeyError, TypeError):  # TypeError: a processor that cannot be weakly referenced
+        pass
+    ctx = _render_context(processor)
+    with contextlib.suppress(TypeError):
+        _CONTEXTS[processor] = ctx
+    return ctx
+
+
+def _render_context(processor, answer: str = "yes") -> tuple[str, str]:
     q = "?"
-    prompt = processor.apply_chat_template(_messages(q), add_generation_prompt=True)
+    prompt = build_prompt(processor, q)
     try:
         full = processor.apply_chat_template(
-            _messages(q) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            [*user_turn(q), {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
             add_generation_prompt=False)
     except Exception:  # a template that renders one user turn only (e.g. microscope.fusion's)
         full = None

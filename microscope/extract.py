@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 import microscope
 from microscope import validate
 from microscope.roles import ROLE_CODE, ROLES, prepare_samples, role_codes
-from microscope.store import ActivationStore
+from microscope.store import ActivationStore, file_sha256
 
 SITES = ("resid", "mlp", "attn")
 
@@ -113,14 +113,15 @@ def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = N
     store = ActivationStore.create_or_resume(out_dir, meta)
     keep_codes = torch.tensor(role_codes(roles))
     todo = []
-    recorded = [k for k in range(n_shards) if store.shard_path(k, "json").is_file()]
+    last_recorded = max((k for k in range(n_shards) if store.shard_path(k, "json").is_file()), default=-1)
     for k in range(n_shards):
         problem = store.shard_problem(k)
         if problem is None:
             continue
         todo.append(k)
         # present but unverifiable, or missing between written shards: recomputed, never adopted
-        if not problem.endswith("are absent)") or (recorded and k < recorded[-1]):
+        absent = not any(store.shard_path(k, ext).exists() for ext in ("json", "safetensors", "parquet"))
+        if not absent or k < last_recorded:
             warnings.warn(f"{out_dir}: {problem}; recomputing it", stacklevel=2)
     for k in tqdm(todo, desc="extract", disable=not progress, mininterval=5):
         chunk = samples[k * batch_size:(k + 1) * batch_size]
@@ -162,9 +163,7 @@ def sample_hash(sample) -> str:
         h.update(repr(part).encode() + b"\x00")
     path = getattr(sample, "image_path", None)
     if path is not None:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 23), b""):
-                h.update(block)
+        h.update(file_sha256(path).encode())
     else:
         im = sample.image
         h.update(f"{im.mode}|{im.size}|".encode())

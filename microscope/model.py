@@ -468,19 +468,16 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
 
     ckpt = _resolve(str(name_or_path))
     path = ckpt.path
-    try:  # an unsupported family is refused for that reason, before its files are judged
-        _check_supported(AutoConfig.from_pretrained(path, local_files_only=True), path)
-    except MicroscopeError:
-        raise
-    except Exception:
-        pass  # an unreadable config is reported by the file checks below
-    check_files(ckpt, allow_pickle)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config, config_error = AutoConfig.from_pretrained(path, local_files_only=True), None
     except Exception as e:
+        config, config_error = None, e
+    if config is not None:  # an unsupported family is refused for that reason, before its files are judged
+        cls = getattr(transformers, _check_supported(config, path))
+    check_files(ckpt, allow_pickle)  # a missing or unreadable config.json is named here first
+    if config is None:
         raise ModelNotFoundError(f"model directory {path}: config.json could not be read as a transformers "
-                                 f"config ({excerpt(e)}): {ckpt.fix}") from e
-    cls = getattr(transformers, _check_supported(config, path))
+                                 f"config ({excerpt(config_error)}): {ckpt.fix}") from config_error
     try:
         processor = _load_processor(path, config.model_type)
     except Exception as e:

@@ -82,10 +82,14 @@ def check_image(img, index: int = 0) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def user_turn(question: str) -> list[dict]:
+    """The chat messages of one user turn: one image, then ``question``."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
 def build_prompt(processor, question: str) -> str:
     """The model's chat-template prompt for one image and ``question``."""
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+    return processor.apply_chat_template(user_turn(question), add_generation_prompt=True)
 
 
 def prepare(handle, images: Sequence, questions: Sequence[str],

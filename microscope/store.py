@@ -144,10 +144,6 @@ class ActivationStore:
         """Path of shard ``k``'s file with extension ``ext`` (``safetensors``, ``parquet``, ``json``)."""
         return self.path / f"shard-{k:05d}.{ext}"
 
-    def has_shard(self, k: int) -> bool:
-        """Shard ``k`` is present and matches its record (checksums included)."""
-        return self.shard_problem(k, deep=True) is None
-
     def write_shard(self, k: int, tensors: dict[str, torch.Tensor], tokens: pd.DataFrame) -> None:
         """Write shard ``k`` atomically: the table and tensors to temporary names, their checksums,
         both renamed into place, then the record (the record marks completion)."""
@@ -162,6 +158,13 @@ class ActivationStore:
         os.replace(tmp_s, self.shard_path(k, "safetensors"))
         record = {"shard": k, "identity": self.meta["identity"], "rows": len(tokens), "files": files}
         _atomic_write(self.shard_path(k, "json"), json.dumps(record, indent=1).encode())
+        self._verified[k] = self._file_state(k)  # just checksummed: a later load need not hash it again
+
+    def _file_state(self, k: int) -> tuple:
+        """Sizes and modification times of shard ``k``'s data files and record: the key under which
+        a successful checksum is remembered (any rewrite changes it)."""
+        return tuple((st.st_size, st.st_mtime_ns) for st in
+                     (self.shard_path(k, ext).stat() for ext in ("safetensors", "parquet", "json")))
 
     # ------------------------------------------------------------------ verifying
     def shard_problem(self, k: int, deep: bool = True) -> str | None:
@@ -170,6 +173,9 @@ class ActivationStore:
         name = f"shard-{k:05d}"
         rec_path = self.shard_path(k, "json")
         files = {ext: self.shard_path(k, ext) for ext in ("safetensors", "parquet")}
+        if k in self._verified and all(p.is_file() for p in (*files.values(), rec_path)) \
+                and self._verified[k] == self._file_state(k):  # checksummed before, unchanged since
+            return None
         if not rec_path.is_file():
             present = [p.name for p in files.values() if p.is_file()]
             if present:
@@ -190,9 +196,7 @@ class ActivationStore:
             size, want = p.stat().st_size, int(recorded[ext]["bytes"])
             if size != want:
                 return f"{name}: {p.name} has {size} bytes, {want} recorded ({'truncated' if size < want else 'grown'})"
-        key = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in (*files.values(), rec_path))
-        if self._verified.get(k) == key:  # checksummed before, unchanged since
-            return None
+        key = self._file_state(k)
         try:
             n_table = pq.read_metadata(files["parquet"]).num_rows
         except Exception as e:
@@ -206,7 +210,7 @@ class ActivationStore:
             self._verified[k] = key
         return None
 
-    def problems(self, deep: bool = True) -> list[str]:
+    def problems(self) -> list[str]:
         """Everything wrong with the store, one line per problem (empty: it verifies)."""
         if self.legacy:
             return [f"{self.path}: written before stores recorded checksums (no shard records to verify "
@@ -215,7 +219,7 @@ class ActivationStore:
         if identity_digest(self.meta) != self.meta.get("identity"):
             out.append(f"{META}: its identity fields do not hash to its recorded identity {self.meta.get('identity')}"
                        " (the file was edited or damaged)")
-        out += [p for k in range(int(self.meta["n_shards"])) if (p := self.shard_problem(k, deep)) is not None]
+        out += [p for k in range(int(self.meta["n_shards"])) if (p := self.shard_problem(k)) is not None]
         extra = sorted(k for k in self._on_disk() if k >= int(self.meta["n_shards"]))
         out += [f"shard-{k:05d}: not part of this store ({self.meta['n_shards']} shards)" for k in extra]
         return out
@@ -224,7 +228,7 @@ class ActivationStore:
         """Check every shard's size, row count and SHA-256 against its record, and every record
         against ``meta.json``. Returns the store; raises :class:`StoreIntegrityError` listing each
         problem by shard file."""
-        bad = self.problems(deep=True)
+        bad = self.problems()
         if bad:
             raise StoreIntegrityError(f"{self.path} failed verification ({len(bad)} problem(s)):\n  "
                                       + "\n  ".join(bad) + "\nrerun the same extract(...) call to recompute "
@@ -256,7 +260,7 @@ class ActivationStore:
         """All shards, verified (checksums once per file state); raises naming every bad one."""
         if self.legacy:
             return tuple(self.shards)
-        bad = self.problems(deep=True)
+        bad = self.problems()
         if bad:
             raise StoreIntegrityError(f"{self.path} cannot be read ({len(bad)} problem(s)):\n  " + "\n  ".join(bad)
                                       + "\nrerun the same extract(...) call to finish or repair it")
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 store = ActivationStore(d)
-            bad = store.problems(deep=True)
+            bad = store.problems()
         except (FileNotFoundError, StoreIntegrityError) as e:
             print(f"FAILED {d}: {e}")
             status = 1

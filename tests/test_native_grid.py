@@ -41,7 +41,8 @@ def onevision(tmp_path_factory):
     """Tiny OneVision models at 62 px and 384 px (patch 14) whose image tokens are the tower's
     patch embeddings (no attention between patches before the decoder)."""
     root = tmp_path_factory.mktemp("native")
-    return {size: _load(build_llava_onevision(root / f"ov{size}", size=size, tower_layers=1, feature_layer=-2))
+    return {size: _load(build_llava_onevision(root / f"ov{size}", size=size, tower_layers=1, feature_layer=-2,
+                                                    square_pin=True))
             for size in (62, 384)}
 
 

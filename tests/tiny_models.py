@@ -257,14 +257,15 @@ def build_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
 
 
 def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: int = PATCH, tower_layers: int = 2,
-                          feature_layer: int = -1) -> Path:
+                          feature_layer: int = -1, square_pin: bool = False) -> Path:
     """LLaVA-OneVision layout: SigLIP tower, anyres tiling with every patch token kept ("full"),
     image-newline tokens, Qwen2 decoder.
 
     ``size`` need not be a multiple of ``patch``: SigLIP's stride-``patch`` convolution sees
     ``g = size // patch`` patches per side and never the last ``size − g·patch`` pixels (the real
-    SigLIP-384/14 tower: 27 × 27 over 378 px). The pinpoints are 1 × 1, 1 × 2, 2 × 1 and 2 × 2
-    tiles of ``size`` px. ``feature_layer``: the tower hidden state the projector reads (-1: the
+    SigLIP-384/14 tower: 27 × 27 over 378 px). The pinpoints are 1 × 2, 2 × 1 and 2 × 2 tiles of
+    ``size`` px, and 1 × 1 with ``square_pin`` (a square image then gets one crop, not four).
+    ``feature_layer``: the tower hidden state the projector reads (-1: the
     last layer; ``-(tower_layers + 1)``: the patch embeddings, so that image token k depends on
     patch k's pixels alone — transformers collects no hidden states when asked for layer 0).
     """
@@ -282,12 +283,12 @@ def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: in
     from microscope.model import image_only
 
     grid = size // patch
-    positions = max(MAX_POSITIONS, 5 * grid * (grid + 1) + 256)  # base view + 2 x 2 crops with newlines
+    positions = max(MAX_POSITIONS, 5 * grid * (grid + 1) + 256)  # base view + 2 × 2 crops with newlines
     tok = onevision_tokenizer()
     tok.model_max_length = positions
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=tower_layers,
                                 num_attention_heads=2, image_size=size, patch_size=patch)  # no CLS token
-    pins = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+    pins = [[size, size]] * square_pin + [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_llama(tok, Qwen2Config, positions),
                                image_token_index=tok.convert_tokens_to_ids("<image>"),
                                video_token_index=tok.convert_tokens_to_ids("<video>"),

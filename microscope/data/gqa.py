@@ -110,7 +110,7 @@ def _read_graphs(scene_graphs) -> dict | None:
 
 
 def _from_json(path: Path, images: Path, graphs: dict | None, grouping: str, image_ext: str,
-               skipped: list, notes: list) -> tuple[list[VQASample], int]:
+               skipped: list, notes: list, wanted: set[str] | None = None) -> tuple[list[VQASample], int]:
     qs = read_json(path, "GQA questions")
     if not isinstance(qs, dict):
         raise DatasetError(f"GQA questions file {path} must map question ids to questions, got {type(qs).__name__}")
@@ -130,6 +130,8 @@ def _from_json(path: Path, images: Path, graphs: dict | None, grouping: str, ima
         cat = category(types, grouping)
         if not cat:
             skipped.append({"source": str(path), "row": str(qid), "reason": f"no {grouping} question type"})
+            continue
+        if wanted is not None and cat not in wanted:  # filtered before any parsing or scene-graph lookup
             continue
         text, image_id = str(q["question"]), str(q["imageId"])
         answer = q.get("answer")
@@ -176,8 +178,8 @@ def _objects(row: dict, header: Sequence[str]) -> list[dict]:
 CSV_REQUIRED = ("question_id", "img_id", "question", "answer", "type_detailed", "type_structural", "type_semantic")
 
 
-def _from_csv(path: Path, images: Path, grouping: str, image_ext: str, skipped: list, notes: list
-              ) -> tuple[list[VQASample], int]:
+def _from_csv(path: Path, images: Path, grouping: str, image_ext: str, skipped: list, notes: list,
+              wanted: set[str] | None = None) -> tuple[list[VQASample], int]:
     if not path.is_file():
         raise DatasetError(f"GQA knockout-paper CSV {path} does not exist")
     out, total = [], 0
@@ -204,6 +206,8 @@ def _from_csv(path: Path, images: Path, grouping: str, image_ext: str, skipped: 
             if not cat:
                 skipped.append({"source": str(path), "row": line, "reason": f"no {grouping} question type"})
                 continue
+            if wanted is not None and cat not in wanted:
+                continue
             cons, boxes, names = [], [], []
             for o in _objects(row, header):
                 if o["box"] is not None:
@@ -218,7 +222,7 @@ def _from_csv(path: Path, images: Path, grouping: str, image_ext: str, skipped: 
                 elif all(c.start != span[0] for c in cons):
                     cons.append(Constraint(text[span[0]:span[1]], *span))
             meta = {"image_id": image_id, "types": types, "source": str(path), "objects": names,
-                    "full_answer": row.get("full answer"), "scene_graph": bool(boxes)}
+                    "full_answer": row.get("full answer"), "has_boxes": bool(boxes)}
             for key, col in (("width", "image_w"), ("height", "image_h")):
                 try:
                     meta[key] = int(float(row.get(col) or ""))
@@ -253,26 +257,23 @@ def load(questions: str | Path | Sequence[str | Path], images: str | Path,
     skipped: list[dict] = []
     notes: list[dict] = []
     total = 0
+    wanted = None if categories is None else set(categories)
     for path in paths:
         if path.suffix.lower() == ".csv":
-            got, t = _from_csv(path, images, grouping, image_ext, skipped, notes)
+            got, t = _from_csv(path, images, grouping, image_ext, skipped, notes, wanted)
         else:
-            got, t = _from_json(path, images, graphs, grouping, image_ext, skipped, notes)
+            got, t = _from_json(path, images, graphs, grouping, image_ext, skipped, notes, wanted)
         out += got
         total += t
-    if categories is not None:
-        wanted = set(categories)
-        unknown = [c for c in categories if c not in CATEGORIES]
-        kept = [s for s in out if s.category in wanted]
-        if unknown and not kept:
-            raise DatasetError(f"no GQA question has category {unknown}; the knockout paper's categories are "
-                               f"{list(CATEGORIES)}")
-        out = kept
+    unknown = [c for c in categories or () if c not in CATEGORIES]
+    if unknown and not out:
+        raise DatasetError(f"no GQA question has category {unknown}; the knockout paper's categories are "
+                           f"{list(CATEGORIES)}")
     out = draw(out, n, seed)
     ids = {s.id for s in out}
     result = Samples(out, skipped, [d for d in notes if d["id"] in ids])
     result.warn(f"GQA {', '.join(p.name for p in paths)}", total)
-    no_graph = sum(1 for d in result.notes if "no scene graph" in d["note"])
+    no_graph = sum(s.meta.get("scene_graph") is False for s in result)
     if no_graph:
         warnings.warn(f"GQA: {no_graph} of {len(result)} questions have no scene graph for their image (kept without "
                       "boxes; related/other-image edges and attribution skip them); scene graphs exist for train and "

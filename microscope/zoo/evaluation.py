@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from microscope.answers import answer_ids
 from microscope.data import shapes
 from microscope.zoo.shapes_llava import prompt
 
@@ -38,12 +39,6 @@ def predict(model, processor, images: Sequence, questions: Sequence[str], batch:
         probs.append(p.cpu())
         ids += p.argmax(-1).tolist()
     return ids, torch.cat(probs) if probs else torch.empty(0)
-
-
-def answer_ids(processor, answers: Sequence[str]) -> list[int]:
-    """First token id of each answer (no BOS)."""
-    tok = processor.tokenizer
-    return [tok(a, add_special_tokens=False)["input_ids"][0] for a in answers]
 
 
 def evaluate_samples(model, processor, samples: Sequence[shapes.Sample], blank: bool = False,
