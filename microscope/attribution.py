@@ -41,12 +41,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from microscope import attention, tracing
+from microscope import attention, groundtruth, tracing
 from microscope.answers import MODEL, NoTarget, answer_ids, only_correct_note
 from microscope.knockout import image_patch_positions
-from microscope.prefix import position_kwargs
+from microscope.prefix import next_token_probs
 from microscope.prefix import positions as prompt_positions
-from microscope.results import explain
+from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import prepare_samples
 
 _NAME = "microscope_record_eager"
@@ -183,11 +183,11 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
             c = tracing.corrupt(handle, s, "noise", "image", n_noise=n_noise, scale=scale, sigma=sigma,
                                 seed=seed + k)
         except NoTarget:
-            skipped["have a gold answer the vocabulary cannot spell"] += 1
+            skipped[UNSPELLABLE] += 1
             continue
         n_model += c.answer_source == MODEL
         if only_correct and not c.correct:
-            skipped["answered wrongly (only_correct=True)"] += 1
+            skipped[WRONG] += 1
             continue
         pos = image_patch_positions(handle, c.batch, 0, getattr(s, "grid", None))
         p = tracing.restore(c, [("resid", [layer], [int(t)]) for t in pos], batch_size=batch_size)
@@ -281,13 +281,6 @@ def objectness_scores(handle, samples: Sequence, progress: bool = True) -> pd.Da
     return pd.DataFrame(rows, columns=["model", "sample_id", "category", "patch", "position", "score"])
 
 
-def object_owners(sample, min_coverage: float = 0.15) -> np.ndarray:
-    """Per patch, the index of the object covering most of it if it covers ≥ ``min_coverage`` of
-    the patch, else -1 (:func:`microscope.groundtruth.patch_truth`'s ``owner``)."""
-    per = np.stack([sample.patch_coverage([i]) for i in range(len(sample.objects))])
-    return np.where(per.max(0) >= max(min_coverage, 1e-12), per.argmax(0), -1)
-
-
 def group_restoration_scores(handle, samples: Sequence, min_coverage: float = 0.15, n_noise: int = 10,
                              scale: float = 3.0, sigma: float | None = None, seed: int = 0, batch_size: int = 256,
                              only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
@@ -312,7 +305,7 @@ def group_restoration_scores(handle, samples: Sequence, min_coverage: float = 0.
         if only_correct and not c.correct:
             continue
         pos = image_patch_positions(handle, c.batch, 0, getattr(s, "grid", None))
-        owner = object_owners(s, min_coverage)
+        owner = groundtruth.object_owners(s, min_coverage)
         n = len(s.objects)
         sets = [frozenset(K) for r in range(n + 1) for K in itertools.combinations(range(n), r)]
         jobs = [("resid", [-1], [int(pos[j]) for j in np.flatnonzero(np.isin(owner, list(K)))]) for K in sets]
@@ -329,15 +322,10 @@ def group_restoration_scores(handle, samples: Sequence, min_coverage: float = 0.
 def _answer_probability(handle, clean: torch.Tensor, pos: torch.Tensor, gold: int, pos_ids):
     """``x ↦ p(answer)`` for image-token decoder inputs ``x`` (B, P, d) written at ``pos`` into the
     clean decoder input ``clean`` (T, d); differentiable."""
-    T = clean.shape[0]
-
     def p_answer(x: torch.Tensor) -> torch.Tensor:
         emb = clean.unsqueeze(0).expand(x.shape[0], -1, -1).clone()
         emb[:, pos] = x
-        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
-        logits = handle.model(inputs_embeds=emb, attention_mask=mask, use_cache=False, logits_to_keep=1,
-                              **position_kwargs(pos_ids, T, x.shape[0])).logits[:, -1].float()
-        return logits.softmax(-1)[:, gold]
+        return next_token_probs(handle, emb, None, pos_ids)[:, gold]
 
     return p_answer
 

@@ -50,6 +50,18 @@ TRUTH_COLUMNS = ["sample_id", "category", "patch", "coverage", "owner", "owner_r
                  "objectness (oracle)"]
 
 
+def _owners(per: np.ndarray, min_coverage: float) -> np.ndarray:
+    """Per patch, the object covering most of it (rows of ``per``: each object's coverage) if that
+    covers ≥ ``min_coverage`` of the patch, else -1."""
+    return np.where(per.max(0) >= max(min_coverage, 1e-12), per.argmax(0), -1)
+
+
+def object_owners(sample, min_coverage: float = 0.15) -> np.ndarray:
+    """Per patch of a Shapes sample, the index of the object covering most of it if it covers
+    ≥ ``min_coverage`` of the patch, else -1 (:func:`patch_truth`'s ``owner``)."""
+    return _owners(np.stack([sample.patch_coverage([i]) for i in range(len(sample.objects))]), min_coverage)
+
+
 def patch_truth(samples: Sequence, min_coverage: float = 0.15, n_patches: int | None = None) -> pd.DataFrame:
     """Per sample × patch: ``coverage`` (of the patch's area, by the referred objects), ``owner``
     (index of the object covering most of the patch if it covers ≥ ``min_coverage``, else -1),
@@ -65,8 +77,7 @@ def patch_truth(samples: Sequence, min_coverage: float = 0.15, n_patches: int | 
             per = np.stack([s.patch_coverage([i]) for i in range(len(objs))]) if objs else \
                 np.zeros((1, s.grid * s.grid))
             cov = s.patch_coverage()
-            best = per.argmax(0)
-            owner = np.where(per.max(0) >= max(min_coverage, 1e-12), best, -1)
+            owner = _owners(per, min_coverage)
             referred = set(s.referred)
             any_cov = per.sum(0)
             n_ref = len(referred)

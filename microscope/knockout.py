@@ -50,7 +50,7 @@ from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_cor
 from microscope.extract import capture
 from microscope.model import ANYRES, patch_grid
 from microscope.prefix import expand, position_kwargs, positions, prefix_of
-from microscope.results import explain
+from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
@@ -350,7 +350,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         try:
             gold_id(handle.processor, s.answer)
         except NoTarget:
-            skipped["have a gold answer the vocabulary cannot spell"] += 1
+            skipped[UNSPELLABLE] += 1
             continue
         batch = prepare_samples(handle, [s])
         if patch_edges_ok is None:
@@ -368,7 +368,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         gold, source = answer_target(handle.processor, s.answer, logits)
         n_model += source == MODEL
         if only_correct and int(logits.argmax()) != gold:
-            skipped["answered wrongly (only_correct=True)"] += 1
+            skipped[WRONG] += 1
             continue
         p_base = float(logits.softmax(-1)[gold])
         emb = acts["resid.-1"]

@@ -317,6 +317,11 @@ def _load_processor(path: Path, model_type: str):
 
 
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def is_factory_spec(name_or_path) -> bool:
+    """``name_or_path`` names a handle factory (``"package.module:function"``), not a path."""
+    return isinstance(name_or_path, str) and bool(_FACTORY.fullmatch(name_or_path)) and not Path(name_or_path).exists()
 #: environment variable: comma-separated modules (and their submodules) whose functions model
 #: strings may name, e.g. ``MICROSCOPE_FACTORIES=tests.fusion_example,my_models``
 FACTORIES_ENV = "MICROSCOPE_FACTORIES"
@@ -454,7 +459,7 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     the sharded model unchanged.
     """
     dtype = check_dtype(dtype)
-    if isinstance(name_or_path, str) and _FACTORY.fullmatch(name_or_path) and not Path(name_or_path).exists():
+    if is_factory_spec(name_or_path):
         return _from_factory(name_or_path, device, dtype, allow_factory)
     if device_map is not None and device is not None:
         raise ValueError("give either device (one device) or device_map (sharding), not both")

@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from microscope.answers import answer_ids
 from microscope.knockout import image_patch_positions
-from microscope.prefix import expand, length, position_kwargs, prefix_of
+from microscope.prefix import next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.roles import prepare_samples
 
@@ -125,17 +125,9 @@ def _probs(handle, samples: Sequence, batch_size: int = 64) -> torch.Tensor:
 def _embed_probs(handle, embeds: torch.Tensor, prefix, pos_ids, batch_size: int = 64) -> torch.Tensor:
     """Next-token distributions of decoder inputs ``embeds`` (R, T, d) sharing a clean prefix cache
     of their first ``length(prefix)`` positions (the rows hold only the suffix)."""
-    out = []
-    for i in range(0, len(embeds), batch_size):
-        x = embeds[i:i + batch_size]
-        R, T = x.shape[:2]
-        mask = torch.ones((R, T + length(prefix)), dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            lg = handle.model(inputs_embeds=x, attention_mask=mask, past_key_values=expand(handle, prefix, R),
-                              use_cache=prefix is not None, logits_to_keep=1,
-                              **position_kwargs(pos_ids, T, R)).logits[:, -1].float()
-        out.append(lg.softmax(-1).cpu())
-    return torch.cat(out)
+    with torch.no_grad():
+        return torch.cat([next_token_probs(handle, embeds[i:i + batch_size], prefix, pos_ids).cpu()
+                          for i in range(0, len(embeds), batch_size)])
 
 
 def total_variation(p: torch.Tensor | np.ndarray, q: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -84,8 +84,7 @@ def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = ()):
         _, ax = plt.subplots(figsize=(4, 4))
     size = sample.image_size
     ax.imshow(sample.image, extent=(0, size, size, 0))
-    g, p = sample.grid, sample.patch_size
-    seen = g * p
+    g, p, seen = sample.grid, sample.patch_size, sample.visible_size
     for i in range(1, g + (seen < size)):
         ax.axhline(i * p, color="k", lw=0.4, alpha=0.4)
         ax.axvline(i * p, color="k", lw=0.4, alpha=0.4)
@@ -360,32 +359,6 @@ def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None, total: floa
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def attribution_precision(prec: pd.DataFrame, ax=None, title: str = "top-k image tokens vs referred object"):
-    """Mean top-k precision per method and category against the chance level (table with columns
-    ``method, category, precision, chance``); a table without rows says why."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3))
-    if prec.empty:
-        ax.set_title(title)
-        return empty_panel(ax, prec, "samples with referred patches")
-    methods = list(dict.fromkeys(prec.method))
-    cats = list(dict.fromkeys(prec.category))
-    w = 0.8 / (len(methods) + 1)
-    colors = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"]
-    for i, m in enumerate(methods):
-        g = prec[prec.method == m].groupby("category").precision.mean().reindex(cats)
-        ax.bar(np.arange(len(cats)) + i * w, g.values, w, color=colors[i % 4], label=m)
-    ch = prec.groupby("category").chance.mean().reindex(cats)
-    ax.bar(np.arange(len(cats)) + len(methods) * w, ch.values, w, color="0.7", label="chance")
-    ax.set_xticks(np.arange(len(cats)) + w * len(methods) / 2)
-    ax.set_xticklabels(cats, rotation=20)
-    ax.set_ylabel("precision@k")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return ax.figure
 
 
 METHOD_COLORS = {

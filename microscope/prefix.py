@@ -58,3 +58,17 @@ def position_kwargs(pos: torch.Tensor | None, length: int, rows: int) -> dict:
     """Keyword arguments giving a forward of ``rows`` rows over the last ``length`` positions of
     the prompt whose :func:`positions` are ``pos`` (``{}`` when ``pos`` is None)."""
     return {} if pos is None else {"position_ids": pos[..., pos.shape[-1] - length:].expand(-1, rows, -1)}
+
+
+def next_token_probs(handle, embeds: torch.Tensor, prefix: list | None = None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token distributions ``(R, V)`` at the last position of decoder inputs ``embeds``
+    ``(R, T, d)``: the rows hold only the suffix after ``prefix`` (the clean cache of the positions
+    before them, or ``None``), ``position_ids`` the whole prompt's :func:`positions`. Gradients flow
+    when enabled (integrated gradients); callers that need none wrap it in ``torch.no_grad``."""
+    R, T = embeds.shape[:2]
+    mask = torch.ones((R, T + length(prefix)), dtype=torch.long, device=embeds.device)
+    logits = handle.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=expand(handle, prefix, R),
+                          use_cache=prefix is not None, logits_to_keep=1,
+                          **position_kwargs(position_ids, T, R)).logits
+    return logits[:, -1].float().softmax(-1)

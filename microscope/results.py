@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+#: the reasons analyses give in ``df.attrs["skipped"]`` for samples left out, one wording each
+WRONG = "answered wrongly (only_correct=True)"
+UNSPELLABLE = "have a gold answer the vocabulary cannot spell"
+
 
 def _plain(v):
     if isinstance(v, dict):

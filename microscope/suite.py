@@ -156,9 +156,9 @@ def check_kernel_parameters(notebook: str | Path, namespace: Mapping[str, object
 @contextlib.contextmanager
 def _factories(model: str, allow_factory: bool) -> Iterator[None]:
     """Allow the kernels to call ``model``'s factory (``$MICROSCOPE_FACTORIES``) while they run."""
-    from microscope.model import _FACTORY, FACTORIES_ENV
+    from microscope.model import FACTORIES_ENV, is_factory_spec
 
-    if not (allow_factory and _FACTORY.fullmatch(model) and not Path(model).exists()):
+    if not (allow_factory and is_factory_spec(model)):
         yield
         return
     old = os.environ.get(FACTORIES_ENV)

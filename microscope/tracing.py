@@ -56,9 +56,9 @@ from microscope import validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions, related_patches
-from microscope.prefix import expand, length, position_kwargs, prefix_of
+from microscope.prefix import next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
-from microscope.results import WHY_EMPTY, explain, why_empty
+from microscope.results import UNSPELLABLE, WHY_EMPTY, WRONG, explain, why_empty
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
@@ -144,6 +144,7 @@ class Corrupted:
     prefix: list | None = None          # clean (key, value) per layer of the positions before it
     position_ids: torch.Tensor | None = None  # (3, 1, T) M-RoPE positions; None for 1-D RoPE
     answer_source: str = "gold"         # "gold", or "model": the clean run's own greedy answer
+    corrupted_top: int = -1             # top token of the mean corrupted next-token distribution
 
     @property
     def n_noise(self) -> int:
@@ -233,16 +234,8 @@ def replacement_options(handle, batch: Batch, sample, words: Sequence[str] | Non
 
 def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """p(answer) at the last position; ``prefix``: the clean cache of the positions before
-    ``embeds`` (:mod:`microscope.prefix`), so only the suffix is computed; ``position_ids``: the
-    whole prompt's ``(3, 1, T)`` M-RoPE positions (None for 1-D RoPE), of which the last
-    ``embeds.shape[1]`` are used."""
-    R, T = embeds.shape[:2]
-    mask = torch.ones((R, T + length(prefix)), dtype=torch.long, device=embeds.device)
-    logits = handle.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=expand(handle, prefix, R),
-                          use_cache=prefix is not None, logits_to_keep=1,
-                          **position_kwargs(position_ids, T, R)).logits
-    return logits[:, -1].float().softmax(-1)[:, answer]
+    """p(answer) at the last position of each row (:func:`microscope.prefix.next_token_probs`)."""
+    return next_token_probs(handle, embeds, prefix, position_ids)[:, answer]
 
 
 def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint", n_noise: int = 10,
@@ -320,11 +313,12 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     prefix = prefix_of(out.past_key_values, first)
     pos_ids = prompt_positions(handle, inputs)
     with torch.no_grad():
-        p_cor = float(_forward_p(handle, rep[:, first:] if prefix else rep, gold, prefix, pos_ids).mean())
+        probs = next_token_probs(handle, rep[:, first:] if prefix else rep, prefix, pos_ids).mean(0)
     return Corrupted(handle=handle, sample=sample, batch=batch, answer_id=gold, clean=clean, corrupted=rep,
-                     positions=pos, p_clean=p_clean, p_corrupted=p_cor, correct=int(logits.argmax()) == gold,
-                     groups=token_groups(batch, 0, rel), related_positions=rel, first=first, prefix=prefix,
-                     position_ids=pos_ids, answer_source=source)
+                     positions=pos, p_clean=p_clean, p_corrupted=float(probs[gold]),
+                     correct=int(logits.argmax()) == gold, groups=token_groups(batch, 0, rel), related_positions=rel,
+                     first=first, prefix=prefix, position_ids=pos_ids, answer_source=source,
+                     corrupted_top=int(probs.argmax()))
 
 
 @contextlib.contextmanager
@@ -382,7 +376,10 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     # positions before the first corrupted one are clean in every row: they come from the prefix
     # cache and are not recomputed; restoring one of them is a no-op
     off = c.first if c.prefix else 0
-    jobs = [(k, lay, [int(p) - off for p in ps if int(p) >= off]) for k, lay, ps in jobs]
+    # a job restoring nothing after the offset is the corrupted run itself; identical jobs run once
+    keys = [(k, tuple(int(x) for x in lay), tuple(int(p) - off for p in ps if int(p) >= off)) for k, lay, ps in jobs]
+    unique = list(dict.fromkeys(key for key in keys if key[2]))
+    jobs = [(k, list(lay), list(ps)) for k, lay, ps in unique]
     rows = [(j, n) for j in range(len(jobs)) for n in range(N)]
     out = np.zeros(len(jobs))
     it = range(0, len(rows), batch_size)
@@ -402,7 +399,8 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
             p = _forward_p(h, emb, c.answer_id, c.prefix if off else None, c.position_ids).cpu().numpy()
         for (j, _n), pj in zip(chunk, p):
             out[j] += pj / N
-    return out
+    value = dict(zip(unique, out))
+    return np.array([value.get(key, c.p_corrupted) for key in keys])
 
 
 def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise", target: str = "constraint",
@@ -488,11 +486,11 @@ def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corru
             skipped[f"have no {target} tokens to corrupt"] += 1
             continue
         except NoTarget:
-            skipped["have a gold answer the vocabulary cannot spell"] += 1
+            skipped[UNSPELLABLE] += 1
             continue
         n_model += c.answer_source == MODEL
         if only_correct and not c.correct:
-            skipped["answered wrongly (only_correct=True)"] += 1
+            skipped[WRONG] += 1
             continue
         out.append(trace(handle, s, kinds, corruption, target, n_noise, scale, sigma, window,
                          batch_size=batch_size, corrupted=c))
@@ -557,19 +555,6 @@ EFFECT_COLUMNS = ["model", "sample_id", "category", "corruption", "kind", "targe
                   "p_corrupted", "drop", "flipped", "correct"]
 
 
-def _next_token_probs(c: Corrupted) -> torch.Tensor:
-    """Mean next-token distribution over ``c``'s corrupted copies (the suffix after the clean prefix)."""
-    h = c.handle
-    emb = c.corrupted[:, c.first:] if c.prefix else c.corrupted
-    R, T = emb.shape[:2]
-    mask = torch.ones((R, T + length(c.prefix)), dtype=torch.long, device=emb.device)
-    with torch.no_grad():
-        logits = h.model(inputs_embeds=emb, attention_mask=mask, past_key_values=expand(h, c.prefix, R),
-                         use_cache=c.prefix is not None, logits_to_keep=1,
-                         **position_kwargs(c.position_ids, T, R)).logits[:, -1].float()
-    return logits.softmax(-1).mean(0).cpu()
-
-
 def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] = CORRUPTION_SET, n_noise: int = 10,
                        sigma_text: float | None = None, sigma_image: float | None = None, seed: int = 0,
                        progress: bool = True) -> pd.DataFrame:
@@ -602,7 +587,8 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
             if kind == "blank":
                 probs = _probs(handle, [s, blank_like(s)])
                 gold = int(probs[0].argmax()) if gold is None else gold
-                p_clean, correct, dist = float(probs[0, gold]), int(probs[0].argmax()) == gold, probs[1]
+                p_clean, correct = float(probs[0, gold]), int(probs[0].argmax()) == gold
+                p_cor, top = float(probs[1, gold]), int(probs[1].argmax())
             else:
                 try:
                     c = corrupt(handle, s, kind, target, n_noise=n_noise, scale=scale,
@@ -610,11 +596,10 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
                 except NothingToCorrupt:
                     continue
                 gold = c.answer_id
-                p_clean, correct, dist = c.p_clean, c.correct, _next_token_probs(c)
+                p_clean, correct, p_cor, top = c.p_clean, c.correct, c.p_corrupted, c.corrupted_top
             rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
                          "corruption": label, "kind": kind, "target": target, "scale": scale, "p_clean": p_clean,
-                         "p_corrupted": float(dist[gold]), "drop": p_clean - float(dist[gold]),
-                         "flipped": int(dist.argmax()) != gold, "correct": correct})
+                         "p_corrupted": p_cor, "drop": p_clean - p_cor, "flipped": top != gold, "correct": correct})
     return pd.DataFrame(rows, columns=EFFECT_COLUMNS)
 
 

@@ -6,7 +6,8 @@ argument, the bad value and what is accepted::
 
     layers([0, np.int64(3)], n_layers=6)   -> [0, 3]          numpy integers are integers
     layers("[0, 3]", n_layers=6)           -> [0, 3]          papermill's ``-p layers '[0, 3]'``
-    layers("0,3", n_layers=6)              -> ValueError      (names the string and the fix)
+    layers("0,3", n_layers=6)              -> [0, 3]          a tuple literal
+    layers("0 to 3", n_layers=6)           -> ValueError      (names the string and the fix)
     positions([-1], n_tokens=42)           -> ValueError      (0..41; use 41 for the last)
     window(2.7)                            -> ValueError      (a positive whole number of layers)
     scale(float("nan"))                    -> ValueError      (finite and >= 0)
@@ -44,19 +45,6 @@ def is_int(value) -> bool:
         v = item()
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
     return False
-
-
-def integer(value, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an ``int`` in ``lo..hi`` (inclusive, either bound optional).
-
-    Floats are refused even when whole (``2.7`` would silently become ``2``)."""
-    if not is_int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
-    v = int(value)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
-        raise ValueError(f"{name}={v} is out of range: it must lie in {rng}")
-    return v
 
 
 def positive_int(value, name: str) -> int:

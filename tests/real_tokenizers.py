@@ -104,3 +104,14 @@ def tokenizer_json(name: str) -> str:
     if _sha256(data) != src.sha256:
         raise RuntimeError(f"tokenizer {name!r}: SHA-256 {_sha256(data)} is not the pinned {src.sha256}")
     return data.decode("utf-8")
+
+
+def token_runs(mask) -> list[list[int]]:
+    """Maximal runs of consecutive True positions of a 1-D boolean mask (a word's tokens)."""
+    runs: list[list[int]] = []
+    for p in mask.nonzero().flatten().tolist():
+        if runs and runs[-1][-1] == p - 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs

@@ -248,10 +248,6 @@ def corrupted(shapes_handle, sample):
     return tr.corrupt(shapes_handle, sample, n_noise=1, sigma=0.1)
 
 
-def _h(request):
-    return request.getfixturevalue("shapes_handle")
-
-
 BAD_CALLS = {
     # name: (call(handle, sample, request, tmp_path), exception, message)
     "extract layers '[0, 9]' (papermill string)": (

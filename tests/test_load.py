@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -301,4 +300,3 @@ def test_the_hub_cache_is_read_from_the_environment_at_call_time(tmp_path, monke
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert hub_cache() == tmp_path / "xdg" / "huggingface" / "hub"
-    assert os.environ.get("HF_HUB_CACHE") is None

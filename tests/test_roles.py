@@ -11,6 +11,7 @@ import microscope
 from microscope.data import shapes
 from microscope.errors import ModelNotFoundError
 from microscope.roles import ROLES, check_image
+from tests.real_tokenizers import token_runs
 from tests.tiny_models import FUSION, MODELS
 
 #: models on the Shapes world's word-level tokenizer (the others have their family's real one)
@@ -34,9 +35,7 @@ def test_roles_follow_ids_and_offsets(handles, name):
             assert tok.convert_ids_to_tokens(q_ids) == tok.tokenize(s.question)
         else:  # real tokenizers: the question's tokens, in its context's form, decode to the question
             assert tok.decode(q_ids).strip() == s.question
-        runs: list[list[int]] = []
-        for p in b.role_mask("constraint")[i].nonzero().flatten().tolist():
-            runs.append(runs.pop() + [p] if runs and runs[-1][-1] == p - 1 else [p])
+        runs = token_runs(b.role_mask("constraint")[i])
         assert [tok.decode(row[r]).strip() for r in runs] == [c.word for c in s.constraints]
         assert names[-1] == "last" and names.count("last") == 1  # left padding: last column
         tmpl = [t for t, r in zip(tok.convert_ids_to_tokens(row), names) if r == "template"]

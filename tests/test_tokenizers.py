@@ -17,6 +17,7 @@ from microscope.answers import answer_ids, variant_id
 from microscope.data import load_samples
 from microscope.data.shapes import Constraint
 from tests import real_tokenizers
+from tests.real_tokenizers import token_runs
 from tests.tiny_models import TINY, VARIANTS
 
 REAL = [*TINY, *VARIANTS]
@@ -50,17 +51,6 @@ def _spans(question: str, words: list[str]) -> list[tuple[int, int]]:
         i = question.index(w)
         out.append((i, i + len(w)))
     return out
-
-
-def _runs(mask: torch.Tensor) -> list[list[int]]:
-    """Maximal runs of consecutive True positions."""
-    runs: list[list[int]] = []
-    for p in mask.nonzero().flatten().tolist():
-        if runs and runs[-1][-1] == p - 1:
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    return runs
 
 
 def test_tokenizer_files_are_the_pinned_ones(monkeypatch):
@@ -124,7 +114,7 @@ def test_constraint_and_question_tokens_decode_to_their_words(real, name):
     for i, (q, ws) in enumerate(zip(questions, words)):
         qmask = b.role_mask(["question", "constraint"])[i]
         assert tok.decode(ids[i][qmask]).strip() == q
-        runs = _runs(b.role_mask("constraint")[i])
+        runs = token_runs(b.role_mask("constraint")[i])
         assert [tok.decode(ids[i][r]).strip() for r in runs] == ws, (q, runs)
         for r, w in zip(runs, ws):
             first = tok.convert_ids_to_tokens(int(ids[i][r[0]]))

@@ -139,12 +139,6 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def phrase_span(text: str, phrase: str) -> tuple[int, int] | None:
-    """First case-insensitive occurrence of ``phrase`` in ``text`` as ``(start, end)``."""
-    k = text.lower().find(phrase.lower().strip())
-    return None if k < 0 or not phrase.strip() else (k, k + len(phrase.strip()))
-
-
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
 #: words that are never a head noun: determiners, demonstratives, pronouns
 FUNCTION_WORDS = frozenset("""a an the this that these those here there it its they them their his her him he she

@@ -26,11 +26,10 @@ first, then with ``.jpg``, ``.jpeg``, ``.png``, ``.webp``, ``.bmp``, ``.gif`` ap
 
 The constraint's character span is found by :func:`~microscope.data.vqa.locate`: verbatim (whole
 words, any case), else its words with case and plural/possessive endings ignored, else its head
-noun alone (4 of the first 70 okvqa.csv rows need this: "this plant" in "Name the type of plant
-this is?" is ``plant``); the rule is ``meta["constraint_rule"]``, the published entity
-``meta["entity"]``. A row whose constraint cannot be located, or that lacks a question or an
-image path, is skipped with its reason (``samples.skipped``, and a warning with the count); it
-never aborts the file.
+noun alone ("this plant" in "Name the type of plant this is?" is ``plant``); the rule is
+``meta["constraint_rule"]``, the published entity ``meta["entity"]``. A row whose constraint
+cannot be located, or that lacks a question or an image path, is skipped with its reason
+(``samples.skipped``, and a warning with the count); it never aborts the file.
 """
 
 from __future__ import annotations
