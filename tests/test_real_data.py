@@ -336,7 +336,7 @@ def test_notebooks_03_and_04_run_on_each_real_data_set(name, images, tiny_dirs, 
         o = tmp_path / nb
         ran = pm.execute_notebook(
             str(suite.NOTEBOOKS / f"{nb}.ipynb"), str(tmp_path / f"{nb}.ipynb"), cwd=str(suite.NOTEBOOKS),
-            progress_bar=False, parameters={"model": str(tiny_dirs["llava15"]), "dataset": name,
+            progress_bar=False, execution_timeout=600, parameters={"model": str(tiny_dirs["llava15"]), "dataset": name,
                                             "dataset_args": args, "out_dir": str(o), "small": True,
                                             "only_correct": only_correct,
                                             "figures_dir": str(tmp_path / "fig"), "run_dir": str(tmp_path), **extra})
