@@ -39,13 +39,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from microscope import attention, groundtruth, tracing
 from microscope.answers import MODEL, NoTarget, answer_ids, only_correct_note
 from microscope.knockout import image_patch_positions
 from microscope.prefix import next_token_probs
 from microscope.prefix import positions as prompt_positions
+from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import prepare_samples
 

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import microscope
 from microscope import validate
+from microscope.progress import tqdm
 from microscope.roles import ROLE_CODE, ROLES, prepare_samples, role_codes
 from microscope.store import ActivationStore, file_sha256
 

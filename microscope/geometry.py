@@ -520,7 +520,7 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     ``n_splits=0`` skips the intervals (NaN); so does a half too small for the estimator (with a
     warning naming the metric).
     """
-    from tqdm.auto import tqdm
+    from microscope.progress import tqdm
 
     modalities = dict(modalities or MODALITIES)
     bad = [m for m in metrics if m not in METRICS]

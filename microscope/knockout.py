@@ -43,13 +43,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from microscope import attention, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import capture
 from microscope.model import ANYRES, patch_grid
 from microscope.prefix import expand, position_kwargs, positions, prefix_of
+from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 

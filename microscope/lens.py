@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from microscope import validate
 from microscope.answers import MODEL, VARIANTS, answer_ids, variant_id
 from microscope.extract import capture
+from microscope.progress import tqdm
 from microscope.roles import prepare_samples
 
 

@@ -61,12 +61,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from microscope.answers import answer_ids
 from microscope.knockout import image_patch_positions
 from microscope.prefix import next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
+from microscope.progress import tqdm
 from microscope.roles import prepare_samples
 
 #: the scene variable each category's answer is a function of

@@ -92,6 +92,32 @@ def build_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(user_turn(question), add_generation_prompt=True)
 
 
+def reserved_strings(processor) -> list[str]:
+    """The strings a processor or its tokenizer gives a meaning of their own: the image/video
+    placeholders (``processor.image_token`` …), the tokenizer's special tokens and its added tokens
+    marked special (Qwen's ``<|vision_start|>``). Inside a
+    question they would become image slots or control tokens instead of text."""
+    found = {v for k, v in vars(processor).items() if k.endswith("_token") and isinstance(v, str)}
+    tok = getattr(processor, "tokenizer", processor)
+    found.update(getattr(tok, "all_special_tokens", []) or [])
+    found.update(t.content for t in (getattr(tok, "added_tokens_decoder", None) or {}).values() if t.special)
+    return sorted(s for s in found if s and s.strip())
+
+
+def check_question(question, index: int, reserved: Sequence[str]) -> str:
+    """``question`` if it is a non-empty string free of reserved strings, else a ``ValueError``."""
+    if not isinstance(question, str):
+        raise TypeError(f"question {index}: expected a string, got {type(question).__name__}")
+    if not question.strip():
+        raise ValueError(f"question {index} is empty")
+    hits = [r for r in reserved if r in question]
+    if hits:
+        raise ValueError(f"question {index} contains {hits}, which this model's processor reserves for "
+                         f"images or control tokens ({question!r}); remove or reword it — the image is "
+                         "passed separately and placed by the chat template")
+    return question
+
+
 def prepare(handle, images: Sequence, questions: Sequence[str],
             constraints: Sequence[Sequence[tuple[int, int]]] | None = None,
             sample_ids: Sequence[str] | None = None) -> Batch:
@@ -109,6 +135,9 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
         if im is None:
             raise ValueError(f"question {i} has no image; {handle.name} needs one image per question")
         imgs.append(check_image(im, i))
+    reserved = reserved_strings(processor)
+    for i, q in enumerate(questions):
+        check_question(q, i, reserved)
     prompts = [build_prompt(processor, q) for q in questions]
     tok = processor.tokenizer
     old_side = tok.padding_side

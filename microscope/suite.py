@@ -144,13 +144,19 @@ def check_parameters(notebook: str | Path, parameters: Mapping[str, object],
 def check_kernel_parameters(notebook: str | Path, namespace: Mapping[str, object]) -> None:
     """The same check from inside a running notebook: ``namespace`` is its ``globals()`` right
     after the parameter cells (papermill's injected cell included). Names that are neither
-    declared parameters, modules, IPython's own nor private (``_x``) are unknown parameters."""
+    declared parameters, modules, IPython's own nor private (``_x``) are unknown parameters.
+    A headless run (``interactive=False``) then gets text progress bars (:func:`microscope.progress.headless`):
+    no widget is created in it."""
     import types
 
     declared = declared_parameters(notebook)
     given = {k: v for k, v in namespace.items()
              if not k.startswith("_") and k not in _KERNEL_NAMES and not isinstance(v, types.ModuleType)}
-    check_parameters(notebook, given, declared)
+    checked = check_parameters(notebook, given, declared)
+    if checked.get("interactive", True) is False:
+        from microscope import progress
+
+        progress.headless()
 
 
 @contextlib.contextmanager
@@ -175,6 +181,13 @@ def _factories(model: str, allow_factory: bool) -> Iterator[None]:
 def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
     """The suite's notebooks, in order (``NN_name.ipynb``)."""
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def headless(declared) -> dict:
+    """``{"interactive": False}`` for a notebook that declares it: its explore panels then draw once
+    with their defaults instead of building ipywidgets, whose comm messages can leave a headless
+    kernel client waiting forever (jupyter/nbclient#312, nteract/papermill#723)."""
+    return {"interactive": False} if "interactive" in declared else {}
 
 
 def run(out: str | Path, figures: str | Path, model: str = "shapes-llava", small: bool = False,
@@ -208,7 +221,8 @@ def run(out: str | Path, figures: str | Path, model: str = "shapes-llava", small
     plans = {}
     for nb in books:
         params = {"model": model, "out_dir": str(out / nb.stem), "figures_dir": str(figures), "small": small,
-                  "run_dir": str(out), **{k: v for k, v in extra.items() if k in declared[nb]}}
+                  "run_dir": str(out), **headless(declared[nb]),
+                  **{k: v for k, v in extra.items() if k in declared[nb]}}
         plans[nb] = check_parameters(nb, params, declared[nb])
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"model": model, "small": small, "notebooks": {}}

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from microscope import validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
@@ -58,6 +57,7 @@ from microscope.extract import SITES, capture
 from microscope.knockout import image_patch_positions, related_patches
 from microscope.prefix import next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
+from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WHY_EMPTY, WRONG, explain, why_empty
 from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
 

@@ -271,6 +271,16 @@ BAD_CALLS = {
     "extract batch_size 2.5": (
         lambda h, s, r, t: extract(h, [s], t / "s", batch_size=2.5, progress=False),
         ValueError, r"batch_size must be a positive whole number, got 2\.5"),
+    "extract question with the literal image token": (
+        lambda h, s, r, t: extract(h, [dataclasses.replace(s, question="What is <image> here?")], t / "s",
+                                   progress=False),
+        ValueError, r"question 0 contains \['<image>'\], which this model's processor reserves for images"),
+    "predict question with the BOS token": (
+        lambda h, s, r, t: ko.predict(h, [dataclasses.replace(s, question="Is <s> red?")], progress=False),
+        ValueError, r"question 0 contains \['<s>'\].*remove or reword it"),
+    "extract empty question": (
+        lambda h, s, r, t: extract(h, [dataclasses.replace(s, question="  ")], t / "s", progress=False),
+        ValueError, r"question 0 is empty"),
     "extract no samples": (
         lambda h, s, r, t: extract(h, [], t / "s", progress=False),
         ValueError, r"at least one sample"),

@@ -29,6 +29,11 @@ def test_notebooks_are_stored_without_outputs_and_have_parameters():
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.get("tags", []), b.name
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), b.name
+        assert suite.declared_parameters(b)["interactive"] is True, b.name  # widgets by default, in Jupyter
+
+
+def _outputs(path: Path) -> list[dict]:
+    return [o for c in nbformat.read(path, as_version=4).cells for o in c.get("outputs", [])]
 
 
 def test_suite_writes_executed_notebooks_figures_and_summary(run):
@@ -39,6 +44,10 @@ def test_suite_writes_executed_notebooks_figures_and_summary(run):
     assert on_disk["notebooks"].keys() == summary["notebooks"].keys()
     for b in books:
         assert (root / "run" / b.name).is_file()
+        # headless: each explore panel drawn once as a plain figure, no widget (they can stall nbclient)
+        outs = _outputs(root / "run" / b.name)
+        assert not [o for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], b.name
+        assert [o for o in outs if "image/png" in o.get("data", {})], b.name
     figs = {p.name for p in (root / "figures").iterdir()}
     for name in ("00_tour_sample", "00_tour_roles", "01_extraction_norms"):
         assert {f"{name}.pdf", f"{name}.png"} <= figs
@@ -149,7 +158,8 @@ def test_knockout_and_tracing_notebooks_run_on_a_gqa_layout(tmp_path, shapes_han
         pm.execute_notebook(str(suite.NOTEBOOKS / f"{nb}.ipynb"), str(tmp_path / f"{nb}.ipynb"),
                             cwd=str(suite.NOTEBOOKS), progress_bar=False, execution_timeout=CELL_TIMEOUT,
                             parameters={"dataset": "gqa", "dataset_args": args, "out_dir": str(o),
-                                        "figures_dir": str(tmp_path / "fig"), "small": True, "run_dir": str(tmp_path)})
+                                        "figures_dir": str(tmp_path / "fig"), "small": True, "run_dir": str(tmp_path),
+                                        "interactive": False})
         out[nb] = json.loads((o / "summary.json").read_text())
     assert out["01_extraction"]["n_samples"] == 24  # small: 24 of the 36 questions
     ko = out["03_attention_knockout"]
@@ -182,7 +192,7 @@ def test_every_notebook_runs_on_other_model_layouts(tmp_path, tiny_dirs, name, m
     run = tmp_path / "run"
     for nb in suite.notebooks():
         params = {"model": model, "out_dir": str(run / nb.stem), "figures_dir": str(tmp_path / "fig"),
-                  "small": True, "run_dir": str(run)}
+                  "small": True, "run_dir": str(run), "interactive": False}
         if nb.stem.startswith(("03", "04")):
             params["only_correct"] = False
         pm.execute_notebook(str(nb), str(tmp_path / nb.name), cwd=str(suite.NOTEBOOKS), progress_bar=False,

@@ -339,7 +339,8 @@ def test_notebooks_03_and_04_run_on_each_real_data_set(name, images, tiny_dirs, 
             progress_bar=False, execution_timeout=600, parameters={"model": str(tiny_dirs["llava15"]), "dataset": name,
                                             "dataset_args": args, "out_dir": str(o), "small": True,
                                             "only_correct": only_correct,
-                                            "figures_dir": str(tmp_path / "fig"), "run_dir": str(tmp_path), **extra})
+                                            "figures_dir": str(tmp_path / "fig"), "run_dir": str(tmp_path),
+                                            "interactive": False, **extra})
         text = "\n".join("".join(x.get("text", "")) for c in ran.cells for x in c.get("outputs", []))
         out[nb] = (json.loads((o / "summary.json").read_text()), text)
     (ko, ko_text), (tr, tr_text) = out["03_attention_knockout"], out["04_information_tracing"]

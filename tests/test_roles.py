@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from PIL import Image
 import microscope
 from microscope.data import shapes
 from microscope.errors import ModelNotFoundError
-from microscope.roles import ROLES, check_image
+from microscope.roles import ROLES, check_image, reserved_strings
 from tests.real_tokenizers import token_runs
 from tests.tiny_models import FUSION, MODELS
 
@@ -51,6 +53,22 @@ def test_roles_follow_ids_and_offsets(handles, name):
             assert "<|vision_start|>" in tmpl and "<|vision_end|>" in tmpl
     out = h.model(**b.inputs)
     assert out.logits.shape[:2] == ids.shape
+
+
+@pytest.mark.parametrize("name", ["shapes", *MODELS])
+def test_a_question_holding_a_reserved_string_is_refused_by_name(handles, name):
+    """The image placeholder and the tokenizer's special tokens inside a question would become image
+    slots or control tokens; every family refuses them, naming the string."""
+    h = handles[name]
+    s = shapes.generate(1, seed=4)[0]
+    reserved = reserved_strings(h.processor)
+    assert h.processor.image_token in reserved
+    if name.startswith("qwen"):
+        assert {"<|vision_start|>", "<|image_pad|>"} <= set(reserved)
+    for r in {h.processor.image_token, h.processor.tokenizer.eos_token} - {None}:
+        with pytest.raises(ValueError, match=re.escape(f"contains [{r!r}]")):
+            microscope.prepare(h, [s.image], [f"Is {r} the {s.question}"])
+    assert microscope.prepare(h, [s.image], [s.question]).roles.shape[0] == 1  # the plain question passes
 
 
 def test_llava_next_image_tokens_depend_on_image_size(handles):

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from microscope.answers import answer_ids
 from microscope.data import shapes
+from microscope.progress import tqdm
 from microscope.zoo.shapes_llava import prompt
 
 

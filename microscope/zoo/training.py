@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from microscope.data import shapes
+from microscope.progress import tqdm
 from microscope.zoo.shapes_llava import ARCH, build_model, build_processor, prompt
 
 TRAIN_SEED_BASE = 1000
