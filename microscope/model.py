@@ -43,19 +43,34 @@ from microscope.errors import MicroscopeError, ModelNotFoundError
 #: attention implementation the suite loads models with: its interventions work through
 #: transformers' attention interface, which ``sdpa`` and ``eager`` both honour
 DEFAULT_ATTENTION = "sdpa"
-#: model types whose image tokens start with the base view — the whole image resized to a square,
-#: not cropped — followed by high-resolution crops
-ANYRES = ("llava_next", "llava_onevision")
 #: families whose image (prefix) tokens attend bidirectionally: refused with a reason
-BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3")
-SUPPORTED = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "idefics3": "Idefics3ForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3", "shieldgemma2")
+#: families whose text reads the image through cross-attention layers, not image tokens in the
+#: sequence: refused with a reason
+CROSS_ATTENTION_IMAGE_INPUT = ("mllama", "idefics")
+#: the few families whose transformers class is not the image-text-to-text auto mapping's (none
+#: today; every other family's class comes from that mapping, and its parts are found by
+#: :func:`adapter_for`'s introspection)
+CLASS_OVERRIDES: dict[str, str] = {}
+#: attribute names, tried in order, of a ForConditionalGeneration model's inner model's language
+#: model (Idefics3 / SmolVLM: ``text_model``) and of that language model's final norm
+LANGUAGE_MODEL_ATTRS = ("language_model", "text_model")
+NORM_ATTRS = ("norm", "final_layernorm", "final_norm", "ln_f")
+
+
+def image_text_classes() -> dict[str, str]:
+    """``model_type -> class name`` of every image-text-to-text family transformers ships (its
+    own auto mapping), with :data:`CLASS_OVERRIDES` applied."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return {**MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, **CLASS_OVERRIDES}
+
+
+def is_anyres(config) -> bool:
+    """Whether a model's image tokens start with the base view — the whole image resized to a
+    square, not cropped — followed by high-resolution crops (LLaVA-NeXT's "anyres" tiling, which
+    LLaVA-NeXT-Video and LLaVA-OneVision share): its config lists ``image_grid_pinpoints``."""
+    return bool(getattr(config, "image_grid_pinpoints", None))
 
 
 @dataclass
@@ -190,21 +205,75 @@ def processor_fingerprint(processor) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _refuse(model, part: str) -> MicroscopeError:
+    return MicroscopeError(f"{type(model).__name__} is not supported: {part}. The suite needs an image-text-to-text "
+                           "model with a causal decoder (a ModuleList of layers, each with self_attn and mlp), a "
+                           "final norm, input and output embeddings, and image tokens marked by one token id")
+
+
 def _language_model(model):
+    """The decoder of an image-text-to-text model: ``model.model.language_model`` (or
+    ``text_model``), else what ``get_decoder()`` returns."""
     inner = getattr(model, "model", model)
-    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)  # Idefics3: text_model
-    if lm is None:
-        raise MicroscopeError(f"{type(model).__name__}: no language_model found; not an image-text-to-text "
-                              "model this suite supports")
-    return lm
+    for name in LANGUAGE_MODEL_ATTRS:
+        lm = getattr(inner, name, None)
+        if isinstance(lm, torch.nn.Module):
+            return lm
+    get = getattr(model, "get_decoder", None)
+    lm = get() if callable(get) else None
+    if isinstance(lm, torch.nn.Module) and lm is not model:
+        return lm
+    raise _refuse(model, f"no language model: {type(inner).__name__} has none of "
+                         f"{', '.join(LANGUAGE_MODEL_ATTRS)} and get_decoder() gives none")
 
 
-def adapter_for(model) -> Adapter:
-    """The :class:`Adapter` of a loaded LLaVA-family model."""
+def _image_token_id(model, processor=None) -> int:
+    """The image-token id: config ``image_token_id`` or ``image_token_index``, else the id of the
+    processor's ``image_token``; a mismatch between config and processor is refused."""
+    cfg = model.config
+    config_id = next((getattr(cfg, k) for k in ("image_token_id", "image_token_index")
+                      if isinstance(getattr(cfg, k, None), int)), None)
+    proc_id = None
+    token = getattr(processor, "image_token", None)
+    tok = getattr(processor, "tokenizer", None)
+    if isinstance(token, str) and tok is not None:
+        i = tok.convert_tokens_to_ids(token)
+        proc_id = i if isinstance(i, int) and i != tok.unk_token_id else None
+    if config_id is None and proc_id is None:
+        where = "" if processor is None else (f", and the processor's image token {token!r} is not in its vocabulary"
+                                              if isinstance(token, str) else ", nor has the processor an image_token")
+        raise _refuse(model, f"no image-token id: config has neither image_token_id nor image_token_index{where}")
+    if config_id is not None and proc_id is not None and config_id != proc_id:
+        raise _refuse(model, f"the config's image-token id {config_id} is not the processor's image token "
+                             f"{token!r} ({proc_id}): the processor would mark other positions than the model fills")
+    return int(config_id if config_id is not None else proc_id)
+
+
+def adapter_for(model, processor=None) -> Adapter:
+    """The :class:`Adapter` of a loaded image-text-to-text model, found by introspection: the
+    language model's ``layers`` (a ModuleList whose layers all have ``self_attn`` and ``mlp``),
+    its final norm, ``get_input_embeddings()`` / ``get_output_embeddings()``, the image-token id
+    (config, or ``processor``'s ``image_token``) and, when the model has ``get_rope_index``, its
+    multimodal rotary positions. A part that cannot be found: one :class:`MicroscopeError` naming it."""
     lm = _language_model(model)
-    image_token_id = getattr(model.config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = model.config.image_token_index
+    layers = getattr(lm, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise _refuse(model, f"no decoder layers: its language model {type(lm).__name__} has no 'layers' ModuleList")
+    for i, layer in enumerate(layers):
+        for part in ("self_attn", "mlp"):
+            if not isinstance(getattr(layer, part, None), torch.nn.Module):
+                raise _refuse(model, f"decoder layer {i} ({type(layer).__name__}) has no {part} module: tokens "
+                                     "would mix or change outside the attention and MLP the suite hooks and knocks out")
+    norm = next((getattr(lm, k) for k in NORM_ATTRS if isinstance(getattr(lm, k, None), torch.nn.Module)), None)
+    if norm is None:
+        raise _refuse(model, f"no final norm: its language model {type(lm).__name__} has none of "
+                             f"{', '.join(NORM_ATTRS)}")
+    embed, unembed = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embed, torch.nn.Embedding):
+        raise _refuse(model, "no input embeddings: get_input_embeddings() gives no Embedding")
+    if not isinstance(unembed, torch.nn.Linear):
+        raise _refuse(model, "no unembedding: get_output_embeddings() gives no Linear (lm_head)")
+    image_token_id = _image_token_id(model, processor)
     inner = getattr(model, "model", model)
     rope_index = getattr(inner, "get_rope_index", None)
 
@@ -212,9 +281,8 @@ def adapter_for(model) -> Adapter:
         keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
         return rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if inputs.get(k) is not None})[0]
 
-    return Adapter(embed=model.get_input_embeddings(), layers=lm.layers, final_norm=lm.norm,
-                   unembed=model.get_output_embeddings(), image_token_id=int(image_token_id),
-                   position_ids=position_ids if rope_index is not None else None)
+    return Adapter(embed=embed, layers=layers, final_norm=norm, unembed=unembed, image_token_id=image_token_id,
+                   position_ids=position_ids if callable(rope_index) else None)
 
 
 def image_geometry(model) -> tuple[int, int] | None:
@@ -416,17 +484,34 @@ def _resolve(name_or_path: str) -> Checkpoint:
 
 
 def _check_supported(config, path: Path) -> str:
-    """The transformers class name for ``config``'s model type; a reasoned refusal otherwise."""
-    if config.model_type in BIDIRECTIONAL_IMAGE_ATTENTION:
+    """The transformers class name for ``config``'s model type (transformers' image-text-to-text
+    auto mapping); a reasoned refusal for families whose attention or image input the suite does
+    not model, for text-only and encoder-decoder models, and for types transformers does not know."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mt = config.model_type
+    if mt in BIDIRECTIONAL_IMAGE_ATTENTION:
         raise MicroscopeError(
-            f"model type {config.model_type!r} of {path} is refused: its image tokens attend to each other "
+            f"model type {mt!r} of {path} is refused: its image tokens attend to each other "
             "bidirectionally (a prefix-LM mask), while the suite's roles of 'earlier' and 'later' tokens, its "
-            "knockout edges and its tracing shortcuts assume causal attention. Supported: "
-            f"{sorted(SUPPORTED)}")
-    cls_name = SUPPORTED.get(config.model_type)
-    if cls_name is None:
+            "knockout edges and its tracing shortcuts assume causal attention")
+    if mt in CROSS_ATTENTION_IMAGE_INPUT:
         raise MicroscopeError(
-            f"model type {config.model_type!r} of {path} is not supported; supported: {sorted(SUPPORTED)}")
+            f"model type {mt!r} of {path} is refused: its text reads the image through cross-attention layers, "
+            "not through image tokens in the sequence, while the suite's image roles, knockout edges and tracing "
+            "act on image-token positions")
+    classes = image_text_classes()
+    cls_name = classes.get(mt)
+    if cls_name is None:
+        if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise MicroscopeError(f"model type {mt!r} of {path} is a text-only model (no vision tower, no image "
+                                  "tokens): the suite studies how image tokens reach the text; load an "
+                                  "image-text-to-text model")
+        raise MicroscopeError(f"model type {mt!r} of {path} is not supported: it is not an image-text-to-text model "
+                              "transformers knows (not in its image-text-to-text auto mapping)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise MicroscopeError(f"model type {mt!r} of {path} is refused: it is an encoder-decoder model, while the "
+                              "suite studies image tokens inside one causal decoder")
     return cls_name
 
 
@@ -478,7 +563,11 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     except Exception as e:
         config, config_error = None, e
     if config is not None:  # an unsupported family is refused for that reason, before its files are judged
-        cls = getattr(transformers, _check_supported(config, path))
+        cls_name = _check_supported(config, path)
+        cls = getattr(transformers, cls_name, None)
+        if cls is None:
+            raise MicroscopeError(f"model type {config.model_type!r} of {path}: transformers has no class "
+                                  f"{cls_name} to load it with (upgrade transformers)")
     check_files(ckpt, allow_pickle)  # a missing or unreadable config.json is named here first
     if config is None:
         raise ModelNotFoundError(f"model directory {path}: config.json could not be read as a transformers "
@@ -506,4 +595,4 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     model.eval()
     if device is not None:
         model.to(device)
-    return Handle(name=str(name_or_path), model=model, processor=processor, adapter=adapter_for(model))
+    return Handle(name=str(name_or_path), model=model, processor=processor, adapter=adapter_for(model, processor))
