@@ -351,14 +351,49 @@ def image_only(processor_cls: type) -> type:
 
     transformers builds video processors on torchvision; without it (there is no CPU build of
     torchvision for every torch release), processors such as Qwen2-VL's or LLaVA-OneVision's
-    cannot even be constructed, although the suite never passes videos.
+    cannot even be constructed, although the suite never passes videos. Positional arguments
+    follow the image-only attribute order (``image_processor, tokenizer``), also for classes
+    whose own ``__init__`` takes the video processor first (LLaVA-NeXT-Video).
     """
 
-    def get_attributes(cls):
-        return [a for a in super(sub, cls).get_attributes() if a != "video_processor"]
+    class Attributes:  # get_attributes(): without the video processor, except while __init__ runs
+        def __get__(self, obj, cls):
+            full = processor_cls.get_attributes  # read off the parent's own __init__
+            if obj is not None and obj.__dict__.get("_video_slot"):
+                return full
+            return lambda: [a for a in full() if a != "video_processor"]
 
-    sub = type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(get_attributes),
-                                                          "__module__": processor_cls.__module__})
+    def init(self, given: dict):
+        self.__dict__["_video_slot"] = True  # the parent's __init__ may pass video_processor=None positionally
+        try:
+            processor_cls.__init__(self, **{"video_processor": None, **given})
+        finally:
+            del self.__dict__["_video_slot"]
+        self.__dict__.pop("video_processor", None)
+
+    # an __init__ with the image-only attributes first and the parent's other named parameters after
+    # them (from_pretrained passes the attributes positionally and reads the accepted names off the signature)
+    import inspect
+
+    attrs = [a for a in processor_cls.get_attributes() if a != "video_processor"]
+    named = [p.name for p in list(inspect.signature(processor_cls.__init__).parameters.values())[1:]
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "video_processor"]
+    order = attrs + [n for n in named if n not in attrs]
+    src = (f"def __init__(self, {''.join(f'{n}=_UNSET, ' for n in order)}**kwargs):\n"
+           f"    given = {{{''.join(f'{n!r}: {n}, ' for n in order)}}}\n"
+           "    init(self, {**{k: v for k, v in given.items() if v is not _UNSET}, **kwargs})\n")
+    scope = {"_UNSET": object(), "init": init}
+    exec(src, scope)
+    __init__ = scope["__init__"]
+
+    def check_argument_for_proper_class(self, name, arg):
+        if name == "video_processor" and arg is None:
+            return None
+        return processor_cls.check_argument_for_proper_class(self, name, arg)
+
+    sub = type(processor_cls.__name__, (processor_cls,),
+               {"get_attributes": Attributes(), "__init__": __init__, "__module__": processor_cls.__module__,
+                "check_argument_for_proper_class": check_argument_for_proper_class})
     return sub
 
 

@@ -75,6 +75,16 @@ QWEN_TEMPLATE = chat_template("<|im_start|>user\n", "<|vision_start|><|image_pad
 #: LLaVA-OneVision: ChatML without a system prompt, ``<image>\n`` before the text
 ONEVISION_TEMPLATE = chat_template("<|im_start|>user ", "<image>\n", "<|im_end|>\n", "<|im_start|>assistant\n", "",
                                    "<|im_end|>\n")
+#: VipLLaVA (llava-hf/vip-llava-7b-hf's prompt format): a system sentence, then
+#: ``###Human: <image>\n{question}###Assistant:``
+VIPLLAVA_TEMPLATE = chat_template("###Human: ", "<image>\n", "", "###Assistant:", " ", "</s>",
+                                  start="A chat between a curious human and an artificial intelligence assistant. "
+                                        "The assistant gives helpful, detailed, and polite answers to the human's "
+                                        "questions.")
+#: InternVL (OpenGVLab's -hf releases): ChatML, the image placeholder ``<IMG_CONTEXT>\n`` before the text
+#: (the processor expands it to ``<img>`` + image tokens + ``</img>``)
+INTERNVL_TEMPLATE = chat_template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im_end|>\n", "<|im_start|>assistant\n",
+                                  "", "<|im_end|>\n")
 #: Idefics3: ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant:``
 IDEFICS3_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ",
                                   "<end_of_utterance>\n", start="<|begin_of_text|>")
@@ -99,6 +109,13 @@ def llama2_tokenizer() -> PreTrainedTokenizerFast:
                       unk_token="<unk>", pad_token="<pad>")
 
 
+def llava_video_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 2's tokenizer as llava-hf's LLaVA-NeXT-Video extends it: ``<video>`` (32000), ``<image>``
+    (32001), ``<pad>``."""
+    return _tokenizer("llama2", ["<video>", "<image>", "<pad>"], {"image_token": "<image>", "video_token": "<video>"},
+                      bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
 def mistral_tokenizer() -> PreTrainedTokenizerFast:
     """Mistral 7B's tokenizer with ``<image>`` and ``<pad>`` added (LLaVA-NeXT-Mistral)."""
     return _tokenizer("mistral", ["<image>", "<pad>"], {"image_token": "<image>"}, bos_token="<s>", eos_token="</s>",
@@ -115,6 +132,14 @@ def onevision_tokenizer() -> PreTrainedTokenizerFast:
     """Qwen2's tokenizer with LLaVA-OneVision's ``<image>`` and ``<video>`` added."""
     return _tokenizer("qwen2", ["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"},
                       eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def internvl_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2's tokenizer (InternVL3's decoders are Qwen2.5) with InternVL's ``<img>``, ``</img>``,
+    ``<IMG_CONTEXT>`` and ``<video>`` added, named as its processor reads them."""
+    names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    return _tokenizer("qwen2", list(names.values()), names, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 IDEFICS3_TOKENS = (["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
@@ -192,6 +217,47 @@ def build_llava_next_mistral(path: Path, seed: int = 0) -> Path:
     return _build_llava_next(path, seed, tok, _llama(tok, MistralConfig), MISTRAL_TEMPLATE)
 
 
+def build_vipllava(path: Path, seed: int = 0) -> Path:
+    """VipLLaVA layout: CLIP features of several tower layers concatenated (CLS dropped), a
+    layer-normed MLP projector, Llama (Vicuna); LLaVA's processor."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    tok = llama2_tokenizer()
+    cfg = VipLlavaConfig(vision_config=_vision(), text_config=_llama(tok),
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=[-2, -1],
+                         image_seq_length=(SIZE // PATCH) ** 2)
+    torch.manual_seed(seed)
+    model = VipLlavaForConditionalGeneration(cfg).eval()
+    ip = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
+                          chat_template=VIPLLAVA_TEMPLATE, num_additional_image_tokens=1)
+    return _save(model, proc, path)
+
+
+def build_llava_next_video(path: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT-Video layout (single images only): LLaVA-NeXT's anyres tiling and image-newline
+    tokens, Llama (Vicuna), its processor without the video part (no torchvision here)."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+
+    from microscope.model import image_only
+
+    tok = llava_video_tokenizer()
+    pins = [[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]]
+    cfg = LlavaNextVideoConfig(vision_config=_vision(), text_config=_llama(tok),
+                               image_token_index=tok.convert_tokens_to_ids("<image>"),
+                               video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
+                               vision_feature_select_strategy="default", image_grid_pinpoints=pins,
+                               image_seq_length=(SIZE // PATCH) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                    image_grid_pinpoints=pins)
+    proc = image_only(LlavaNextVideoProcessor)(image_processor=ip, tokenizer=tok, patch_size=PATCH,
+                                               vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                               num_additional_image_tokens=1)
+    return _save(model, proc, path)
+
+
 def build_idefics3(path: Path, seed: int = 0) -> Path:
     """Idefics3 layout (SmolVLM's family): SigLIP-style tower, pixel-shuffle connector (scale 2),
     image tokens wrapped in <fake_token_around_image> / <global-img> tokens, Llama 3 text model."""
@@ -210,6 +276,29 @@ def build_idefics3(path: Path, seed: int = 0) -> Path:
                                    do_image_splitting=False)
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, chat_template=IDEFICS3_TEMPLATE,
                              image_seq_len=(SIZE // PATCH // 2) ** 2)
+    return _save(model, proc, path)
+
+
+def build_internvl(path: Path, seed: int = 0) -> Path:
+    """InternVL layout: InternViT-style tower, pixel-shuffle connector (ratio 0.5: 4 × 4 patches →
+    4 image tokens between ``<img>`` and ``</img>``), Qwen2 decoder; one 56 px tile (no cropping)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    from microscope.model import image_only
+
+    tok = internvl_tokenizer()
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=SIZE, patch_size=PATCH)
+    n = (SIZE // PATCH // 2) ** 2
+    cfg = InternVLConfig(vision_config=vision, text_config=_llama(tok, Qwen2Config), downsample_ratio=0.5,
+                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=n)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    ip = GotOcr2ImageProcessorPil(size={"height": SIZE, "width": SIZE}, crop_to_patches=False)
+    proc = image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, chat_template=INTERNVL_TEMPLATE,
+                                         image_seq_length=n)
     return _save(model, proc, path)
 
 
@@ -304,7 +393,8 @@ def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: in
 
 #: every tiny family, by name: its builder
 BUILDERS = {"llava15": build_llava15, "llava_next": build_llava_next, "idefics3": build_idefics3,
-            "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision}
+            "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision,
+            "vipllava": build_vipllava, "llava_next_video": build_llava_next_video, "internvl": build_internvl}
 TINY = list(BUILDERS)
 #: tokenizer variants checked by tests/test_tokenizers.py only (not run through every invariant)
 VARIANTS = {"llava_next_mistral": build_llava_next_mistral}
