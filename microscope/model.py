@@ -345,6 +345,19 @@ def patch_grid(model) -> int | None:
     return g[0] // g[1] if g else None
 
 
+class _NoVideo:
+    """The video processor of an :func:`image_only` processor: every setting is ``None`` (SmolVLM's
+    ``apply_chat_template`` reads its ``num_frames`` and ``fps`` even for an image-only conversation)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def __repr__(self) -> str:
+        return "<no video processor>"
+
+
 def image_only(processor_cls: type) -> type:
     """``processor_cls`` without its video processor: the same class name, preprocessing and
     token expansion for images and text, and ``videos=`` unsupported.
@@ -393,7 +406,8 @@ def image_only(processor_cls: type) -> type:
 
     sub = type(processor_cls.__name__, (processor_cls,),
                {"get_attributes": Attributes(), "__init__": __init__, "__module__": processor_cls.__module__,
-                "check_argument_for_proper_class": check_argument_for_proper_class})
+                "check_argument_for_proper_class": check_argument_for_proper_class,
+                "video_processor": _NoVideo()})
     return sub
 
 
@@ -544,6 +558,13 @@ def _check_supported(config, path: Path) -> str:
                                   "image-text-to-text model")
         raise MicroscopeError(f"model type {mt!r} of {path} is not supported: it is not an image-text-to-text model "
                               "transformers knows (not in its image-text-to-text auto mapping)")
+    vision = getattr(config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        raise MicroscopeError(
+            f"model type {mt!r} of {path} is refused: it adds image features into the hidden states of its first "
+            f"decoder layers too (DeepStack, vision layers {list(vision.deepstack_visual_indexes)}), not only at the "
+            "decoder input, while the suite's knockout, tracing and attribution forwards start from the decoder "
+            "input alone")
     if getattr(config, "is_encoder_decoder", False):
         raise MicroscopeError(f"model type {mt!r} of {path} is refused: it is an encoder-decoder model, while the "
                               "suite studies image tokens inside one causal decoder")

@@ -92,6 +92,15 @@ def build_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(user_turn(question), add_generation_prompt=True)
 
 
+def _per_prompt(processor, images: list) -> list:
+    """Images as a transformers processor reads one image per prompt, ``[[im0], [im1], …]``: every
+    processor splits a flat list by the prompts' image tokens except SmolVLM's, which takes a flat
+    list as all images of one prompt (a custom-fusion processor takes the flat list)."""
+    from transformers import ProcessorMixin
+
+    return [[im] for im in images] if isinstance(processor, ProcessorMixin) else images
+
+
 def prepare(handle, images: Sequence, questions: Sequence[str],
             constraints: Sequence[Sequence[tuple[int, int]]] | None = None,
             sample_ids: Sequence[str] | None = None) -> Batch:
@@ -114,7 +123,7 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        inputs = processor(images=imgs, text=prompts, return_tensors="pt", padding=True)
+        inputs = processor(images=_per_prompt(processor, imgs), text=prompts, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old_side
     ids = inputs["input_ids"]

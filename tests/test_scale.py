@@ -39,7 +39,7 @@ def test_scale_benchmark_runs_shrunk():
 def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_path):
     import json
 
-    from transformers import LlamaConfig, MllamaConfig, PaliGemmaConfig
+    from transformers import LlamaConfig, MllamaConfig, PaliGemmaConfig, Qwen3VLConfig
 
     from microscope.errors import MicroscopeError
 
@@ -57,6 +57,11 @@ def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_pa
     complete(ml)
     with pytest.raises(MicroscopeError, match="'mllama'.*cross-attention layers"):
         microscope.load(str(ml))
+    q3 = tmp_path / "qwen3_vl"
+    Qwen3VLConfig().save_pretrained(q3)
+    complete(q3)
+    with pytest.raises(MicroscopeError, match="'qwen3_vl'.*DeepStack, vision layers"):
+        microscope.load(str(q3))
     text = tmp_path / "text"
     LlamaConfig().save_pretrained(text)
     complete(text)

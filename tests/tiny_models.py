@@ -85,6 +85,10 @@ VIPLLAVA_TEMPLATE = chat_template("###Human: ", "<image>\n", "", "###Assistant:"
 #: (the processor expands it to ``<img>`` + image tokens + ``</img>``)
 INTERNVL_TEMPLATE = chat_template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im_end|>\n", "<|im_start|>assistant\n",
                                   "", "<|im_end|>\n")
+#: SmolVLM (HuggingFaceTB/SmolVLM-Instruct's template):
+#: ``<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:``
+SMOLVLM_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ", "<end_of_utterance>\n",
+                                 start="<|im_start|>")
 #: Idefics3: ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant:``
 IDEFICS3_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ",
                                   "<end_of_utterance>\n", start="<|begin_of_text|>")
@@ -150,6 +154,14 @@ def idefics3_tokenizer() -> PreTrainedTokenizerFast:
     """Llama 3's tokenizer with Idefics3's image and utterance tokens added."""
     return _tokenizer("llama3", IDEFICS3_TOKENS, {"image_token": "<image>"}, bos_token="<|begin_of_text|>",
                       eos_token="<end_of_utterance>", pad_token="<|reserved_special_token_0|>")
+
+
+def smolvlm_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's byte-level BPE (the closest pinned one to SmolLM2's) with SmolVLM's image and
+    utterance tokens and ``<|im_start|>`` (its BOS) added."""
+    return _tokenizer("llama3", ["<|im_start|>", *IDEFICS3_TOKENS], {"image_token": "<image>"},
+                      bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                      pad_token="<|reserved_special_token_0|>")
 
 
 def _save(model, proc, path: Path) -> Path:
@@ -302,6 +314,29 @@ def build_internvl(path: Path, seed: int = 0) -> Path:
     return _save(model, proc, path)
 
 
+def build_smolvlm(path: Path, seed: int = 0) -> Path:
+    """SmolVLM layout: as Idefics3 (SigLIP-style tower, pixel shuffle, image tokens wrapped in
+    ``<fake_token_around_image>`` / ``<global-img>``) with SmolVLM's own classes and prompt."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from microscope.model import image_only
+
+    tok = smolvlm_tokenizer()
+    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=SIZE, patch_size=PATCH)
+    cfg = SmolVLMConfig(vision_config=vision.to_dict(), text_config=_llama(tok).to_dict(), scale_factor=2,
+                        image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(cfg).eval()
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": SIZE}, max_image_size={"longest_edge": SIZE},
+                                  do_image_splitting=False)
+    proc = image_only(SmolVLMProcessor)(image_processor=ip, tokenizer=tok, chat_template=SMOLVLM_TEMPLATE,
+                                        image_seq_len=(SIZE // PATCH // 2) ** 2)
+    return _save(model, proc, path)
+
+
 def _build_qwen(path: Path, seed: int, family: str) -> Path:
     """Qwen2-VL / Qwen2.5-VL layout: dynamic-resolution tower (here 112 x 112 px → 8 x 8 patches,
     merged 2 x 2 into 16 image tokens), M-RoPE (3-D positions for image tokens), Qwen2 decoder."""
@@ -394,7 +429,8 @@ def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: in
 #: every tiny family, by name: its builder
 BUILDERS = {"llava15": build_llava15, "llava_next": build_llava_next, "idefics3": build_idefics3,
             "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision,
-            "vipllava": build_vipllava, "llava_next_video": build_llava_next_video, "internvl": build_internvl}
+            "vipllava": build_vipllava, "llava_next_video": build_llava_next_video, "internvl": build_internvl,
+            "smolvlm": build_smolvlm}
 TINY = list(BUILDERS)
 #: tokenizer variants checked by tests/test_tokenizers.py only (not run through every invariant)
 VARIANTS = {"llava_next_mistral": build_llava_next_mistral}
