@@ -88,6 +88,15 @@ class Adapter:
     #: Forwards the suite builds from ``inputs_embeds`` pass these explicitly (see
     #: :func:`microscope.prefix.positions`), since the model cannot derive them without ids.
     position_ids: Callable[[dict], torch.Tensor] | None = None
+    #: factor the model multiplies its output logits by after the unembedding (the ``logit_scale``
+    #: attribute of a class that applies one, such as Cohere's causal LM); 1 for most models
+    logit_scale: float = 1.0
+
+    def logits(self, resid: torch.Tensor) -> torch.Tensor:
+        """The model's own next-token logits from a final residual stream: final norm, unembedding,
+        logit scale."""
+        out = self.unembed(self.final_norm(resid))
+        return out * self.logit_scale if self.logit_scale != 1.0 else out
 
     @property
     def n_layers(self) -> int:
@@ -233,10 +242,12 @@ def _image_token_id(model, processor=None) -> int:
     cfg = model.config
     config_id = next((getattr(cfg, k) for k in ("image_token_id", "image_token_index")
                       if isinstance(getattr(cfg, k, None), int)), None)
-    proc_id = None
+    proc_id = getattr(processor, "image_token_id", None)  # the id it fills (Aya Vision: not its placeholder's)
     token = getattr(processor, "image_token", None)
     tok = getattr(processor, "tokenizer", None)
-    if isinstance(token, str) and tok is not None:
+    if isinstance(proc_id, int):
+        token = tok.convert_ids_to_tokens(proc_id) if tok is not None else token
+    elif isinstance(token, str) and tok is not None:
         i = tok.convert_tokens_to_ids(token)
         proc_id = i if isinstance(i, int) and i != tok.unk_token_id else None
     if config_id is None and proc_id is None:
@@ -281,8 +292,10 @@ def adapter_for(model, processor=None) -> Adapter:
         keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
         return rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if inputs.get(k) is not None})[0]
 
+    scale = getattr(model, "logit_scale", None)  # set by the class that scales its logits (CohereForCausalLM)
     return Adapter(embed=embed, layers=layers, final_norm=norm, unembed=unembed, image_token_id=image_token_id,
-                   position_ids=position_ids if callable(rope_index) else None)
+                   position_ids=position_ids if callable(rope_index) else None,
+                   logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0)
 
 
 def image_geometry(model) -> tuple[int, int] | None:

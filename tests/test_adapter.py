@@ -9,8 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+import microscope
+from microscope.data import shapes
 from microscope.errors import MicroscopeError
+from microscope.extract import capture
 from microscope.model import adapter_for
+from tests.tiny_models import TINY
 
 
 class Odd(torch.nn.Module):
@@ -45,6 +49,10 @@ def test_parts_are_found_by_introspection():
     assert a.embed is m.get_input_embeddings() and a.unembed is m.lm_head
     assert a.image_token_id == 39 and a.position_ids is None
     assert adapter_for(Odd(), _processor("<image>")).image_token_id == 39  # from the processor's image_token
+    m.logit_scale = 0.5  # a class that scales its logits (CohereForCausalLM) holds the factor
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter_for(m).logits(x), 0.5 * m.lm_head(m.model.language_model.norm(x)))
 
 
 def test_a_model_without_image_token_id_is_refused_naming_it():
@@ -79,3 +87,18 @@ def test_each_missing_part_is_named():
     m.lm_head = None
     with pytest.raises(MicroscopeError, match=r"no unembedding: get_output_embeddings\(\) gives no Linear"):
         adapter_for(m)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_adapters_logits_are_the_models_own(handles, name):
+    """Final norm, unembedding and logit scale turn the last residual stream into the model's own
+    logits — what the logit lens relies on. (Aya Vision's Cohere2 text config has logit_scale
+    0.0625, but its ForConditionalGeneration class does not apply it: the adapter follows the class.)"""
+    h = handles[name]
+    b = microscope.prepare_samples(h, shapes.generate(2, seed=0))
+    last = h.adapter.n_layers - 1
+    with torch.no_grad(), capture(h, [last]) as acts:
+        ref = h.model(**b.inputs).logits
+    torch.testing.assert_close(h.adapter.logits(acts[f"resid.{last}"]), ref, rtol=1e-4, atol=1e-5)
+    if name == "aya_vision":
+        assert h.model.config.get_text_config().logit_scale == 0.0625 and h.adapter.logit_scale == 1.0

@@ -49,6 +49,8 @@ def test_roles_follow_ids_and_offsets(handles, name):
             assert "<fake_token_around_image>" in tmpl and "<global-img>" in tmpl
         if name == "internvl":
             assert "<img>" in tmpl and "</img>" in tmpl
+        if name == "aya_vision":
+            assert "<|START_OF_IMG|>" in tmpl and "TILE_GLOBAL" in tmpl and "<|END_OF_IMG|>" in tmpl
         if name.startswith("qwen"):
             assert "<|vision_start|>" in tmpl and "<|vision_end|>" in tmpl
     out = h.model(**b.inputs)

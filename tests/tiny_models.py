@@ -89,6 +89,11 @@ INTERNVL_TEMPLATE = chat_template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im
 #: ``<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:``
 SMOLVLM_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ", "<end_of_utterance>\n",
                                  start="<|im_start|>")
+#: Aya Vision (Cohere's turn tokens): ``<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>{question}``
+#: ``<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>``
+AYA_TEMPLATE = chat_template("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<image>", "<|END_OF_TURN_TOKEN|>",
+                             "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "", "<|END_OF_TURN_TOKEN|>",
+                             start="<BOS_TOKEN>")
 #: Idefics3: ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant:``
 IDEFICS3_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ",
                                   "<end_of_utterance>\n", start="<|begin_of_text|>")
@@ -162,6 +167,19 @@ def smolvlm_tokenizer() -> PreTrainedTokenizerFast:
     return _tokenizer("llama3", ["<|im_start|>", *IDEFICS3_TOKENS], {"image_token": "<image>"},
                       bos_token="<|im_start|>", eos_token="<end_of_utterance>",
                       pad_token="<|reserved_special_token_0|>")
+
+
+AYA_TOKENS = (["<BOS_TOKEN>", "<PAD>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+               "<|CHATBOT_TOKEN|>", "<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>",
+               "<|IMG_LINE_BREAK|>", "TILE_GLOBAL"] + [f"TILE_{i}" for i in range(1, 13)])
+
+
+def aya_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's byte-level BPE (the closest pinned one to Cohere's) with Aya Vision's turn and image
+    tokens added, the tile markers (``TILE_GLOBAL``, ``TILE_i``) as single tokens as its processor
+    counts them."""
+    return _tokenizer("llama3", AYA_TOKENS, {"image_token": "<image>"}, bos_token="<BOS_TOKEN>",
+                      eos_token="<|END_OF_TURN_TOKEN|>", pad_token="<PAD>")
 
 
 def _save(model, proc, path: Path) -> Path:
@@ -337,6 +355,36 @@ def build_smolvlm(path: Path, seed: int = 0) -> Path:
     return _save(model, proc, path)
 
 
+def build_aya_vision(path: Path, seed: int = 0) -> Path:
+    """Aya Vision layout: SigLIP tower, pixel-shuffle connector (factor 2: 4 × 4 patches → 4
+    ``<|IMG_PATCH|>`` tokens per 56 px tile), the global thumbnail after up to 4 crops, Cohere2
+    decoder (parallel attention and MLP, logits scaled by ``logit_scale``)."""
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        AyaVisionProcessor,
+        Cohere2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = aya_tokenizer()
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=SIZE, patch_size=PATCH)
+    text = Cohere2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, sliding_window=64,
+                         **_text_ids(tok))
+    cfg = AyaVisionConfig(vision_config=vision, text_config=text, downsample_factor=2,
+                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"))
+    torch.manual_seed(seed)
+    model = AyaVisionForConditionalGeneration(cfg).eval()
+    ip = GotOcr2ImageProcessorPil(size={"height": SIZE, "width": SIZE}, crop_to_patches=True, max_patches=4,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc = AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, img_size=SIZE, downsample_factor=2,
+                              chat_template=AYA_TEMPLATE)
+    return _save(model, proc, path)
+
+
 def _build_qwen(path: Path, seed: int, family: str) -> Path:
     """Qwen2-VL / Qwen2.5-VL layout: dynamic-resolution tower (here 112 x 112 px → 8 x 8 patches,
     merged 2 x 2 into 16 image tokens), M-RoPE (3-D positions for image tokens), Qwen2 decoder."""
@@ -430,7 +478,7 @@ def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: in
 BUILDERS = {"llava15": build_llava15, "llava_next": build_llava_next, "idefics3": build_idefics3,
             "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision,
             "vipllava": build_vipllava, "llava_next_video": build_llava_next_video, "internvl": build_internvl,
-            "smolvlm": build_smolvlm}
+            "smolvlm": build_smolvlm, "aya_vision": build_aya_vision}
 TINY = list(BUILDERS)
 #: tokenizer variants checked by tests/test_tokenizers.py only (not run through every invariant)
 VARIANTS = {"llava_next_mistral": build_llava_next_mistral}
