@@ -56,6 +56,10 @@ CLASS_OVERRIDES: dict[str, str] = {}
 #: model (Idefics3 / SmolVLM: ``text_model``) and of that language model's final norm
 LANGUAGE_MODEL_ATTRS = ("language_model", "text_model")
 NORM_ATTRS = ("norm", "final_layernorm", "final_norm", "ln_f")
+#: ``(after attention, after MLP)`` attribute names of the norms a decoder layer applies to its
+#: attention and MLP outputs before adding them to the residual stream (GLM-4 / GLM-4.1V); what a
+#: layer's "attn" and "mlp" sites read when it has them
+POST_NORMS = (("post_self_attn_layernorm", "post_mlp_layernorm"),)
 
 
 def image_text_classes() -> dict[str, str]:
@@ -91,6 +95,19 @@ class Adapter:
     #: factor the model multiplies its output logits by after the unembedding (the ``logit_scale``
     #: attribute of a class that applies one, such as Cohere's causal LM); 1 for most models
     logit_scale: float = 1.0
+
+    def site(self, layer: int, site: str) -> torch.nn.Module:
+        """The module whose output is decoder layer ``layer``'s ``site``: ``"resid"`` the layer
+        (its output is the residual stream), ``"attn"`` / ``"mlp"`` what the attention and the MLP
+        add to it — their own outputs, or the norm after them where the layer has one (GLM-4's
+        sandwich norms, :data:`POST_NORMS`)."""
+        lay = self.layers[layer]
+        if site == "resid":
+            return lay
+        for attn_norm, mlp_norm in POST_NORMS:
+            if isinstance(getattr(lay, attn_norm, None), torch.nn.Module):
+                return getattr(lay, attn_norm if site == "attn" else mlp_norm)
+        return {"attn": lay.self_attn, "mlp": lay.mlp}[site]
 
     def logits(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's own next-token logits from a final residual stream: final norm, unembedding,
@@ -302,7 +319,10 @@ def image_geometry(model) -> tuple[int, int] | None:
     """``(image_size, patch_size)`` of a vision tower with a fixed input resolution (from the
     vision config, or from a :class:`~microscope.fusion.FusionModel` that was given them);
     ``None`` for dynamic-resolution towers (Qwen2-VL), whose grid depends on each image."""
-    for src in (getattr(model.config, "vision_config", None), model):
+    vc = getattr(model.config, "vision_config", None)
+    if getattr(vc, "spatial_merge_size", None) and getattr(vc, "temporal_patch_size", None):
+        return None  # Qwen2-VL-style dynamic resolution (GLM-4.1V's image_size is only its position table's)
+    for src in (vc, model):
         size, patch = getattr(src, "image_size", None), getattr(src, "patch_size", None)
         if isinstance(size, int) and isinstance(patch, int):
             return size, patch

@@ -53,6 +53,8 @@ def test_roles_follow_ids_and_offsets(handles, name):
             assert "<|START_OF_IMG|>" in tmpl and "TILE_GLOBAL" in tmpl and "<|END_OF_IMG|>" in tmpl
         if name.startswith("qwen"):
             assert "<|vision_start|>" in tmpl and "<|vision_end|>" in tmpl
+        if name == "glm4v":
+            assert "<|begin_of_image|>" in tmpl and "<|end_of_image|>" in tmpl
     out = h.model(**b.inputs)
     assert out.logits.shape[:2] == ids.shape
 
@@ -134,7 +136,7 @@ def test_dtype_and_attention_choice(tiny_dirs):
     assert h.model(**b.inputs).logits.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "glm4v"])
 def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name):
     """Qwen2-VL's image tokens have 3-D rotary positions: a forward from inputs_embeds (as
     knockout and tracing run) equals the processor-input forward only with the adapter's

@@ -24,13 +24,14 @@ REAL = [*TINY, *VARIANTS]
 #: the word-boundary marker of each family's tokenizer: SentencePiece ``▁``, byte-level BPE ``Ġ``
 SPACE = {"llava15": "▁", "llava_next": "▁", "llava_next_mistral": "▁", "idefics3": "Ġ", "qwen2_vl": "Ġ",
          "qwen2_5_vl": "Ġ", "llava_onevision": "Ġ", "vipllava": "▁", "llava_next_video": "▁", "internvl": "Ġ",
-         "smolvlm": "Ġ", "aya_vision": "Ġ"}
+         "smolvlm": "Ġ", "aya_vision": "Ġ", "glm4v": "Ġ"}
 #: the answer "red" as each model generates it after its chat template's generation prompt
 RED = {"llava15": "▁red", "llava_next": "▁red", "llava_next_mistral": "▁red",  # after "ASSISTANT:" / "[/INST]"
        "idefics3": "Ġred", "smolvlm": "Ġred",  # after "Assistant:"
        "vipllava": "▁red", "llava_next_video": "▁red",  # after "###Assistant:" / "ASSISTANT:"
        "qwen2_vl": "red", "qwen2_5_vl": "red", "llava_onevision": "red",  # after "<|im_start|>assistant\n"
-       "internvl": "red", "aya_vision": "red"}  # ... and after "<|CHATBOT_TOKEN|>"
+       "internvl": "red", "aya_vision": "red",  # ... and after "<|CHATBOT_TOKEN|>"
+       "glm4v": "red"}  # after "<|assistant|>\n"
 #: the tokens a family's processor puts around the image tokens (template role, not image)
 WRAPPERS = {"idefics3": ["<fake_token_around_image>", "<global-img>"],
             "smolvlm": ["<fake_token_around_image>", "<global-img>"], "internvl": ["<img>", "</img>"],

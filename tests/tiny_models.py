@@ -94,6 +94,9 @@ SMOLVLM_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "As
 AYA_TEMPLATE = chat_template("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<image>", "<|END_OF_TURN_TOKEN|>",
                              "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "", "<|END_OF_TURN_TOKEN|>",
                              start="<BOS_TOKEN>")
+#: GLM-4.1V: ``[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>{question}<|assistant|>\n``
+GLM4V_TEMPLATE = chat_template("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "", "<|assistant|>\n", "",
+                               "", start="[gMASK]<sop>")
 #: Idefics3: ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant:``
 IDEFICS3_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ",
                                   "<end_of_utterance>\n", start="<|begin_of_text|>")
@@ -180,6 +183,17 @@ def aya_tokenizer() -> PreTrainedTokenizerFast:
     counts them."""
     return _tokenizer("llama3", AYA_TOKENS, {"image_token": "<image>"}, bos_token="<BOS_TOKEN>",
                       eos_token="<|END_OF_TURN_TOKEN|>", pad_token="<PAD>")
+
+
+GLM4V_TOKENS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|image|>",
+                "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>"]
+
+
+def glm4v_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2's byte-level BPE (the closest pinned one to GLM-4's 151k-token BPE) with GLM-4.1V's
+    prompt and vision tokens added."""
+    return _tokenizer("qwen2", GLM4V_TOKENS, {"image_token": "<|image|>", "video_token": "<|video|>"},
+                      eos_token="<|user|>", pad_token="<|endoftext|>")
 
 
 def _save(model, proc, path: Path) -> Path:
@@ -385,6 +399,36 @@ def build_aya_vision(path: Path, seed: int = 0) -> Path:
     return _save(model, proc, path)
 
 
+def build_glm4v(path: Path, seed: int = 0) -> Path:
+    """GLM-4.1V layout: dynamic-resolution tower (112 px → 8 × 8 patches merged 2 × 2 into 16 image
+    tokens), M-RoPE, GLM-4 decoder with sandwich norms (the attention and MLP outputs are normed
+    before they join the residual stream)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vProcessor
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    from microscope.model import image_only
+
+    tok = glm4v_tokenizer()
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in
+           {"image_token_id": "<|image|>", "video_token_id": "<|video|>", "image_start_token_id": "<|begin_of_image|>",
+            "image_end_token_id": "<|end_of_image|>", "video_start_token_id": "<|begin_of_video|>",
+            "video_end_token_id": "<|end_of_video|>"}.items()}
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=MAX_POSITIONS, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 1], "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5})  # half of head_dim 12 rotates: 3 frequencies
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, image_size=2 * SIZE,
+                  patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Glm4vConfig(vision_config=vision, text_config=text, **ids)
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(cfg).eval()
+    pixels = 2 * (2 * SIZE) ** 2  # GLM's pixel budget counts the temporal patch (2 frames) too
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=PATCH, merge_size=2,
+                                temporal_patch_size=2)
+    proc = image_only(Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=GLM4V_TEMPLATE)
+    return _save(model, proc, path)
+
+
 def _build_qwen(path: Path, seed: int, family: str) -> Path:
     """Qwen2-VL / Qwen2.5-VL layout: dynamic-resolution tower (here 112 x 112 px → 8 x 8 patches,
     merged 2 x 2 into 16 image tokens), M-RoPE (3-D positions for image tokens), Qwen2 decoder."""
@@ -478,7 +522,8 @@ def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: in
 BUILDERS = {"llava15": build_llava15, "llava_next": build_llava_next, "idefics3": build_idefics3,
             "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision,
             "vipllava": build_vipllava, "llava_next_video": build_llava_next_video, "internvl": build_internvl,
-            "smolvlm": build_smolvlm, "aya_vision": build_aya_vision}
+            "smolvlm": build_smolvlm, "aya_vision": build_aya_vision,
+            "glm4v": build_glm4v}
 TINY = list(BUILDERS)
 #: tokenizer variants checked by tests/test_tokenizers.py only (not run through every invariant)
 VARIANTS = {"llava_next_mistral": build_llava_next_mistral}
