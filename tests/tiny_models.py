@@ -1,5 +1,5 @@
-"""Tiny random-weight checkpoints of every supported family, built from HF config classes, with
-the families' real tokenizers and chat-template formats.
+"""Tiny random-weight checkpoints of every tested family, built from HF config classes, with
+the families' real tokenizers (or the closest pinned one, named below) and chat-template formats.
 
 Each is written with ``save_pretrained`` (model sharded into several safetensors files with an
 index, and processor) to a directory, so tests load them with the same calls as a hub checkpoint.
@@ -16,6 +16,23 @@ Tokenizers (``tests/real_tokenizers.py``; sources and licences in ``tests/tokeni
 - Idefics3: Llama 3's byte-level BPE + Idefics3's image tokens (``<fake_token_around_image>``,
   ``<image>``, ``<end_of_utterance>``, ``<global-img>``, the 6 × 6 ``<row_i_col_j>`` tokens);
   ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\\nAssistant:``
+- VipLLaVA (Vicuna): Llama 2 + ``<image>``, ``<pad>``; llava-hf's prompt: a system sentence, then
+  ``###Human: <image>\\n{question}###Assistant:``
+- LLaVA-NeXT-Video (Vicuna; single images only): Llama 2 + ``<video>``, ``<image>``, ``<pad>``;
+  ``USER: <image>\\n{question} ASSISTANT:``
+- InternVL (Qwen2.5 decoders): Qwen2 + ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<video>``; ChatML with
+  ``<IMG_CONTEXT>\\n`` before the question (no system prompt)
+- SmolVLM: SmolLM2's tokenizer is not pinned here; Llama 3's byte-level BPE (the closest pinned one)
+  + SmolVLM's image tokens and ``<|im_start|>``;
+  ``<|im_start|>User:<image>{question}<end_of_utterance>\\nAssistant:``
+- Aya Vision: Cohere's tokenizer is not pinned here; Llama 3's byte-level BPE + Aya's turn, image and
+  tile tokens; ``<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>{question}<|END_OF_TURN_TOKEN|>``
+  ``<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>``
+- GLM-4.1V: GLM-4's tokenizer is not pinned here; Qwen2's byte-level BPE (the closest pinned one) +
+  GLM's prompt and vision tokens;
+  ``[gMASK]<sop><|user|>\\n<|begin_of_image|><|image|><|end_of_image|>{question}<|assistant|>\\n``
+
+Chat templates are written from each family's published prompt format (not copied from the hub).
 
 The vocabulary of each tiny model is ``len(tokenizer)``; hidden sizes stay tiny (text 48, vision
 32), so even Qwen2's 151k-token embedding is a few million parameters.
