@@ -71,8 +71,7 @@ def capture(handle, layers: Sequence[int], sites: Sequence[str] = ("resid",)) ->
                                 "resid.-1", (args[0] if args else kwargs["hidden_states"]).detach()),
                             with_kwargs=True))
                     continue
-                mod = {"resid": a.layers[lay], "mlp": a.layers[lay].mlp,
-                       "attn": a.layers[lay].self_attn}[site]
+                mod = a.site(lay, site)
                 hooks.append(mod.register_forward_hook(keep(f"{site}.{lay}")))
         yield acts
     finally:

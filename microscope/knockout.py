@@ -47,7 +47,7 @@ import torch
 from microscope import attention, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import capture
-from microscope.model import ANYRES, patch_grid
+from microscope.model import is_anyres, patch_grid
 from microscope.prefix import expand, position_kwargs, positions, prefix_of
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
@@ -223,7 +223,7 @@ def _patch_layout(handle, batch: Batch, row: int) -> tuple[torch.Tensor, tuple[i
     pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
     side = patch_grid(handle.model)
     if side is not None:
-        if getattr(handle.model.config, "model_type", "") in ANYRES and len(pos) > side * side:
+        if is_anyres(handle.model.config) and len(pos) > side * side:
             return pos[:side * side], (side, side)
         if len(pos) != side * side:
             raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {side}×{side} patch grid; related/"

@@ -57,7 +57,7 @@ def logit_lens(handle, samples: Sequence, layers: Sequence[int] | None = None, b
         for layer in layers:
             with torch.no_grad():
                 h = acts[f"resid.{layer}"][ar, last]
-                logits = a.unembed(a.final_norm(h)).float()
+                logits = a.logits(h).float()
             probs = logits.softmax(-1)
             for j, s in enumerate(chunk):
                 for v, t in targets[j].items():

@@ -43,19 +43,38 @@ from microscope.errors import MicroscopeError, ModelNotFoundError
 #: attention implementation the suite loads models with: its interventions work through
 #: transformers' attention interface, which ``sdpa`` and ``eager`` both honour
 DEFAULT_ATTENTION = "sdpa"
-#: model types whose image tokens start with the base view — the whole image resized to a square,
-#: not cropped — followed by high-resolution crops
-ANYRES = ("llava_next", "llava_onevision")
 #: families whose image (prefix) tokens attend bidirectionally: refused with a reason
-BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3")
-SUPPORTED = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "idefics3": "Idefics3ForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3", "shieldgemma2")
+#: families whose text reads the image through cross-attention layers, not image tokens in the
+#: sequence: refused with a reason
+CROSS_ATTENTION_IMAGE_INPUT = ("mllama", "idefics")
+#: the few families whose transformers class is not the image-text-to-text auto mapping's (none
+#: today; every other family's class comes from that mapping, and its parts are found by
+#: :func:`adapter_for`'s introspection)
+CLASS_OVERRIDES: dict[str, str] = {}
+#: attribute names, tried in order, of a ForConditionalGeneration model's inner model's language
+#: model (Idefics3 / SmolVLM: ``text_model``) and of that language model's final norm
+LANGUAGE_MODEL_ATTRS = ("language_model", "text_model")
+NORM_ATTRS = ("norm", "final_layernorm", "final_norm", "ln_f")
+#: ``(after attention, after MLP)`` attribute names of the norms a decoder layer applies to its
+#: attention and MLP outputs before adding them to the residual stream (GLM-4 / GLM-4.1V); what a
+#: layer's "attn" and "mlp" sites read when it has them
+POST_NORMS = (("post_self_attn_layernorm", "post_mlp_layernorm"),)
+
+
+def image_text_classes() -> dict[str, str]:
+    """``model_type -> class name`` of every image-text-to-text family transformers ships (its
+    own auto mapping), with :data:`CLASS_OVERRIDES` applied."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return {**MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, **CLASS_OVERRIDES}
+
+
+def is_anyres(config) -> bool:
+    """Whether a model's image tokens start with the base view — the whole image resized to a
+    square, not cropped — followed by high-resolution crops (LLaVA-NeXT's "anyres" tiling, which
+    LLaVA-NeXT-Video and LLaVA-OneVision share): its config lists ``image_grid_pinpoints``."""
+    return bool(getattr(config, "image_grid_pinpoints", None))
 
 
 @dataclass
@@ -73,6 +92,28 @@ class Adapter:
     #: Forwards the suite builds from ``inputs_embeds`` pass these explicitly (see
     #: :func:`microscope.prefix.positions`), since the model cannot derive them without ids.
     position_ids: Callable[[dict], torch.Tensor] | None = None
+    #: factor the model multiplies its output logits by after the unembedding (the ``logit_scale``
+    #: attribute of a class that applies one, such as Cohere's causal LM); 1 for most models
+    logit_scale: float = 1.0
+
+    def site(self, layer: int, site: str) -> torch.nn.Module:
+        """The module whose output is decoder layer ``layer``'s ``site``: ``"resid"`` the layer
+        (its output is the residual stream), ``"attn"`` / ``"mlp"`` what the attention and the MLP
+        add to it — their own outputs, or the norm after them where the layer has one (GLM-4's
+        sandwich norms, :data:`POST_NORMS`)."""
+        lay = self.layers[layer]
+        if site == "resid":
+            return lay
+        for attn_norm, mlp_norm in POST_NORMS:
+            if isinstance(getattr(lay, attn_norm, None), torch.nn.Module):
+                return getattr(lay, attn_norm if site == "attn" else mlp_norm)
+        return {"attn": lay.self_attn, "mlp": lay.mlp}[site]
+
+    def logits(self, resid: torch.Tensor) -> torch.Tensor:
+        """The model's own next-token logits from a final residual stream: final norm, unembedding,
+        logit scale."""
+        out = self.unembed(self.final_norm(resid))
+        return out * self.logit_scale if self.logit_scale != 1.0 else out
 
     @property
     def n_layers(self) -> int:
@@ -190,21 +231,77 @@ def processor_fingerprint(processor) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _refuse(model, part: str) -> MicroscopeError:
+    return MicroscopeError(f"{type(model).__name__} is not supported: {part}. The suite needs an image-text-to-text "
+                           "model with a causal decoder (a ModuleList of layers, each with self_attn and mlp), a "
+                           "final norm, input and output embeddings, and image tokens marked by one token id")
+
+
 def _language_model(model):
+    """The decoder of an image-text-to-text model: ``model.model.language_model`` (or
+    ``text_model``), else what ``get_decoder()`` returns."""
     inner = getattr(model, "model", model)
-    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)  # Idefics3: text_model
-    if lm is None:
-        raise MicroscopeError(f"{type(model).__name__}: no language_model found; not an image-text-to-text "
-                              "model this suite supports")
-    return lm
+    for name in LANGUAGE_MODEL_ATTRS:
+        lm = getattr(inner, name, None)
+        if isinstance(lm, torch.nn.Module):
+            return lm
+    get = getattr(model, "get_decoder", None)
+    lm = get() if callable(get) else None
+    if isinstance(lm, torch.nn.Module) and lm is not model:
+        return lm
+    raise _refuse(model, f"no language model: {type(inner).__name__} has none of "
+                         f"{', '.join(LANGUAGE_MODEL_ATTRS)} and get_decoder() gives none")
 
 
-def adapter_for(model) -> Adapter:
-    """The :class:`Adapter` of a loaded LLaVA-family model."""
+def _image_token_id(model, processor=None) -> int:
+    """The image-token id: config ``image_token_id`` or ``image_token_index``, else the id of the
+    processor's ``image_token``; a mismatch between config and processor is refused."""
+    cfg = model.config
+    config_id = next((getattr(cfg, k) for k in ("image_token_id", "image_token_index")
+                      if isinstance(getattr(cfg, k, None), int)), None)
+    proc_id = getattr(processor, "image_token_id", None)  # the id it fills (Aya Vision: not its placeholder's)
+    token = getattr(processor, "image_token", None)
+    tok = getattr(processor, "tokenizer", None)
+    if isinstance(proc_id, int):
+        token = tok.convert_ids_to_tokens(proc_id) if tok is not None else token
+    elif isinstance(token, str) and tok is not None:
+        i = tok.convert_tokens_to_ids(token)
+        proc_id = i if isinstance(i, int) and i != tok.unk_token_id else None
+    if config_id is None and proc_id is None:
+        where = "" if processor is None else (f", and the processor's image token {token!r} is not in its vocabulary"
+                                              if isinstance(token, str) else ", nor has the processor an image_token")
+        raise _refuse(model, f"no image-token id: config has neither image_token_id nor image_token_index{where}")
+    if config_id is not None and proc_id is not None and config_id != proc_id:
+        raise _refuse(model, f"the config's image-token id {config_id} is not the processor's image token "
+                             f"{token!r} ({proc_id}): the processor would mark other positions than the model fills")
+    return int(config_id if config_id is not None else proc_id)
+
+
+def adapter_for(model, processor=None) -> Adapter:
+    """The :class:`Adapter` of a loaded image-text-to-text model, found by introspection: the
+    language model's ``layers`` (a ModuleList whose layers all have ``self_attn`` and ``mlp``),
+    its final norm, ``get_input_embeddings()`` / ``get_output_embeddings()``, the image-token id
+    (config, or ``processor``'s ``image_token``) and, when the model has ``get_rope_index``, its
+    multimodal rotary positions. A part that cannot be found: one :class:`MicroscopeError` naming it."""
     lm = _language_model(model)
-    image_token_id = getattr(model.config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = model.config.image_token_index
+    layers = getattr(lm, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise _refuse(model, f"no decoder layers: its language model {type(lm).__name__} has no 'layers' ModuleList")
+    for i, layer in enumerate(layers):
+        for part in ("self_attn", "mlp"):
+            if not isinstance(getattr(layer, part, None), torch.nn.Module):
+                raise _refuse(model, f"decoder layer {i} ({type(layer).__name__}) has no {part} module: tokens "
+                                     "would mix or change outside the attention and MLP the suite hooks and knocks out")
+    norm = next((getattr(lm, k) for k in NORM_ATTRS if isinstance(getattr(lm, k, None), torch.nn.Module)), None)
+    if norm is None:
+        raise _refuse(model, f"no final norm: its language model {type(lm).__name__} has none of "
+                             f"{', '.join(NORM_ATTRS)}")
+    embed, unembed = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embed, torch.nn.Embedding):
+        raise _refuse(model, "no input embeddings: get_input_embeddings() gives no Embedding")
+    if not isinstance(unembed, torch.nn.Linear):
+        raise _refuse(model, "no unembedding: get_output_embeddings() gives no Linear (lm_head)")
+    image_token_id = _image_token_id(model, processor)
     inner = getattr(model, "model", model)
     rope_index = getattr(inner, "get_rope_index", None)
 
@@ -212,16 +309,20 @@ def adapter_for(model) -> Adapter:
         keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
         return rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if inputs.get(k) is not None})[0]
 
-    return Adapter(embed=model.get_input_embeddings(), layers=lm.layers, final_norm=lm.norm,
-                   unembed=model.get_output_embeddings(), image_token_id=int(image_token_id),
-                   position_ids=position_ids if rope_index is not None else None)
+    scale = getattr(model, "logit_scale", None)  # set by the class that scales its logits (CohereForCausalLM)
+    return Adapter(embed=embed, layers=layers, final_norm=norm, unembed=unembed, image_token_id=image_token_id,
+                   position_ids=position_ids if callable(rope_index) else None,
+                   logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0)
 
 
 def image_geometry(model) -> tuple[int, int] | None:
     """``(image_size, patch_size)`` of a vision tower with a fixed input resolution (from the
     vision config, or from a :class:`~microscope.fusion.FusionModel` that was given them);
     ``None`` for dynamic-resolution towers (Qwen2-VL), whose grid depends on each image."""
-    for src in (getattr(model.config, "vision_config", None), model):
+    vc = getattr(model.config, "vision_config", None)
+    if getattr(vc, "spatial_merge_size", None) and getattr(vc, "temporal_patch_size", None):
+        return None  # Qwen2-VL-style dynamic resolution (GLM-4.1V's image_size is only its position table's)
+    for src in (vc, model):
         size, patch = getattr(src, "image_size", None), getattr(src, "patch_size", None)
         if isinstance(size, int) and isinstance(patch, int):
             return size, patch
@@ -277,20 +378,69 @@ def patch_grid(model) -> int | None:
     return g[0] // g[1] if g else None
 
 
+class _NoVideo:
+    """The video processor of an :func:`image_only` processor: every setting is ``None`` (SmolVLM's
+    ``apply_chat_template`` reads its ``num_frames`` and ``fps`` even for an image-only conversation)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def __repr__(self) -> str:
+        return "<no video processor>"
+
+
 def image_only(processor_cls: type) -> type:
     """``processor_cls`` without its video processor: the same class name, preprocessing and
     token expansion for images and text, and ``videos=`` unsupported.
 
     transformers builds video processors on torchvision; without it (there is no CPU build of
     torchvision for every torch release), processors such as Qwen2-VL's or LLaVA-OneVision's
-    cannot even be constructed, although the suite never passes videos.
+    cannot even be constructed, although the suite never passes videos. Positional arguments
+    follow the image-only attribute order (``image_processor, tokenizer``), also for classes
+    whose own ``__init__`` takes the video processor first (LLaVA-NeXT-Video).
     """
 
-    def get_attributes(cls):
-        return [a for a in super(sub, cls).get_attributes() if a != "video_processor"]
+    class Attributes:  # get_attributes(): without the video processor, except while __init__ runs
+        def __get__(self, obj, cls):
+            full = processor_cls.get_attributes  # read off the parent's own __init__
+            if obj is not None and obj.__dict__.get("_video_slot"):
+                return full
+            return lambda: [a for a in full() if a != "video_processor"]
 
-    sub = type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(get_attributes),
-                                                          "__module__": processor_cls.__module__})
+    def init(self, given: dict):
+        self.__dict__["_video_slot"] = True  # the parent's __init__ may pass video_processor=None positionally
+        try:
+            processor_cls.__init__(self, **{"video_processor": None, **given})
+        finally:
+            del self.__dict__["_video_slot"]
+        self.__dict__.pop("video_processor", None)
+
+    # an __init__ with the image-only attributes first and the parent's other named parameters after
+    # them (from_pretrained passes the attributes positionally and reads the accepted names off the signature)
+    import inspect
+
+    attrs = [a for a in processor_cls.get_attributes() if a != "video_processor"]
+    named = [p.name for p in list(inspect.signature(processor_cls.__init__).parameters.values())[1:]
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "video_processor"]
+    order = attrs + [n for n in named if n not in attrs]
+    src = (f"def __init__(self, {''.join(f'{n}=_UNSET, ' for n in order)}**kwargs):\n"
+           f"    given = {{{''.join(f'{n!r}: {n}, ' for n in order)}}}\n"
+           "    init(self, {**{k: v for k, v in given.items() if v is not _UNSET}, **kwargs})\n")
+    scope = {"_UNSET": object(), "init": init}
+    exec(src, scope)
+    __init__ = scope["__init__"]
+
+    def check_argument_for_proper_class(self, name, arg):
+        if name == "video_processor" and arg is None:
+            return None
+        return processor_cls.check_argument_for_proper_class(self, name, arg)
+
+    sub = type(processor_cls.__name__, (processor_cls,),
+               {"get_attributes": Attributes(), "__init__": __init__, "__module__": processor_cls.__module__,
+                "check_argument_for_proper_class": check_argument_for_proper_class,
+                "video_processor": _NoVideo()})
     return sub
 
 
@@ -416,17 +566,41 @@ def _resolve(name_or_path: str) -> Checkpoint:
 
 
 def _check_supported(config, path: Path) -> str:
-    """The transformers class name for ``config``'s model type; a reasoned refusal otherwise."""
-    if config.model_type in BIDIRECTIONAL_IMAGE_ATTENTION:
+    """The transformers class name for ``config``'s model type (transformers' image-text-to-text
+    auto mapping); a reasoned refusal for families whose attention or image input the suite does
+    not model, for text-only and encoder-decoder models, and for types transformers does not know."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mt = config.model_type
+    if mt in BIDIRECTIONAL_IMAGE_ATTENTION:
         raise MicroscopeError(
-            f"model type {config.model_type!r} of {path} is refused: its image tokens attend to each other "
+            f"model type {mt!r} of {path} is refused: its image tokens attend to each other "
             "bidirectionally (a prefix-LM mask), while the suite's roles of 'earlier' and 'later' tokens, its "
-            "knockout edges and its tracing shortcuts assume causal attention. Supported: "
-            f"{sorted(SUPPORTED)}")
-    cls_name = SUPPORTED.get(config.model_type)
-    if cls_name is None:
+            "knockout edges and its tracing shortcuts assume causal attention")
+    if mt in CROSS_ATTENTION_IMAGE_INPUT:
         raise MicroscopeError(
-            f"model type {config.model_type!r} of {path} is not supported; supported: {sorted(SUPPORTED)}")
+            f"model type {mt!r} of {path} is refused: its text reads the image through cross-attention layers, "
+            "not through image tokens in the sequence, while the suite's image roles, knockout edges and tracing "
+            "act on image-token positions")
+    classes = image_text_classes()
+    cls_name = classes.get(mt)
+    if cls_name is None:
+        if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise MicroscopeError(f"model type {mt!r} of {path} is a text-only model (no vision tower, no image "
+                                  "tokens): the suite studies how image tokens reach the text; load an "
+                                  "image-text-to-text model")
+        raise MicroscopeError(f"model type {mt!r} of {path} is not supported: it is not an image-text-to-text model "
+                              "transformers knows (not in its image-text-to-text auto mapping)")
+    vision = getattr(config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        raise MicroscopeError(
+            f"model type {mt!r} of {path} is refused: it adds image features into the hidden states of its first "
+            f"decoder layers too (DeepStack, vision layers {list(vision.deepstack_visual_indexes)}), not only at the "
+            "decoder input, while the suite's knockout, tracing and attribution forwards start from the decoder "
+            "input alone")
+    if getattr(config, "is_encoder_decoder", False):
+        raise MicroscopeError(f"model type {mt!r} of {path} is refused: it is an encoder-decoder model, while the "
+                              "suite studies image tokens inside one causal decoder")
     return cls_name
 
 
@@ -478,7 +652,11 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     except Exception as e:
         config, config_error = None, e
     if config is not None:  # an unsupported family is refused for that reason, before its files are judged
-        cls = getattr(transformers, _check_supported(config, path))
+        cls_name = _check_supported(config, path)
+        cls = getattr(transformers, cls_name, None)
+        if cls is None:
+            raise MicroscopeError(f"model type {config.model_type!r} of {path}: transformers has no class "
+                                  f"{cls_name} to load it with (upgrade transformers)")
     check_files(ckpt, allow_pickle)  # a missing or unreadable config.json is named here first
     if config is None:
         raise ModelNotFoundError(f"model directory {path}: config.json could not be read as a transformers "
@@ -506,4 +684,4 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     model.eval()
     if device is not None:
         model.to(device)
-    return Handle(name=str(name_or_path), model=model, processor=processor, adapter=adapter_for(model))
+    return Handle(name=str(name_or_path), model=model, processor=processor, adapter=adapter_for(model, processor))

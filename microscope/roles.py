@@ -118,6 +118,27 @@ def check_question(question, index: int, reserved: Sequence[str]) -> str:
     return question
 
 
+def _placeholder_ids(processor) -> set[int]:
+    """The id of the placeholder the chat template writes for an image (``processor.image_token``)
+    when it is one token: the processor replaces it, so it is not among the processor's ids. It is
+    the image-token id itself for most families; Aya Vision writes ``<image>`` and fills
+    ``<|IMG_PATCH|>`` tokens."""
+    token, tok = getattr(processor, "image_token", None), processor.tokenizer
+    if not isinstance(token, str):
+        return set()
+    ids = tok(token, add_special_tokens=False)["input_ids"]
+    return set(ids) if len(ids) == 1 else set()
+
+
+def _per_prompt(processor, images: list) -> list:
+    """Images as a transformers processor reads one image per prompt, ``[[im0], [im1], …]``: every
+    processor splits a flat list by the prompts' image tokens except SmolVLM's, which takes a flat
+    list as all images of one prompt (a custom-fusion processor takes the flat list)."""
+    from transformers import ProcessorMixin
+
+    return [[im] for im in images] if isinstance(processor, ProcessorMixin) else images
+
+
 def prepare(handle, images: Sequence, questions: Sequence[str],
             constraints: Sequence[Sequence[tuple[int, int]]] | None = None,
             sample_ids: Sequence[str] | None = None) -> Batch:
@@ -143,12 +164,13 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        inputs = processor(images=imgs, text=prompts, return_tensors="pt", padding=True)
+        inputs = processor(images=_per_prompt(processor, imgs), text=prompts, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old_side
     ids = inputs["input_ids"]
     att = inputs["attention_mask"]
     img_id = handle.adapter.image_token_id
+    skip = {img_id, *_placeholder_ids(processor)}
     roles = torch.full(ids.shape, ROLE_CODE["pad"], dtype=torch.long)
     for i, (p, q) in enumerate(zip(prompts, questions)):
         q0 = p.find(q)
@@ -160,8 +182,8 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
                 raise ValueError(f"constraint span {(a - q0, b - q0)} is outside question {i} ({len(q)} chars)")
         plain = tok(p, return_offsets_mapping=True)
         p_ids = [t for t in plain["input_ids"]]
-        offs = [o for t, o in zip(p_ids, plain["offset_mapping"]) if t != img_id]
-        p_text = [t for t in p_ids if t != img_id]
+        offs = [o for t, o in zip(p_ids, plain["offset_mapping"]) if t not in skip]
+        p_text = [t for t in p_ids if t not in skip]
         row = ids[i]
         pos = [j for j in range(len(row)) if att[i, j] and row[j] != img_id]
         # the prompt's own tokens appear in order among the processor's non-image ids; ids the

@@ -350,7 +350,7 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[Non
                     return args, {**kwargs, "hidden_states": h}
                 hooks.append(a.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
                 continue
-            mod = {"resid": a.layers[layer], "mlp": a.layers[layer].mlp, "attn": a.layers[layer].self_attn}[site]
+            mod = a.site(layer, site)
             hooks.append(mod.register_forward_hook(make(key, rows, pos)))
         yield
     finally:

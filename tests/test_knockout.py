@@ -271,7 +271,7 @@ def test_sweep_on_other_layouts_matches_full_forwards(handles, name):
         assert row.p_blocked == pytest.approx(p, rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "glm4v"])
 def test_dynamic_resolution_patch_grid_is_raster_over_merged_patches(handles, name):
     """Qwen2-VL: Shapes samples are drawn at a side the processor keeps (112 px here → 8 × 8
     patches → 4 × 4 tokens), and image token k covers cell k of that grid in raster order: a

@@ -47,10 +47,16 @@ def test_roles_follow_ids_and_offsets(handles, name):
         tmpl_text = "".join(tok.decode(row[b.role_mask(["template", "last"])[i]]).split())
         for part in b.prompts[i].replace(s.question, h.processor.image_token).split(h.processor.image_token):
             assert "".join(part.split()) in tmpl_text, (part, tmpl_text)
-        if name == "idefics3":  # tokens the processor wraps around the image are template, not question
+        if name in ("idefics3", "smolvlm"):  # tokens the processor wraps around the image are template, not question
             assert "<fake_token_around_image>" in tmpl and "<global-img>" in tmpl
+        if name == "internvl":
+            assert "<img>" in tmpl and "</img>" in tmpl
+        if name == "aya_vision":
+            assert "<|START_OF_IMG|>" in tmpl and "TILE_GLOBAL" in tmpl and "<|END_OF_IMG|>" in tmpl
         if name.startswith("qwen"):
             assert "<|vision_start|>" in tmpl and "<|vision_end|>" in tmpl
+        if name == "glm4v":
+            assert "<|begin_of_image|>" in tmpl and "<|end_of_image|>" in tmpl
     out = h.model(**b.inputs)
     assert out.logits.shape[:2] == ids.shape
 
@@ -148,7 +154,7 @@ def test_dtype_and_attention_choice(tiny_dirs):
     assert h.model(**b.inputs).logits.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "glm4v"])
 def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name):
     """Qwen2-VL's image tokens have 3-D rotary positions: a forward from inputs_embeds (as
     knockout and tracing run) equals the processor-input forward only with the adapter's

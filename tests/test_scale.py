@@ -37,7 +37,9 @@ def test_scale_benchmark_runs_shrunk():
 
 
 def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_path):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PaliGemmaConfig
+    import json
+
+    from transformers import LlamaConfig, MllamaConfig, PaliGemmaConfig, Qwen3VLConfig
 
     from microscope.errors import MicroscopeError
 
@@ -50,11 +52,24 @@ def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_pa
     complete(pg)
     with pytest.raises(MicroscopeError, match="bidirectionally"):
         microscope.load(str(pg))
+    ml = tmp_path / "mllama"
+    MllamaConfig().save_pretrained(ml)
+    complete(ml)
+    with pytest.raises(MicroscopeError, match="'mllama'.*cross-attention layers"):
+        microscope.load(str(ml))
+    q3 = tmp_path / "qwen3_vl"
+    Qwen3VLConfig().save_pretrained(q3)
+    complete(q3)
+    with pytest.raises(MicroscopeError, match="'qwen3_vl'.*DeepStack, vision layers"):
+        microscope.load(str(q3))
+    text = tmp_path / "text"
+    LlamaConfig().save_pretrained(text)
+    complete(text)
+    with pytest.raises(MicroscopeError, match="'llama'.*is a text-only model"):
+        microscope.load(str(text))
     other = tmp_path / "other"
-    d = LlavaConfig(vision_config=CLIPVisionConfig(), text_config=LlamaConfig()).to_dict()
-    d["model_type"] = "vipllava"
     other.mkdir()
-    (other / "config.json").write_text(__import__("json").dumps(d))
+    (other / "config.json").write_text(json.dumps({**LlamaConfig().to_dict(), "model_type": "vit"}))
     complete(other)
-    with pytest.raises(MicroscopeError, match="not supported; supported"):
+    with pytest.raises(MicroscopeError, match="'vit'.*not an image-text-to-text model transformers knows"):
         microscope.load(str(other))

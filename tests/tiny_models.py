@@ -1,5 +1,5 @@
-"""Tiny random-weight checkpoints of every supported family, built from HF config classes, with
-the families' real tokenizers and chat-template formats.
+"""Tiny random-weight checkpoints of every tested family, built from HF config classes, with
+the families' real tokenizers (or the closest pinned one, named below) and chat-template formats.
 
 Each is written with ``save_pretrained`` (model sharded into several safetensors files with an
 index, and processor) to a directory, so tests load them with the same calls as a hub checkpoint.
@@ -16,6 +16,23 @@ Tokenizers (``tests/real_tokenizers.py``; sources and licences in ``tests/tokeni
 - Idefics3: Llama 3's byte-level BPE + Idefics3's image tokens (``<fake_token_around_image>``,
   ``<image>``, ``<end_of_utterance>``, ``<global-img>``, the 6 × 6 ``<row_i_col_j>`` tokens);
   ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\\nAssistant:``
+- VipLLaVA (Vicuna): Llama 2 + ``<image>``, ``<pad>``; llava-hf's prompt: a system sentence, then
+  ``###Human: <image>\\n{question}###Assistant:``
+- LLaVA-NeXT-Video (Vicuna; single images only): Llama 2 + ``<video>``, ``<image>``, ``<pad>``;
+  ``USER: <image>\\n{question} ASSISTANT:``
+- InternVL (Qwen2.5 decoders): Qwen2 + ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<video>``; ChatML with
+  ``<IMG_CONTEXT>\\n`` before the question (no system prompt)
+- SmolVLM: SmolLM2's tokenizer is not pinned here; Llama 3's byte-level BPE (the closest pinned one)
+  + SmolVLM's image tokens and ``<|im_start|>``;
+  ``<|im_start|>User:<image>{question}<end_of_utterance>\\nAssistant:``
+- Aya Vision: Cohere's tokenizer is not pinned here; Llama 3's byte-level BPE + Aya's turn, image and
+  tile tokens; ``<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>{question}<|END_OF_TURN_TOKEN|>``
+  ``<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>``
+- GLM-4.1V: GLM-4's tokenizer is not pinned here; Qwen2's byte-level BPE (the closest pinned one) +
+  GLM's prompt and vision tokens;
+  ``[gMASK]<sop><|user|>\\n<|begin_of_image|><|image|><|end_of_image|>{question}<|assistant|>\\n``
+
+Chat templates are written from each family's published prompt format (not copied from the hub).
 
 The vocabulary of each tiny model is ``len(tokenizer)``; hidden sizes stay tiny (text 48, vision
 32), so even Qwen2's 151k-token embedding is a few million parameters.
@@ -75,6 +92,28 @@ QWEN_TEMPLATE = chat_template("<|im_start|>user\n", "<|vision_start|><|image_pad
 #: LLaVA-OneVision: ChatML without a system prompt, ``<image>\n`` before the text
 ONEVISION_TEMPLATE = chat_template("<|im_start|>user ", "<image>\n", "<|im_end|>\n", "<|im_start|>assistant\n", "",
                                    "<|im_end|>\n")
+#: VipLLaVA (llava-hf/vip-llava-7b-hf's prompt format): a system sentence, then
+#: ``###Human: <image>\n{question}###Assistant:``
+VIPLLAVA_TEMPLATE = chat_template("###Human: ", "<image>\n", "", "###Assistant:", " ", "</s>",
+                                  start="A chat between a curious human and an artificial intelligence assistant. "
+                                        "The assistant gives helpful, detailed, and polite answers to the human's "
+                                        "questions.")
+#: InternVL (OpenGVLab's -hf releases): ChatML, the image placeholder ``<IMG_CONTEXT>\n`` before the text
+#: (the processor expands it to ``<img>`` + image tokens + ``</img>``)
+INTERNVL_TEMPLATE = chat_template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im_end|>\n", "<|im_start|>assistant\n",
+                                  "", "<|im_end|>\n")
+#: SmolVLM (HuggingFaceTB/SmolVLM-Instruct's template):
+#: ``<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:``
+SMOLVLM_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ", "<end_of_utterance>\n",
+                                 start="<|im_start|>")
+#: Aya Vision (Cohere's turn tokens): ``<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>{question}``
+#: ``<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>``
+AYA_TEMPLATE = chat_template("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<image>", "<|END_OF_TURN_TOKEN|>",
+                             "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "", "<|END_OF_TURN_TOKEN|>",
+                             start="<BOS_TOKEN>")
+#: GLM-4.1V: ``[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>{question}<|assistant|>\n``
+GLM4V_TEMPLATE = chat_template("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "", "<|assistant|>\n", "",
+                               "", start="[gMASK]<sop>")
 #: Idefics3: ``<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant:``
 IDEFICS3_TEMPLATE = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:", " ",
                                   "<end_of_utterance>\n", start="<|begin_of_text|>")
@@ -99,6 +138,13 @@ def llama2_tokenizer() -> PreTrainedTokenizerFast:
                       unk_token="<unk>", pad_token="<pad>")
 
 
+def llava_video_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 2's tokenizer as llava-hf's LLaVA-NeXT-Video extends it: ``<video>`` (32000), ``<image>``
+    (32001), ``<pad>``."""
+    return _tokenizer("llama2", ["<video>", "<image>", "<pad>"], {"image_token": "<image>", "video_token": "<video>"},
+                      bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
 def mistral_tokenizer() -> PreTrainedTokenizerFast:
     """Mistral 7B's tokenizer with ``<image>`` and ``<pad>`` added (LLaVA-NeXT-Mistral)."""
     return _tokenizer("mistral", ["<image>", "<pad>"], {"image_token": "<image>"}, bos_token="<s>", eos_token="</s>",
@@ -117,6 +163,14 @@ def onevision_tokenizer() -> PreTrainedTokenizerFast:
                       eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
+def internvl_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2's tokenizer (InternVL3's decoders are Qwen2.5) with InternVL's ``<img>``, ``</img>``,
+    ``<IMG_CONTEXT>`` and ``<video>`` added, named as its processor reads them."""
+    names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    return _tokenizer("qwen2", list(names.values()), names, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
 IDEFICS3_TOKENS = (["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
                    + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)] + ["<global-img>"])
 
@@ -125,6 +179,38 @@ def idefics3_tokenizer() -> PreTrainedTokenizerFast:
     """Llama 3's tokenizer with Idefics3's image and utterance tokens added."""
     return _tokenizer("llama3", IDEFICS3_TOKENS, {"image_token": "<image>"}, bos_token="<|begin_of_text|>",
                       eos_token="<end_of_utterance>", pad_token="<|reserved_special_token_0|>")
+
+
+def smolvlm_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's byte-level BPE (the closest pinned one to SmolLM2's) with SmolVLM's image and
+    utterance tokens and ``<|im_start|>`` (its BOS) added."""
+    return _tokenizer("llama3", ["<|im_start|>", *IDEFICS3_TOKENS], {"image_token": "<image>"},
+                      bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                      pad_token="<|reserved_special_token_0|>")
+
+
+AYA_TOKENS = (["<BOS_TOKEN>", "<PAD>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+               "<|CHATBOT_TOKEN|>", "<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>",
+               "<|IMG_LINE_BREAK|>", "TILE_GLOBAL"] + [f"TILE_{i}" for i in range(1, 13)])
+
+
+def aya_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's byte-level BPE (the closest pinned one to Cohere's) with Aya Vision's turn and image
+    tokens added, the tile markers (``TILE_GLOBAL``, ``TILE_i``) as single tokens as its processor
+    counts them."""
+    return _tokenizer("llama3", AYA_TOKENS, {"image_token": "<image>"}, bos_token="<BOS_TOKEN>",
+                      eos_token="<|END_OF_TURN_TOKEN|>", pad_token="<PAD>")
+
+
+GLM4V_TOKENS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|image|>",
+                "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>"]
+
+
+def glm4v_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2's byte-level BPE (the closest pinned one to GLM-4's 151k-token BPE) with GLM-4.1V's
+    prompt and vision tokens added."""
+    return _tokenizer("qwen2", GLM4V_TOKENS, {"image_token": "<|image|>", "video_token": "<|video|>"},
+                      eos_token="<|user|>", pad_token="<|endoftext|>")
 
 
 def _save(model, proc, path: Path) -> Path:
@@ -192,6 +278,47 @@ def build_llava_next_mistral(path: Path, seed: int = 0) -> Path:
     return _build_llava_next(path, seed, tok, _llama(tok, MistralConfig), MISTRAL_TEMPLATE)
 
 
+def build_vipllava(path: Path, seed: int = 0) -> Path:
+    """VipLLaVA layout: CLIP features of several tower layers concatenated (CLS dropped), a
+    layer-normed MLP projector, Llama (Vicuna); LLaVA's processor."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    tok = llama2_tokenizer()
+    cfg = VipLlavaConfig(vision_config=_vision(), text_config=_llama(tok),
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=[-2, -1],
+                         image_seq_length=(SIZE // PATCH) ** 2)
+    torch.manual_seed(seed)
+    model = VipLlavaForConditionalGeneration(cfg).eval()
+    ip = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
+                          chat_template=VIPLLAVA_TEMPLATE, num_additional_image_tokens=1)
+    return _save(model, proc, path)
+
+
+def build_llava_next_video(path: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT-Video layout (single images only): LLaVA-NeXT's anyres tiling and image-newline
+    tokens, Llama (Vicuna), its processor without the video part (no torchvision here)."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+
+    from microscope.model import image_only
+
+    tok = llava_video_tokenizer()
+    pins = [[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]]
+    cfg = LlavaNextVideoConfig(vision_config=_vision(), text_config=_llama(tok),
+                               image_token_index=tok.convert_tokens_to_ids("<image>"),
+                               video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
+                               vision_feature_select_strategy="default", image_grid_pinpoints=pins,
+                               image_seq_length=(SIZE // PATCH) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                    image_grid_pinpoints=pins)
+    proc = image_only(LlavaNextVideoProcessor)(image_processor=ip, tokenizer=tok, patch_size=PATCH,
+                                               vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                               num_additional_image_tokens=1)
+    return _save(model, proc, path)
+
+
 def build_idefics3(path: Path, seed: int = 0) -> Path:
     """Idefics3 layout (SmolVLM's family): SigLIP-style tower, pixel-shuffle connector (scale 2),
     image tokens wrapped in <fake_token_around_image> / <global-img> tokens, Llama 3 text model."""
@@ -210,6 +337,112 @@ def build_idefics3(path: Path, seed: int = 0) -> Path:
                                    do_image_splitting=False)
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, chat_template=IDEFICS3_TEMPLATE,
                              image_seq_len=(SIZE // PATCH // 2) ** 2)
+    return _save(model, proc, path)
+
+
+def build_internvl(path: Path, seed: int = 0) -> Path:
+    """InternVL layout: InternViT-style tower, pixel-shuffle connector (ratio 0.5: 4 × 4 patches →
+    4 image tokens between ``<img>`` and ``</img>``), Qwen2 decoder; one 56 px tile (no cropping)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    from microscope.model import image_only
+
+    tok = internvl_tokenizer()
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=SIZE, patch_size=PATCH)
+    n = (SIZE // PATCH // 2) ** 2
+    cfg = InternVLConfig(vision_config=vision, text_config=_llama(tok, Qwen2Config), downsample_ratio=0.5,
+                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=n)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    ip = GotOcr2ImageProcessorPil(size={"height": SIZE, "width": SIZE}, crop_to_patches=False)
+    proc = image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, chat_template=INTERNVL_TEMPLATE,
+                                         image_seq_length=n)
+    return _save(model, proc, path)
+
+
+def build_smolvlm(path: Path, seed: int = 0) -> Path:
+    """SmolVLM layout: as Idefics3 (SigLIP-style tower, pixel shuffle, image tokens wrapped in
+    ``<fake_token_around_image>`` / ``<global-img>``) with SmolVLM's own classes and prompt."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from microscope.model import image_only
+
+    tok = smolvlm_tokenizer()
+    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=SIZE, patch_size=PATCH)
+    cfg = SmolVLMConfig(vision_config=vision.to_dict(), text_config=_llama(tok).to_dict(), scale_factor=2,
+                        image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(cfg).eval()
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": SIZE}, max_image_size={"longest_edge": SIZE},
+                                  do_image_splitting=False)
+    proc = image_only(SmolVLMProcessor)(image_processor=ip, tokenizer=tok, chat_template=SMOLVLM_TEMPLATE,
+                                        image_seq_len=(SIZE // PATCH // 2) ** 2)
+    return _save(model, proc, path)
+
+
+def build_aya_vision(path: Path, seed: int = 0) -> Path:
+    """Aya Vision layout: SigLIP tower, pixel-shuffle connector (factor 2: 4 × 4 patches → 4
+    ``<|IMG_PATCH|>`` tokens per 56 px tile), the global thumbnail after up to 4 crops, Cohere2
+    decoder (parallel attention and MLP, logits scaled by ``logit_scale``)."""
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        AyaVisionProcessor,
+        Cohere2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = aya_tokenizer()
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=SIZE, patch_size=PATCH)
+    text = Cohere2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, sliding_window=64,
+                         **_text_ids(tok))
+    cfg = AyaVisionConfig(vision_config=vision, text_config=text, downsample_factor=2,
+                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"))
+    torch.manual_seed(seed)
+    model = AyaVisionForConditionalGeneration(cfg).eval()
+    ip = GotOcr2ImageProcessorPil(size={"height": SIZE, "width": SIZE}, crop_to_patches=True, max_patches=4,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc = AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, img_size=SIZE, downsample_factor=2,
+                              chat_template=AYA_TEMPLATE)
+    return _save(model, proc, path)
+
+
+def build_glm4v(path: Path, seed: int = 0) -> Path:
+    """GLM-4.1V layout: dynamic-resolution tower (112 px → 8 × 8 patches merged 2 × 2 into 16 image
+    tokens), M-RoPE, GLM-4 decoder with sandwich norms (the attention and MLP outputs are normed
+    before they join the residual stream)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vProcessor
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    from microscope.model import image_only
+
+    tok = glm4v_tokenizer()
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in
+           {"image_token_id": "<|image|>", "video_token_id": "<|video|>", "image_start_token_id": "<|begin_of_image|>",
+            "image_end_token_id": "<|end_of_image|>", "video_start_token_id": "<|begin_of_video|>",
+            "video_end_token_id": "<|end_of_video|>"}.items()}
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=MAX_POSITIONS, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 1], "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5})  # half of head_dim 12 rotates: 3 frequencies
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, image_size=2 * SIZE,
+                  patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Glm4vConfig(vision_config=vision, text_config=text, **ids)
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(cfg).eval()
+    pixels = 2 * (2 * SIZE) ** 2  # GLM's pixel budget counts the temporal patch (2 frames) too
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=PATCH, merge_size=2,
+                                temporal_patch_size=2)
+    proc = image_only(Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=GLM4V_TEMPLATE)
     return _save(model, proc, path)
 
 
@@ -304,7 +537,10 @@ def build_llava_onevision(path: Path, seed: int = 0, size: int = SIZE, patch: in
 
 #: every tiny family, by name: its builder
 BUILDERS = {"llava15": build_llava15, "llava_next": build_llava_next, "idefics3": build_idefics3,
-            "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision}
+            "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision,
+            "vipllava": build_vipllava, "llava_next_video": build_llava_next_video, "internvl": build_internvl,
+            "smolvlm": build_smolvlm, "aya_vision": build_aya_vision,
+            "glm4v": build_glm4v}
 TINY = list(BUILDERS)
 #: tokenizer variants checked by tests/test_tokenizers.py only (not run through every invariant)
 VARIANTS = {"llava_next_mistral": build_llava_next_mistral}

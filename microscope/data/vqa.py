@@ -300,14 +300,14 @@ def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
     sample's image size; ``None`` (no referred patches) for a model with neither. A fixed tower's
     grid covers ``visible = grid · patch_size / image_size`` of each side (SigLIP-384/14:
     378/384), set on the samples too; a dynamic one's covers the whole resized image."""
-    from microscope.model import ANYRES, image_geometry, patch_grid, token_grid
+    from microscope.model import image_geometry, is_anyres, patch_grid, token_grid
 
     grid = patch_grid(handle.model)
     visible = 1.0
     if grid is not None:
         side, patch = image_geometry(handle.model)
         visible = grid * patch / side
-    if grid is not None and getattr(handle.model.config, "model_type", "") in ANYRES:
+    if grid is not None and is_anyres(handle.model.config):
         grid = (grid, grid)
     by_size: dict[tuple[int, int], tuple[int, int] | None] = {}
     for s in samples:
