@@ -42,6 +42,7 @@ import torch
 
 from microscope import attention, groundtruth, tracing
 from microscope.answers import MODEL, NoTarget, answer_ids, only_correct_note
+from microscope.data.blank import blank_like
 from microscope.knockout import image_patch_positions
 from microscope.prefix import next_token_probs
 from microscope.prefix import positions as prompt_positions
@@ -227,33 +228,6 @@ def summary(prec: pd.DataFrame) -> dict:
 
 
 # --------------------------------------------------------------------------- baselines and group methods
-
-def blank_like(sample):
-    """``sample`` with its objects removed: the Shapes world's empty scene, or for other samples a
-    plain image of the image's median colour (what "nothing here" looks like to the tower)."""
-    import dataclasses
-
-    from PIL import Image
-
-    if hasattr(sample, "render") and getattr(sample, "objects", None) is not None:
-        img = sample.render(keep=[])
-    else:
-        arr = np.asarray(sample.image.convert("RGB"))
-        img = Image.new("RGB", sample.image.size, tuple(int(v) for v in np.median(arr.reshape(-1, 3), axis=0)))
-    if "image" in {f.name for f in dataclasses.fields(sample)}:
-        return dataclasses.replace(sample, image=img)
-    return _WithImage(sample, img)  # a sample that reads its image from disk (VQASample)
-
-
-class _WithImage:
-    """A sample proxy whose ``image`` is replaced (for samples that read the image from disk)."""
-
-    def __init__(self, sample, image):
-        self._s, self.image = sample, image
-
-    def __getattr__(self, name):
-        return getattr(self._s, name)
-
 
 def _image_tokens(handle, sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(positions, clean, blank)``: the patch-grid positions of the sample's image tokens and the

@@ -562,7 +562,7 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
 
     ``corruptions``: ``(label, corruption, target, scale)`` tuples as in :data:`CORRUPTION_SET`;
     ``corruption`` is ``noise`` or ``replace`` (:func:`corrupt`), or ``blank`` (the image replaced
-    by an empty one, :func:`microscope.attribution.blank_like`). Per sample × corruption:
+    by an empty one, :func:`microscope.data.blank.blank_like`). Per sample × corruption:
     ``p_corrupted`` = mean over the ``n_noise`` corrupted copies of p(answer) (one copy for
     ``blank``), ``drop = p_clean − p_corrupted``, ``flipped`` = the top token of the mean corrupted
     distribution is not the answer (the gold answer, or with ``answer=None`` the model's own
@@ -570,7 +570,7 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
     samples whose gold answer the vocabulary cannot spell are left out. Columns: ``model,
     sample_id, category, corruption, kind, target, scale, p_clean,
     p_corrupted, drop, flipped, correct``."""
-    from microscope.attribution import blank_like
+    from microscope.data.blank import blank_like
     from microscope.objects import _probs
 
     if sigma_text is None and any(k == "noise" and t == "constraint" for _, k, t, _ in corruptions):

@@ -42,3 +42,53 @@ def test_readme_first_screen_has_the_two_commands_and_ci_runs_the_test_one():
     assert re.search(r"^make test$", ci, re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert "torch==2.13.0" in makefile and "venv" in makefile
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``module -> package modules it imports``, at any depth of its code (function-level imports
+    included), read from the source with ``ast``; a package is its ``__init__``."""
+    import ast
+
+    pkg = ROOT / "microscope"
+    mods = {}
+    for p in pkg.rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {}
+    for name, p in mods.items():
+        out = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods:
+                out |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module
+                        for a in node.names}
+        graph[name] = out - {name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(u):
+        state[u] = 1
+        path.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                return path[path.index(v):] + [v]
+            if v not in state and (c := visit(v)):
+                return c
+        state[u] = 2
+        path.pop()
+        return None
+
+    return next((c for u in sorted(graph) if u not in state and (c := visit(u))), None)
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert {"microscope.model", "microscope.zoo", "microscope.tracing", "microscope.attribution"} <= set(graph)
+    assert "microscope.zoo" in graph["microscope.model"]  # the bundled models' directory lookup
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    assert _cycle({**graph, "microscope.zoo": graph["microscope.zoo"] | {"microscope.model"}})  # a cycle is found

@@ -19,9 +19,10 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+import microscope
 from microscope.data import shapes
 from microscope.errors import ModelNotFoundError
-from microscope.zoo import load_pretrained, model_dir
+from microscope.zoo import model_dir
 from microscope.zoo.shapes_llava import prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,11 @@ def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "microscope.zoo", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def load_pretrained(name_or_dir):
+    h = microscope.load(str(name_or_dir))
+    return h.model, h.processor
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """Bundled models: ``shapes-llava``, a LLaVA trained on the Shapes world.
 
 ``model_dir(name)`` is where a bundled model's ``save_pretrained`` files live;
-``load_pretrained(name_or_dir)`` loads model and processor with the same
-``from_pretrained`` calls as a hub checkpoint, offline, with one clear error when the
-directory is missing or its files are incomplete or corrupt.
+:func:`microscope.load` loads it (with the same ``from_pretrained`` calls as a hub checkpoint,
+offline, with one clear error when the directory is missing or its files are incomplete or
+corrupt). This package imports nothing of :mod:`microscope.model`, which imports it.
 """
 
 from __future__ import annotations
@@ -43,15 +43,3 @@ def model_dir(name_or_dir: str | Path) -> Path:
         raise ModelNotFoundError(f"bundled model {key} in {path} is incomplete (missing {', '.join(missing)}): "
                                  f"{REBUILD}")
     return path
-
-
-def load_pretrained(name_or_dir: str | Path = "shapes-llava", device: str | None = None):
-    """``(model, processor)`` of a bundled model or a local LLaVA directory, offline, in eval mode.
-
-    A thin wrapper of :func:`microscope.load` (the suite's one loader) for code that wants the
-    two HF objects only.
-    """
-    from microscope.model import load
-
-    h = load(str(name_or_dir), device=device)
-    return h.model, h.processor

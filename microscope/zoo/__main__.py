@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
             info = train(args.out, Recipe(**overrides), log=lambda s: print(s, flush=True))
             write_model_card(args.out, info)
             return 0
-        from microscope.zoo import load_pretrained
+        from microscope.model import load
         from microscope.zoo.evaluation import evaluate
 
         if args.n < 6:
             ap.error(f"--n must be at least 6, got {args.n}")
         if args.seed < 0:
             ap.error(f"--seed must be non-negative, got {args.seed}")
-        model, processor = load_pretrained(args.model_dir or args.model)
+        h = load(str(args.model_dir or args.model))
+        model, processor = h.model, h.processor
         t = time.time()
         report = evaluate(model, processor, n=args.n, seed=args.seed, batch=args.batch,
                           progress=sys.stderr.isatty())
