@@ -85,7 +85,7 @@ def test_a_plan_on_layer_l_leaves_everything_below_unchanged(handles, name):
     assert not torch.allclose(acts[f"resid.{lay}"], clean[f"resid.{lay}"])
 
 
-def test_the_vision_tower_is_untouched_and_everything_is_restored_after_an_error(shapes_handle):
+def test_the_vision_tower_is_untouched_and_everything_is_restored_after_an_error(shapes_handle, monkeypatch):
     h = shapes_handle
     batch = microscope.prepare_samples(h, _samples(h, n=2))
     untouched = _logits(h, batch)
@@ -94,9 +94,19 @@ def test_the_vision_tower_is_untouched_and_everything_is_restored_after_an_error
         feats = h.model.model.get_image_features(pixel_values=pv)
     src, tgt = ko.edge_masks(h, batch, "image↛text")
     before = h.adapter.layers[0].self_attn.config._attn_implementation
+    tower_impl = h.model.config.vision_config._attn_implementation
+    routed = []  # every attention module that runs through the knockout function
+    real_state = microscope.attention.state
+    monkeypatch.setattr(microscope.attention, "state", lambda m: routed.append(id(m)) or real_state(m))
+    decoder = {id(lay.self_attn) for lay in h.adapter.layers}
     with pytest.raises(KeyError), ko.knockout(h, [ko.Block(src, tgt, range(6))]):
+        assert h.model.config.vision_config._attn_implementation == tower_impl
         with torch.no_grad():
             inside = h.model.model.get_image_features(pixel_values=pv)
+        assert routed == []  # the tower's attention never reaches the knockout
+        with torch.no_grad():
+            h.model(**batch.inputs)
+        assert set(routed) == decoder  # a whole forward routes exactly the decoder's layers
         raise KeyError("boom")
     f0 = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     f1 = inside.pooler_output if hasattr(inside, "pooler_output") else inside

@@ -63,9 +63,23 @@ def test_the_map_covers_every_layer_and_token_and_skips_only_what_causality_fixe
     first = int(c.positions.nonzero().min())
     before = df[df.position < first]
     assert (before.effect == 0).all() and (before.role == "image").sum() == (3 * L + 1) * 36
-    # running one of the skipped positions for real gives the same zero effect
-    p = tr.restore(c, [("resid", [2], [first - 1]), ("mlp", [1, 2, 3], [5])])
-    assert p == pytest.approx([c.p_corrupted] * 2, abs=1e-6)
+    # why they are skipped, from plain forwards (no restoration code): before the first corrupted token
+    # every corrupted run's residual states equal the clean run's (causal attention), from it on they differ
+    with torch.no_grad():
+        mask = torch.ones(c.corrupted.shape[:2], dtype=torch.long)
+        hs = h.model(inputs_embeds=c.corrupted, attention_mask=mask, output_hidden_states=True).hidden_states
+    for lay in (0, 2, L - 2):  # (the model's last hidden state is after its final norm)
+        clean = c.clean[f"resid.{lay}"]
+        assert torch.allclose(hs[lay + 1][:, :first], clean[:first].expand(c.n_noise, -1, -1), atol=1e-4)
+        assert (hs[lay + 1][:, first] - clean[first]).abs().max() > 1e-2
+    # running skipped positions for real, without the clean-prefix shortcut, gives the same zero effect,
+    # while the same call restoring the corrupted token's input brings the clean answer back
+    import dataclasses
+
+    whole = dataclasses.replace(c, prefix=None)
+    p = tr.restore(whole, [("resid", [2], [first - 1]), ("mlp", [1, 2, 3], [5]), ("resid", [-1], [first])])
+    assert p[:2] == pytest.approx([c.p_corrupted] * 2, abs=1e-5)
+    assert p[2] == pytest.approx(c.p_clean, abs=1e-5) and c.p_clean - c.p_corrupted > 0.2
     # batch size does not change the numbers
     small = tr.trace(h, c.sample, kinds=["mlp"], corrupted=c, batch_size=7)
     big = df[df.kind == "mlp"].reset_index(drop=True)
