@@ -47,26 +47,15 @@ def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_pa
         for f in ("model.safetensors", "processor_config.json", "tokenizer.json"):
             (d / f).write_text("{}")
 
-    pg = tmp_path / "paligemma"
-    PaliGemmaConfig().save_pretrained(pg)
-    complete(pg)
-    with pytest.raises(MicroscopeError, match="bidirectionally"):
-        microscope.load(str(pg))
-    ml = tmp_path / "mllama"
-    MllamaConfig().save_pretrained(ml)
-    complete(ml)
-    with pytest.raises(MicroscopeError, match="'mllama'.*cross-attention layers"):
-        microscope.load(str(ml))
-    q3 = tmp_path / "qwen3_vl"
-    Qwen3VLConfig().save_pretrained(q3)
-    complete(q3)
-    with pytest.raises(MicroscopeError, match="'qwen3_vl'.*DeepStack, vision layers"):
-        microscope.load(str(q3))
-    text = tmp_path / "text"
-    LlamaConfig().save_pretrained(text)
-    complete(text)
-    with pytest.raises(MicroscopeError, match="'llama'.*is a text-only model"):
-        microscope.load(str(text))
+    for name, config, message in [("paligemma", PaliGemmaConfig, "bidirectionally"),
+                                  ("mllama", MllamaConfig, "'mllama'.*cross-attention layers"),
+                                  ("qwen3_vl", Qwen3VLConfig, "'qwen3_vl'.*DeepStack, vision layers"),
+                                  ("text", LlamaConfig, "'llama'.*is a text-only model")]:
+        d = tmp_path / name
+        config().save_pretrained(d)
+        complete(d)
+        with pytest.raises(MicroscopeError, match=message):
+            microscope.load(str(d))
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({**LlamaConfig().to_dict(), "model_type": "vit"}))

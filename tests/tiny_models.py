@@ -319,6 +319,22 @@ def build_llava_next_video(path: Path, seed: int = 0) -> Path:
     return _save(model, proc, path)
 
 
+def _build_pixel_shuffle(path: Path, seed: int, config_cls, model_cls, processor_cls, vision_cls, ip_cls, tok,
+                         template: str) -> Path:
+    """The Idefics3 / SmolVLM layout: SigLIP-style tower, pixel-shuffle connector (scale 2), image
+    tokens wrapped in <fake_token_around_image> / <global-img> tokens, Llama decoder, no splitting."""
+    vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=SIZE, patch_size=PATCH)
+    cfg = config_cls(vision_config=vision.to_dict(), text_config=_llama(tok).to_dict(), scale_factor=2,
+                     image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    ip = ip_cls(size={"longest_edge": SIZE}, max_image_size={"longest_edge": SIZE}, do_image_splitting=False)
+    proc = processor_cls(image_processor=ip, tokenizer=tok, chat_template=template,
+                         image_seq_len=(SIZE // PATCH // 2) ** 2)
+    return _save(model, proc, path)
+
+
 def build_idefics3(path: Path, seed: int = 0) -> Path:
     """Idefics3 layout (SmolVLM's family): SigLIP-style tower, pixel-shuffle connector (scale 2),
     image tokens wrapped in <fake_token_around_image> / <global-img> tokens, Llama 3 text model."""
@@ -326,18 +342,9 @@ def build_idefics3(path: Path, seed: int = 0) -> Path:
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tok = idefics3_tokenizer()
-    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=SIZE, patch_size=PATCH)
-    cfg = Idefics3Config(vision_config=vision.to_dict(), text_config=_llama(tok).to_dict(), scale_factor=2,
-                         image_token_id=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(cfg).eval()
-    ip = Idefics3ImageProcessorPil(size={"longest_edge": SIZE}, max_image_size={"longest_edge": SIZE},
-                                   do_image_splitting=False)
-    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, chat_template=IDEFICS3_TEMPLATE,
-                             image_seq_len=(SIZE // PATCH // 2) ** 2)
-    return _save(model, proc, path)
+    return _build_pixel_shuffle(path, seed, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
+                                Idefics3VisionConfig, Idefics3ImageProcessorPil, idefics3_tokenizer(),
+                                IDEFICS3_TEMPLATE)
 
 
 def build_internvl(path: Path, seed: int = 0) -> Path:
@@ -372,18 +379,9 @@ def build_smolvlm(path: Path, seed: int = 0) -> Path:
 
     from microscope.model import image_only
 
-    tok = smolvlm_tokenizer()
-    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=SIZE, patch_size=PATCH)
-    cfg = SmolVLMConfig(vision_config=vision.to_dict(), text_config=_llama(tok).to_dict(), scale_factor=2,
-                        image_token_id=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(cfg).eval()
-    ip = SmolVLMImageProcessorPil(size={"longest_edge": SIZE}, max_image_size={"longest_edge": SIZE},
-                                  do_image_splitting=False)
-    proc = image_only(SmolVLMProcessor)(image_processor=ip, tokenizer=tok, chat_template=SMOLVLM_TEMPLATE,
-                                        image_seq_len=(SIZE // PATCH // 2) ** 2)
-    return _save(model, proc, path)
+    return _build_pixel_shuffle(path, seed, SmolVLMConfig, SmolVLMForConditionalGeneration,
+                                image_only(SmolVLMProcessor), SmolVLMVisionConfig, SmolVLMImageProcessorPil,
+                                smolvlm_tokenizer(), SMOLVLM_TEMPLATE)
 
 
 def build_aya_vision(path: Path, seed: int = 0) -> Path:
