@@ -48,7 +48,7 @@ from microscope import attention, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import capture
 from microscope.model import is_anyres, patch_grid
-from microscope.prefix import expand, position_kwargs, positions, prefix_of
+from microscope.prefix import cache_kwargs, position_kwargs, positions, prefix_of
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
@@ -390,7 +390,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         # positions before the first target query are untouched by every row's plan (causal
         # attention): take them from the clean run's key/value cache and compute only the rest
         first = min(int(t[3].nonzero().min()) for t in todo)
-        prefix = prefix_of(out.past_key_values, first)
+        prefix = prefix_of(out, first)
         pos_ids, suffix = positions(handle, inputs), emb.shape[1] - first
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
@@ -400,7 +400,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             with torch.no_grad(), knockout(handle, [block]):
                 out = handle.model(inputs_embeds=emb[:, first:].expand(r, -1, -1),
                                    attention_mask=inputs["attention_mask"].expand(r, -1),
-                                   past_key_values=expand(handle, prefix, r), use_cache=prefix is not None,
+                                   **cache_kwargs(handle, prefix, r), use_cache=prefix is not None,
                                    logits_to_keep=1, **position_kwargs(pos_ids, suffix, r)
                                    ).logits[:, -1].float()
             p = out.softmax(-1)[:, gold].cpu()

@@ -1,8 +1,8 @@
 """Clean-prefix key/value caches: compute only the positions an intervention can change.
 
     out = model(**clean_inputs, use_cache=True)              # the clean run, once
-    prefix = prefix_of(out.past_key_values, first)          # its keys/values of positions < first
-    model(inputs_embeds=rows[:, first:], past_key_values=expand(handle, prefix, len(rows)), ...)
+    prefix = prefix_of(out, first)                          # its keys/values of positions < first
+    model(inputs_embeds=rows[:, first:], **cache_kwargs(handle, prefix, len(rows)), ...)
 
 With causal attention, an intervention that first touches position ``first`` (a corrupted
 token, a knocked-out query) leaves every state of the positions before it exactly as in the
@@ -11,22 +11,62 @@ they are taken from the clean run's own cache and handed to the model as a trans
 computes only the suffix. The results equal whole-prompt forwards up to float rounding
 (tested against them in tests/ and benchmarks/).
 
+transformers 5.0 names the cache keyword of ``forward`` and the output field ``past_key_values``;
+by 5.24 both are ``cache``, the old keyword raises a ``FutureWarning`` and reading
+``output.past_key_values`` logs a deprecation notice. :func:`cache_kwargs` and :func:`prefix_of`
+use the names of the installed version, so nothing warns on either.
+
 Models with multimodal rotary positions (Qwen2-VL) cannot derive a suffix's positions from
 ``inputs_embeds``; :func:`positions` and :func:`position_kwargs` hand them the clean prompt's own.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from transformers import Cache
 
-def prefix_of(past, first: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer clean ``(key, value)`` of positions ``< first``, sliced from the cache ``past`` a
-    clean forward returned with ``use_cache=True`` (no extra forward); ``None`` when ``first == 0``
-    (nothing to share)."""
+_CACHE_NAMES = ("cache", "past_key_values")  # the current transformers name first, then the old one
+
+
+@functools.cache
+def cache_keyword(forward_owner: type) -> str:
+    """The keyword the ``forward`` of models of class ``forward_owner`` takes a key/value cache by:
+    ``"cache"`` (current transformers) or ``"past_key_values"`` (transformers 5.0). A ``forward``
+    naming neither (one passing ``**kwargs`` to a transformers decoder, like
+    :class:`microscope.fusion.FusionModel`) gets the installed transformers' own name."""
+    params = inspect.signature(forward_owner.forward).parameters
+    for name in _CACHE_NAMES:
+        if name in params:
+            return name
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Mapping) -> Cache:
+    """The key/value cache a forward with ``use_cache=True`` returned, under whichever name
+    (``cache`` or ``past_key_values``) the installed transformers gives the output field."""
+    for name in _CACHE_NAMES:
+        if out.get(name) is not None:
+            return out[name]
+    raise ValueError(f"the forward returned no key/value cache (fields: {list(out.keys())}); "
+                     "was it called with use_cache=True?")
+
+
+def prefix_of(out: Mapping, first: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer clean ``(key, value)`` of positions ``< first``, sliced from the cache that the
+    clean forward's output ``out`` holds (called with ``use_cache=True``; no extra forward);
+    ``None`` when ``first == 0`` (nothing to share)."""
     if first <= 0:
         return None
-    return [(layer.keys[..., :first, :], layer.values[..., :first, :]) for layer in past.layers]
+    return [(layer.keys[..., :first, :], layer.values[..., :first, :]) for layer in returned_cache(out).layers]
 
 
 def expand(handle, prefix: list | None, rows: int):
@@ -39,6 +79,12 @@ def expand(handle, prefix: list | None, rows: int):
 
     data = [(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous()) for k, v in prefix]
     return DynamicCache(ddp_cache_data=data, config=handle.model.config)
+
+
+def cache_kwargs(handle, prefix: list | None, rows: int) -> dict:
+    """The keyword argument handing :func:`expand`'s cache to ``handle.model``'s forward, under
+    the name it takes (:func:`cache_keyword`)."""
+    return {cache_keyword(type(handle.model)): expand(handle, prefix, rows)}
 
 
 def length(prefix: list | None) -> int:
@@ -68,7 +114,7 @@ def next_token_probs(handle, embeds: torch.Tensor, prefix: list | None = None,
     when enabled (integrated gradients); callers that need none wrap it in ``torch.no_grad``."""
     R, T = embeds.shape[:2]
     mask = torch.ones((R, T + length(prefix)), dtype=torch.long, device=embeds.device)
-    logits = handle.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=expand(handle, prefix, R),
+    logits = handle.model(inputs_embeds=embeds, attention_mask=mask, **cache_kwargs(handle, prefix, R),
                           use_cache=prefix is not None, logits_to_keep=1,
                           **position_kwargs(position_ids, T, R)).logits
     return logits[:, -1].float().softmax(-1)

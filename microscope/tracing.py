@@ -310,7 +310,7 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             new = torch.tensor([options[k][1] for k in pick], device=e.device)  # (n_noise, len(positions))
             with torch.no_grad():
                 rep[:, positions] = a.embed(new).to(e.dtype)
-    prefix = prefix_of(out.past_key_values, first)
+    prefix = prefix_of(out, first)
     pos_ids = prompt_positions(handle, inputs)
     with torch.no_grad():
         probs = next_token_probs(handle, rep[:, first:] if prefix else rep, prefix, pos_ids).mean(0)

@@ -160,7 +160,7 @@ def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name
     knockout and tracing run) equals the processor-input forward only with the adapter's
     position ids — without them it is measurably different."""
     from microscope.extract import capture
-    from microscope.prefix import expand, position_kwargs, positions, prefix_of
+    from microscope.prefix import cache_kwargs, position_kwargs, positions, prefix_of
 
     h = handles[name]
     b = microscope.prepare_samples(h, shapes.generate(1, seed=2))
@@ -181,6 +181,6 @@ def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name
     with torch.no_grad():
         out = h.model(**b.inputs, use_cache=True)
         suf = h.model(inputs_embeds=emb[:, first:], attention_mask=mask,
-                      past_key_values=expand(h, prefix_of(out.past_key_values, first), 1),
+                      **cache_kwargs(h, prefix_of(out, first), 1),
                       **position_kwargs(pos, T - first, 1)).logits
     torch.testing.assert_close(suf, ref[:, first:], rtol=0, atol=1e-5)
