@@ -46,14 +46,24 @@ def _checked(t: torch.Tensor, name: str) -> torch.Tensor:
     return t
 
 
+def _tensor(x: Array) -> torch.Tensor:
+    """``x`` as a tensor, sharing its memory where it can. Torch has no read-only tensors, so a
+    read-only numpy array (pandas' ``to_numpy()`` under copy-on-write, a memory map) is copied
+    first instead of being wrapped, which torch warns about."""
+    if isinstance(x, torch.Tensor):
+        return x
+    a = np.asarray(x)
+    return torch.as_tensor(a if a.flags.writeable else a.copy())
+
+
 def _t(x: Array, device=None, name: str = "X") -> torch.Tensor:
-    t = _checked(torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x), name)
+    t = _checked(_tensor(x), name)
     return t.to(device=device if device is not None else t.device, dtype=torch.float64)
 
 
 def _keep_float(x: Array, name: str = "X") -> torch.Tensor:
     """A 2-D float32 or float64 tensor (other dtypes become float64); no copy when possible."""
-    t = _checked(x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)), name)
+    t = _checked(_tensor(x), name)
     return t if t.dtype in (torch.float32, torch.float64) else t.double()
 
 
@@ -182,7 +192,7 @@ def knn_distances(X: Array, k: int, chunk: int = 1024, margin: int = 4) -> torch
     whose k-th exact distance² is below that bound is proven right; any other row (near ties
     below float32 resolution) is recomputed exactly in float64 against all points.
     """
-    xo = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+    xo = _tensor(X)
     if xo.ndim != 2:
         raise ValueError(f"expected a 2-D (n, d) array, got shape {tuple(xo.shape)}")
     if xo.dtype not in (torch.float32, torch.float64):
@@ -586,3 +596,16 @@ def pca_2d(X: Array) -> np.ndarray:
     x = x - x.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(x if len(x) <= 4096 else x[torch.randperm(len(x))[:4096]], full_matrices=False)
     return (x @ v[:2].T).cpu().numpy()
+
+
+def pca_points(X: Array, tokens: pd.DataFrame, n: int | None = 3000, seed: int = 0) -> pd.DataFrame:
+    """:func:`pca_2d` of ``n`` rows of ``X`` drawn at random (all of them when ``n`` is None or at
+    least ``len(X)``), with their rows of ``tokens`` (``X[i]`` belongs to ``tokens.iloc[i]``, as
+    :meth:`~microscope.store.ActivationStore.load` returns them): the token columns plus ``pc1``,
+    ``pc2``, in the rows' original order (the input of :func:`microscope.plotting.pca_scatter`)."""
+    if len(tokens) != len(X):
+        raise ValueError(f"tokens has {len(tokens)} rows for {len(X)} rows of X")
+    rows = (np.arange(len(X)) if n is None or n >= len(X)
+            else np.sort(np.random.default_rng(seed).choice(len(X), size=n, replace=False)))
+    xy = pca_2d(X[torch.as_tensor(rows, device=X.device)] if isinstance(X, torch.Tensor) else np.asarray(X)[rows])
+    return tokens.iloc[rows].reset_index(drop=True).assign(pc1=xy[:, 0], pc2=xy[:, 1])

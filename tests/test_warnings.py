@@ -1,13 +1,16 @@
-"""No warning the user did not cause: the analyses call transformers only in ways it does not
-warn about (deprecated keywords and output fields). Warnings become errors here, and
-transformers' logged notices are collected."""
+"""No warning the user did not cause: the analyses call transformers, numpy and torch only in
+ways they do not warn about (deprecated keywords and output fields, read-only arrays wrapped as
+tensors). Warnings become errors here, and transformers' logged notices are collected."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ from microscope import tracing as tr
 from microscope.data import load_samples
 from tests.tiny_models import BUILDERS
 
+ROOT = Path(__file__).resolve().parents[1]
 #: the embedded model, two tiny families of different layouts (fixed grid with any-resolution crops;
 #: native grid with M-RoPE) and a custom fusion whose forward takes ``**kwargs`` (the cache keyword
 #: is then the installed transformers' own)
@@ -80,3 +84,26 @@ def test_knockout_tracing_and_attribution_warn_about_nothing(strict_handles, nam
     assert len(df) == 2 * h.adapter.n_layers and c.prefix is not None and trace.effect.notna().all()
     assert len(ig) > 0 and ob.total_variation(p0, p[0]) < 1e-5
 
+
+def test_read_only_arrays_reach_torch_without_a_warning():
+    """Torch warns once per process about a read-only numpy array it wraps, so this runs in a fresh
+    interpreter: a read-only array (pandas' ``to_numpy()`` under copy-on-write) given to the geometry
+    functions, and notebook 02's PCA of a random subset of a store's tokens."""
+    script = """
+import warnings
+warnings.filterwarnings("error", message=".*not writable")
+import numpy as np, pandas as pd, torch
+from microscope import geometry as G
+x = np.random.default_rng(0).normal(size=(200, 6))
+ro = pd.DataFrame(x).to_numpy()
+ro.flags.writeable = False  # whatever pandas' copy-on-write gives: read-only for sure
+G.pca_2d(ro); G.anisotropy(ro); G.intrinsic_dimension(ro); G.linearity(ro, ro)
+tokens = pd.DataFrame({"role": ["image", "text"] * 100, "row": np.arange(200)})
+pca = G.pca_points(torch.as_tensor(x), tokens, n=50, seed=1)
+assert list(pca.columns) == ["role", "row", "pc1", "pc2"] and len(pca) == 50 and pca.row.is_unique
+assert np.allclose(pca[["pc1", "pc2"]].to_numpy(), G.pca_2d(x[pca.row.to_numpy()]))  # each point beside its token
+full = G.pca_points(x, tokens, n=None)
+assert full.row.tolist() == list(range(200)) and np.allclose(full[["pc1", "pc2"]].to_numpy(), G.pca_2d(x))
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
