@@ -24,9 +24,13 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microscope import validate
 from microscope.errors import MicroscopeError
+
+if TYPE_CHECKING:
+    from traitlets.config import Config
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 #: parameters whose default is ``None``: what else they accept (others with a ``None`` default: anything)
@@ -190,6 +194,26 @@ def headless(declared) -> dict:
     return {"interactive": False} if "interactive" in declared else {}
 
 
+@contextlib.contextmanager
+def headless_kernels() -> Iterator[Config]:
+    """Kernel-manager configuration for headless runs, handed to papermill as ``config=`` (it passes
+    it on to nbclient's kernel manager): kernels listen on local IPC sockets (Unix domain sockets
+    in a fresh folder only the current user can enter, removed afterwards) instead of TCP ports on
+    localhost, on which ipykernel warns that all traffic goes unencrypted. The socket path is
+    absolute: jupyter_client's default for IPC is relative to the working directory, which papermill
+    sets to the notebooks' folder. A ZeroMQ without the IPC transport (Windows) keeps TCP."""
+    import tempfile
+
+    import zmq
+    from traitlets.config import Config
+
+    if not zmq.has("ipc"):
+        yield Config()
+        return
+    with tempfile.TemporaryDirectory(prefix="microscope-kernels-") as d:  # mode 0700
+        yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(d, "kernel")}})
+
+
 def run(out: str | Path, figures: str | Path, model: str = "shapes-llava", small: bool = False,
         only: list[str] | None = None, folder: Path = NOTEBOOKS, kernel: str = "python3",
         parameters: Mapping[str, object] | None = None, allow_factory: bool = False) -> dict:
@@ -227,20 +251,21 @@ def run(out: str | Path, figures: str | Path, model: str = "shapes-llava", small
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"model": model, "small": small, "notebooks": {}}
     t_all = time.time()
-    for nb in books:
-        nb_out = out / nb.stem
-        nb_out.mkdir(parents=True, exist_ok=True)
-        t = time.time()
-        print(f"[suite] {nb.name} ...", flush=True)
-        with _factories(model, allow_factory):
-            pm.execute_notebook(str(nb), str(out / nb.name), kernel_name=kernel, cwd=str(folder),
-                                progress_bar=False, parameters=plans[nb])
-        secs = time.time() - t
-        s_path = nb_out / "summary.json"
-        entry = json.loads(s_path.read_text()) if s_path.is_file() else {}
-        entry["seconds"] = round(secs, 1)
-        summary["notebooks"][nb.stem] = entry
-        print(f"[suite] {nb.name} done in {secs:.0f}s", flush=True)
+    with headless_kernels() as kernel_config:
+        for nb in books:
+            nb_out = out / nb.stem
+            nb_out.mkdir(parents=True, exist_ok=True)
+            t = time.time()
+            print(f"[suite] {nb.name} ...", flush=True)
+            with _factories(model, allow_factory):
+                pm.execute_notebook(str(nb), str(out / nb.name), kernel_name=kernel, cwd=str(folder),
+                                    progress_bar=False, parameters=plans[nb], config=kernel_config)
+            secs = time.time() - t
+            s_path = nb_out / "summary.json"
+            entry = json.loads(s_path.read_text()) if s_path.is_file() else {}
+            entry["seconds"] = round(secs, 1)
+            summary["notebooks"][nb.stem] = entry
+            print(f"[suite] {nb.name} done in {secs:.0f}s", flush=True)
     summary["seconds"] = round(time.time() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[suite] {len(books)} notebooks in {summary['seconds']:.0f}s -> {out}/summary.json", flush=True)

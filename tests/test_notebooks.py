@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -12,11 +16,42 @@ import pytest
 from microscope import suite
 from tests.tiny_models import FUSION, MODELS
 
+#: what a headless run must not print, none of it caused by the user: transformers' deprecation
+#: notices (its FutureWarning and its logged one), torch's warning on wrapping a read-only numpy
+#: array, ipykernel's notice that it listens on TCP without encryption
+UNCAUSED = re.compile(r"FutureWarning|DeprecationWarning|(is|are) deprecated|not writable|without encryption")
+
+
+def uncaused(text: str) -> list[str]:
+    """The lines of ``text`` that :data:`UNCAUSED` matches."""
+    return [line for line in text.splitlines() if UNCAUSED.search(line)]
+
+
+@contextlib.contextmanager
+def output_log(path: Path) -> Iterator[None]:
+    """Everything this process and the kernels it starts print (``sys.stdout``/``sys.stderr`` and file
+    descriptors 1 and 2, which the kernels inherit) goes to ``path`` instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab", buffering=0) as raw, open(path, "a", buffering=1) as text, \
+            contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+        os.dup2(raw.fileno(), 1)
+        os.dup2(raw.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The whole suite at small parameters; what it printed is in ``root / "suite.log"``."""
     root = tmp_path_factory.mktemp("suite")
-    summary = suite.run(root / "run", root / "figures", small=True)
+    with output_log(root / "suite.log"):
+        summary = suite.run(root / "run", root / "figures", small=True)
     return root, summary
 
 
@@ -48,6 +83,10 @@ def test_suite_writes_executed_notebooks_figures_and_summary(run):
         outs = _outputs(root / "run" / b.name)
         assert not [o for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], b.name
         assert [o for o in outs if "image/png" in o.get("data", {})], b.name
+        # no warning the user did not cause, in the notebook's outputs or in the runner's log
+        assert not uncaused("".join(o.get("text", "") for o in outs if o.get("output_type") == "stream")), b.name
+    assert "[suite] 00_tour.ipynb" in (log := (root / "suite.log").read_text())  # the log caught the runner
+    assert not uncaused(log)
     figs = {p.name for p in (root / "figures").iterdir()}
     for name in ("00_tour_sample", "00_tour_roles", "01_extraction_norms"):
         assert {f"{name}.pdf", f"{name}.png"} <= figs
