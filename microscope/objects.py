@@ -264,7 +264,7 @@ def scene_distributions(handle, sample, scenes: Sequence[Variant], space: str, b
     with torch.no_grad():
         out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
     p_clean = out.logits[0, -1].float().softmax(-1).cpu()
-    prefix = prefix_of(out.past_key_values, first)
+    prefix = prefix_of(out.past_key_values, first, keep=handle.adapter.cross_attention_layers)
     pos_ids = prompt_positions(handle, inputs)
     clean = decoder_inputs(handle, [sample])[0]
     base = np.asarray(sample.image)
