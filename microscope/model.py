@@ -144,7 +144,7 @@ class Adapter:
         for attn_norm, mlp_norm in POST_NORMS:
             if isinstance(getattr(lay, attn_norm, None), torch.nn.Module):
                 return getattr(lay, attn_norm if site == "attn" else mlp_norm)
-        return {"attn": lay.self_attn, "mlp": lay.mlp}[site]
+        return lay.mlp if site == "mlp" else lay.self_attn
 
     def logits(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's own next-token logits from a final residual stream: final norm, unembedding,

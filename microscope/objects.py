@@ -63,6 +63,7 @@ import pandas as pd
 import torch
 
 from microscope.answers import answer_ids
+from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.knockout import image_patch_positions
 from microscope.prefix import next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
@@ -289,6 +290,9 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
     n_referred, object, referred, space, test, effect, n_variants, n_changing, testable, p_clean,
     correct``, with effects in ``measure`` (:func:`distance`). Samples the model answers wrongly
     are left out when ``only_correct``."""
+    if "embeddings" in spaces and has_cross_attention(handle):
+        raise no_patch_tokens(handle, "object tests in the 'embeddings' space (pass spaces=['pixels']: the scene "
+                                      "redrawn works on every model)")
     rows = []
     for s in tqdm(samples, desc="object tests", disable=not progress, mininterval=5):
         if not getattr(s, "objects", None) or not hasattr(s, "render"):

@@ -272,8 +272,7 @@ def test_sweep_on_other_layouts_matches_full_forwards(handles, name):
         sample = next(x for x in s if x.id == row.sample_id)
         batch = microscope.prepare_samples(h, [sample])
         gold = microscope.answers.answer_ids(h.processor, [sample.answer])[0]
-        src, tgt = ko.edge_masks(h, batch, row.edge)
-        with ko.knockout(h, [ko.Block(src, tgt, [row.layer])]):
+        with ko.knockout(h, [ko.edge_block(h, batch, row.edge, [row.layer])]):
             p = _logits(h, batch)[0, -1].softmax(-1)[gold].item()
         assert row.p_blocked == pytest.approx(p, rel=1e-4, abs=1e-7)
 
