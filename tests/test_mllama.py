@@ -275,3 +275,6 @@ def test_what_needs_patch_tokens_is_refused_naming_mllama(h):
         eff = tr.corruption_effects(h, s, n_noise=2)
     assert "blank image" in set(eff.corruption) and "noise 3σ (image)" not in set(eff.corruption)
     assert int(ROLE_CODE["image"]) in b.roles[0].tolist()
+    # object tests on redrawn images need no patch positions: they run
+    obj = ob.object_tests(h, _samples(h, n=2), spaces=["pixels"], only_correct=False, progress=False)
+    assert len(obj) and set(obj.space) == {"pixels"} and obj.effect.notna().all()
