@@ -6,9 +6,10 @@
 ``fn`` is registered once with transformers' ``AttentionInterface`` (and the mask function of
 ``mask_like`` with ``AttentionMaskInterface``), and the decoder's text config is switched to it;
 the vision tower reads its own config and keeps its attention. ``state`` gives each decoder
-layer's attention module its per-block value, which ``fn`` reads with :func:`state`. Everything
-is restored on exit, even on error; blocks on one model do not nest. Knockout
-(:mod:`microscope.knockout`) and attention recording (:mod:`microscope.attribution`) both use it.
+layer's attention module (Mllama's cross-attention layers: their ``cross_attn``) its per-block
+value, which ``fn`` reads with :func:`state`. Everything is restored on exit, even on error;
+blocks on one model do not nest. Knockout (:mod:`microscope.knockout`) and attention recording
+(:mod:`microscope.attribution`) both use it.
 """
 
 from __future__ import annotations
@@ -38,18 +39,19 @@ def routed(handle, name: str, fn: Callable, mask_like: str, state: dict[int, obj
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_like])
-    layers = handle.adapter.layers
-    if any(id(layer.self_attn) in _STATE for layer in layers):
+    a = handle.adapter
+    modules = [a.attention(i) for i in range(a.n_layers)]  # self_attn, or cross_attn in cross-attention layers
+    if any(id(m) in _STATE for m in modules):
         raise RuntimeError("an attention intervention is already open on this model; blocks do not nest — "
                            "put everything in one plan")
-    cfg = layers[0].self_attn.config  # the decoder's (text) config
+    cfg = modules[0].config  # the decoder's (text) config, shared by its self- and cross-attention
     current = cfg._attn_implementation
     try:
         for i, value in state.items():
-            _STATE[id(layers[i].self_attn)] = value
+            _STATE[id(modules[i])] = value
         cfg._attn_implementation = name
         yield
     finally:
         cfg._attn_implementation = current
-        for layer in layers:
-            _STATE.pop(id(layer.self_attn), None)
+        for m in modules:
+            _STATE.pop(id(m), None)

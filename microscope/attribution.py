@@ -42,6 +42,7 @@ import torch
 
 from microscope import attention, groundtruth, tracing
 from microscope.answers import MODEL, NoTarget, answer_ids, only_correct_note
+from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.data.blank import blank_like
 from microscope.knockout import image_patch_positions
 from microscope.prefix import next_token_probs
@@ -136,6 +137,8 @@ def attention_contributions(handle, samples: Sequence, layers: Sequence[int] | N
     One row per sample × layer × image token: ``model, sample_id, category, layer, patch,
     position, score, related``.
     """
+    if has_cross_attention(handle):
+        raise no_patch_tokens(handle, "attention contributions of image tokens")
     a = handle.adapter
     L = a.n_layers
     layers = list(range(max(2, L // 4))) if layers is None else a.check_layers(list(layers), allow_embedding=False)
@@ -246,6 +249,8 @@ def objectness_scores(handle, samples: Sequence, progress: bool = True) -> pd.Da
     the same position. The image tokens come before the question, so under causal attention the
     score cannot depend on it. One row per sample × patch: ``model, sample_id, category, patch,
     position, score``."""
+    if has_cross_attention(handle):
+        raise no_patch_tokens(handle, "objectness scores of image tokens")
     rows = []
     for s in tqdm(samples, desc="objectness", disable=not progress, mininterval=5):
         pos, clean, blank = _image_tokens(handle, s)
@@ -312,6 +317,8 @@ def integrated_gradients(handle, samples: Sequence, n_steps: int = 32, internal_
     sum over ``n_steps`` points, Gauss-Legendre). Completeness: ``Σ_j IG_j = p(x) − p(b)`` up to
     the integration error, returned as ``delta``. One row per sample × patch: ``model,
     sample_id, category, patch, position, score, delta``."""
+    if has_cross_attention(handle):
+        raise no_patch_tokens(handle, "integrated gradients over image tokens")
     from captum.attr import IntegratedGradients
 
     rows = []

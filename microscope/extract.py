@@ -8,7 +8,11 @@ Sites, captured with forward hooks (``capture``), nothing else patched:
 - ``resid``: the residual stream *after* decoder layer ``l`` (the layer's output), and for
   ``l = -1`` the embedding output that enters layer 0 (image features already merged in);
 - ``mlp`` / ``attn``: the output of layer ``l``'s MLP / self-attention block (what it adds to
-  the residual stream).
+  the residual stream);
+- ``cross_attn`` (models with cross-attention layers, Mllama): the output of layer ``l``'s
+  cross-attention. A layer has ``attn`` or ``cross_attn``, not both; the one it lacks adds nothing
+  and is recorded as exact zeros. In a cross-attention layer ``cross_attn`` and ``mlp`` are taken
+  before the layer's tanh gates (:meth:`microscope.model.Adapter.site`).
 
 Batches are deterministic (sample order, ``batch_size``), one shard each; a rerun of the same
 call skips shards that verify against their records (size, rows, SHA-256) and recomputes the
@@ -36,6 +40,14 @@ from microscope.roles import ROLE_CODE, ROLES, prepare_samples, role_codes
 from microscope.store import ActivationStore, file_sha256
 
 SITES = ("resid", "mlp", "attn")
+#: the site of a cross-attention layer's cross-attention (:func:`sites_of`)
+CROSS_SITE = "cross_attn"
+
+
+def sites_of(handle) -> tuple[str, ...]:
+    """The sites of ``handle``'s layers: :data:`SITES`, plus ``cross_attn`` when it has
+    cross-attention layers."""
+    return SITES + ((CROSS_SITE,) if getattr(handle.adapter, "cross_attention_layers", None) else ())
 
 
 def _first(out):
@@ -51,13 +63,18 @@ def capture(handle, layers: Sequence[int], sites: Sequence[str] = ("resid",)) ->
     """
     a = handle.adapter
     layers = a.check_layers(layers)
-    sites = validate.names(sites, SITES, "sites")
+    sites = validate.names(sites, sites_of(handle), "sites")
     acts: dict[str, torch.Tensor] = {}
     hooks = []
 
     def keep(name):
         def hook(_m, _i, out):
             acts[name] = _first(out).detach()
+        return hook
+
+    def zero(name):  # a site the layer does not have: it adds exactly nothing
+        def hook(_m, _i, out):
+            acts[name] = torch.zeros_like(_first(out)).detach()
         return hook
 
     try:
@@ -70,6 +87,9 @@ def capture(handle, layers: Sequence[int], sites: Sequence[str] = ("resid",)) ->
                             lambda _m, args, kwargs: acts.__setitem__(
                                 "resid.-1", (args[0] if args else kwargs["hidden_states"]).detach()),
                             with_kwargs=True))
+                    continue
+                if not a.has_site(lay, site):
+                    hooks.append(a.layers[lay].register_forward_hook(zero(f"{site}.{lay}")))
                     continue
                 mod = a.site(lay, site)
                 hooks.append(mod.register_forward_hook(keep(f"{site}.{lay}")))
@@ -93,7 +113,7 @@ def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = N
     layers = validate.layers(list(range(-1, a.n_layers)) if layers is None else layers, a.n_layers)
     roles = [r for r in ROLES if r != "pad"] if roles is None else validate.names(roles, ROLES, "roles")
     batch_size = validate.positive_int(batch_size, "batch_size")
-    sites = validate.names(sites, SITES, "sites")
+    sites = validate.names(sites, sites_of(handle), "sites")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     samples = list(samples)

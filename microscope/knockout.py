@@ -22,6 +22,17 @@ them. Sides are role names (:data:`~microscope.roles.ROLES`), ``question`` (ques
 constraint tokens), ``text`` (every non-image prompt position), ``related-image`` (image tokens
 of the patches covering the referred object(s)) and ``other-image`` (the remaining image tokens).
 
+**Cross-attention models (Mllama).** Their text reads the image in cross-attention decoder
+layers (:mod:`microscope.crossattn`), whose keys are the vision states, not positions of the
+sequence. There a block with ``vision=True`` removes every (target query, vision key) pair: a query
+with no key left contributes nothing — its cross-attention output is 0, as for a row Meta's
+reference implementation masks out — while its MLP term is unchanged. In self-attention layers a
+block acts on positions as for every model, the image's position being its ``<|image|>`` token. An
+edge from ``image`` (:func:`edge_block`) does both, so ``image↛text`` in every layer keeps the
+image from every text position: through the vision states, and through the ``<|image|>``
+position that read them. Other sources (``question↛last``) have ``vision=False``: nothing to
+block in a cross-attention layer. Related/other-image sources are refused (no patch positions).
+
 Knockout effect: ``(p_blocked − p_base) / p_base × 100`` for the first token of the
 correct answer at the last position, with attention blocked in a window of ``k`` consecutive
 layers centred at ``l`` (clipped at the ends), on samples the model answers correctly. A sample
@@ -46,6 +57,8 @@ import torch
 
 from microscope import attention, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
+from microscope.crossattn import has_cross_attention, no_patch_tokens
+from microscope.errors import MicroscopeError
 from microscope.extract import capture
 from microscope.model import is_anyres, patch_grid
 from microscope.prefix import cache_kwargs, position_kwargs, positions, prefix_of
@@ -80,18 +93,26 @@ class Block:
     ``source``/``target``: boolean ``(B, T)`` masks (or ``(T,)``, shared by every row).
     ``layers``: decoder layer indices applied to every row, or a boolean ``(B, n_layers)``
     tensor giving each row its own layers (one forward can then hold a whole window sweep).
+    ``vision`` (cross-attention models only; a bool, or ``(B,)`` booleans per row): whether the
+    block also removes the vision states from ``target`` in the cross-attention layers among
+    ``layers`` (see the module doc); a block reaching a cross-attention layer must say so, and
+    :func:`edge_block` says it for an edge (``True`` for sources ``image``).
     """
 
     source: torch.Tensor
     target: torch.Tensor
     layers: Sequence[int] | torch.Tensor
+    vision: bool | torch.Tensor | None = None
 
 
 class _Plan:
     """A list of blocks compiled to per-layer (rows, source, target) entries."""
 
-    def __init__(self, blocks: Sequence[Block], n_layers: int, check_layers):
+    def __init__(self, blocks: Sequence[Block], n_layers: int, check_layers, cross_layers: Sequence[int] = ()):
         self.by_layer: dict[int, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {}
+        self.cross_layers = frozenset(cross_layers)
+        #: cross-attention layer -> [(rows, target, vision)]: target queries lose every vision key
+        self.cross: dict[int, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {}
         for j, b in enumerate(blocks):
             src, tgt = torch.as_tensor(b.source, dtype=torch.bool), torch.as_tensor(b.target, dtype=torch.bool)
             if src.shape != tgt.shape or src.ndim not in (1, 2):
@@ -102,11 +123,53 @@ class _Plan:
                 if lay.ndim != 2 or lay.shape[1] != n_layers or (src.ndim == 2 and lay.shape[0] != src.shape[0]):
                     raise ValueError(f"block {j}: per-row layers must be a (B, {n_layers}) boolean tensor, got "
                                      f"{tuple(lay.shape)}")
-                for layer in lay.any(0).nonzero().flatten().tolist():
-                    self.by_layer.setdefault(layer, []).append((lay[:, layer], src, tgt))
+                entries = [(layer, lay[:, layer]) for layer in lay.any(0).nonzero().flatten().tolist()]
             else:
-                for layer in check_layers(list(b.layers), allow_embedding=False):
-                    self.by_layer.setdefault(layer, []).append((None, src, tgt))
+                entries = [(layer, None) for layer in check_layers(list(b.layers), allow_embedding=False)]
+            vision = self._vision(j, b, [layer for layer, _ in entries])
+            for layer, rows in entries:
+                if layer in self.cross_layers:
+                    if vision is not None:
+                        self.cross.setdefault(layer, []).append((rows, tgt, vision))
+                else:
+                    self.by_layer.setdefault(layer, []).append((rows, src, tgt))
+
+    def _vision(self, j: int, b: Block, layers: list[int]) -> torch.Tensor | None:
+        """Block ``j``'s ``vision`` as a boolean tensor (``None``: it blocks nothing in cross-attention
+        layers), or a :class:`MicroscopeError` for a block that reaches a cross-attention layer
+        without saying whether it blocks the vision states, or says so on a model without them."""
+        crossed = sorted(set(layers) & self.cross_layers)
+        if b.vision is None:
+            if crossed:
+                raise MicroscopeError(
+                    f"knockout block {j} reaches cross-attention layer(s) {crossed}, whose keys are the image's "
+                    "vision states, not positions: say whether it removes them from its target queries there — "
+                    "Block(..., vision=True) (an edge from the image) or vision=False; "
+                    "microscope.knockout.edge_block(handle, batch, edge, layers) builds the block of an edge")
+            return None
+        v = torch.as_tensor(b.vision, dtype=torch.bool)
+        if bool(v.any()) and not self.cross_layers:
+            raise MicroscopeError(f"knockout block {j} has vision=True, but this model has no cross-attention "
+                                  "layers: its image is in the sequence, blocked through source positions")
+        return v if crossed else None
+
+    def blocked_queries(self, layer: int, batch: int, q_len: int, device) -> torch.Tensor | None:
+        """``(B, Q)`` boolean: True where query q reads no vision state in cross-attention ``layer``
+        (queries are the last ``q_len`` positions of the blocks' ``T``)."""
+        entries = self.cross.get(layer)
+        if not entries:
+            return None
+        out = torch.zeros(batch, q_len, dtype=torch.bool, device=device)
+        for rows, tgt, vision in entries:
+            if tgt.ndim == 2 and tgt.shape[0] != batch:
+                raise ValueError(f"knockout plan was built for inputs of shape {tuple(tgt.shape)} but the forward "
+                                 f"has batch {batch}; build the plan from the same batch you run")
+            m = tgt.to(device)[..., tgt.shape[-1] - q_len:]
+            m = m & (vision.to(device)[:, None] if vision.ndim else vision.to(device))
+            if rows is not None:
+                m = m & rows.to(device)[:, None]
+            out |= m
+        return out
 
     def blocked(self, layer: int, batch: int, q_len: int, k_len: int, device) -> torch.Tensor | None:
         """``(B, Q, K)`` boolean: True where query q may not read key k in ``layer``."""
@@ -151,6 +214,8 @@ def _wrapped(base: str):
     def knockout_attention(module, query, key, value, attention_mask, **kwargs):
         fn = _base_function(module, base)
         entry = attention.state(module)
+        if entry is not None and entry[1] in entry[0].cross_layers:
+            return _cross(fn, entry, module, query, key, value, attention_mask, **kwargs)
         if entry is not None:
             plan, layer = entry
             blocked = plan.blocked(layer, query.shape[0], query.shape[-2], key.shape[-2], query.device)
@@ -162,6 +227,20 @@ def _wrapped(base: str):
     return knockout_attention
 
 
+def _cross(fn, entry, module, query, key, value, attention_mask, **kwargs):
+    """A cross-attention layer's attention with the blocked queries' output set to 0: softmax over
+    an empty set of keys contributes nothing (``o_proj`` has no bias, so the layer adds 0 there)."""
+    plan, layer = entry
+    rows = plan.blocked_queries(layer, query.shape[0], query.shape[-2], query.device)
+    out, weights = fn(module, query, key, value, attention_mask, **kwargs)
+    if rows is None:
+        return out, weights
+    out = out.masked_fill(rows[:, :, None, None], 0.0)  # (B, Q, H, D)
+    if weights is not None:
+        weights = weights.masked_fill(rows[:, None, :, None], 0.0)  # (B, H, Q, K)
+    return out, weights
+
+
 @contextlib.contextmanager
 def knockout(handle, plan: Sequence[Block], implementation: str | None = None) -> Iterator[None]:
     """Run forwards of ``handle.model`` inside the block with ``plan``'s attention edges removed.
@@ -169,11 +248,11 @@ def knockout(handle, plan: Sequence[Block], implementation: str | None = None) -
     ``implementation``: ``"sdpa"`` or ``"eager"`` (default: the one the model was loaded with).
     Everything is restored on exit, even on error; contexts do not nest (:mod:`microscope.attention`).
     """
-    base = implementation or handle.adapter.layers[0].self_attn.config._attn_implementation
+    base = implementation or handle.adapter.attention(0).config._attn_implementation
     if base not in _BASES:
         raise ValueError(f"knockout needs the 'sdpa' or 'eager' attention implementation, got {base!r}: "
                          "load the model with microscope.load(..., attn_implementation='sdpa')")
-    compiled = _Plan(plan, handle.adapter.n_layers, handle.adapter.check_layers)
+    compiled = _Plan(plan, handle.adapter.n_layers, handle.adapter.check_layers, handle.adapter.cross_attention_layers)
     with attention.routed(handle, _NAME.format(base), _wrapped(base), base,
                           {i: (compiled, i) for i in range(handle.adapter.n_layers)}):
         yield
@@ -220,6 +299,9 @@ def image_patch_positions(handle, batch: Batch, row: int, grid: int | tuple[int,
 def _patch_layout(handle, batch: Batch, row: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Row ``row``'s patch-grid positions and the grid's ``(rows, cols)``; ``ValueError`` when its
     image tokens form no patch grid."""
+    if has_cross_attention(handle):
+        raise no_patch_tokens(handle, "an image patch grid (related/other-image edges, patch attribution, object "
+                                      "tests)")
     pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
     side = patch_grid(handle.model)
     if side is not None:
@@ -264,6 +346,21 @@ def related_patches(handle, batch: Batch, row: int, sample) -> tuple[int, ...] |
     return tuple(f())
 
 
+def edge_block(handle, batch: Batch, edge: str, layers: Sequence[int] | torch.Tensor,
+               related: Sequence[Sequence[int]] | None = None) -> Block:
+    """The :class:`Block` of ``edge`` on ``batch`` in ``layers``: :func:`edge_masks`, and on a
+    cross-attention model ``vision`` = whether the edge's source is ``image`` (its vision states are
+    then removed from the targets in the cross-attention layers among ``layers``)."""
+    src, tgt = edge_masks(handle, batch, edge, related)
+    return Block(src, tgt, layers, vision=edge_vision(handle, edge))
+
+
+def edge_vision(handle, edge: str) -> bool | None:
+    """``vision`` of ``edge``'s block: ``None`` on a model without cross-attention layers, else
+    whether its source is the image."""
+    return parse_edge(edge)[0] == "image" if has_cross_attention(handle) else None
+
+
 def edge_masks(handle, batch: Batch, edge: str, related: Sequence[Sequence[int]] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean ``(B, T)`` (source, target) masks of ``edge`` on ``batch``.
@@ -272,6 +369,8 @@ def edge_masks(handle, batch: Batch, edge: str, related: Sequence[Sequence[int]]
     row ``i``'s question refers to; needed for ``related-image``/``other-image`` sources.
     """
     src, tgt = parse_edge(edge)
+    if src in _PATCH_GROUPS and has_cross_attention(handle):
+        raise no_patch_tokens(handle, f"the edge {edge!r}")
 
     def side(name: str) -> torch.Tensor:
         if name in _PATCH_GROUPS:
@@ -390,13 +489,15 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         # positions before the first target query are untouched by every row's plan (causal
         # attention): take them from the clean run's key/value cache and compute only the rest
         first = min(int(t[3].nonzero().min()) for t in todo)
-        prefix = prefix_of(out, first)
+        prefix = prefix_of(out, first, keep=handle.adapter.cross_attention_layers)
         pos_ids, suffix = positions(handle, inputs), emb.shape[1] - first
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             r = len(chunk)
             block = Block(source=torch.stack([t[2] for t in chunk]), target=torch.stack([t[3] for t in chunk]),
-                          layers=layer_rows[[t[1] for t in chunk]])
+                          layers=layer_rows[[t[1] for t in chunk]],
+                          vision=None if not has_cross_attention(handle) else
+                          torch.tensor([bool(edge_vision(handle, t[0])) for t in chunk]))
             with torch.no_grad(), knockout(handle, [block]):
                 out = handle.model(inputs_embeds=emb[:, first:].expand(r, -1, -1),
                                    attention_mask=inputs["attention_mask"].expand(r, -1),
@@ -456,7 +557,7 @@ def predict(handle, samples: Sequence, edge: str | None = None, layers: Sequence
         if edge is not None:
             src, tgt = edge_masks(handle, batch, edge,
                                   [related_patches(handle, batch, i, s) or () for i, s in enumerate(chunk)])
-            plan = [Block(src, tgt, layers)]
+            plan = [Block(src, tgt, layers, vision=edge_vision(handle, edge))]
         with torch.no_grad(), knockout(handle, plan):
             logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
         probs = logits.softmax(-1).cpu()

@@ -18,7 +18,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,9 +45,14 @@ from microscope.errors import MicroscopeError, ModelNotFoundError
 DEFAULT_ATTENTION = "sdpa"
 #: families whose image (prefix) tokens attend bidirectionally: refused with a reason
 BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3", "shieldgemma2")
-#: families whose text reads the image through cross-attention layers, not image tokens in the
-#: sequence: refused with a reason
-CROSS_ATTENTION_IMAGE_INPUT = ("mllama", "idefics")
+#: families whose text reads the image through cross-attention layers the suite does not model:
+#: refused with a reason (IDEFICS 1: its gated cross-attention blocks sit inside the decoder layers,
+#: beside their self-attention; Mllama's own cross-attention layers are supported, see
+#: :attr:`Adapter.cross_attention_layers`)
+CROSS_ATTENTION_IMAGE_INPUT = ("idefics",)
+#: attribute name of a decoder layer's cross-attention module (Mllama's cross-attention layers have
+#: it instead of ``self_attn``); the site that reads it
+CROSS_ATTN = "cross_attn"
 #: the few families whose transformers class is not the image-text-to-text auto mapping's (none
 #: today; every other family's class comes from that mapping, and its parts are found by
 #: :func:`adapter_for`'s introspection)
@@ -95,19 +100,51 @@ class Adapter:
     #: factor the model multiplies its output logits by after the unembedding (the ``logit_scale``
     #: attribute of a class that applies one, such as Cohere's causal LM); 1 for most models
     logit_scale: float = 1.0
+    #: decoder layers that read the image through cross-attention instead of self-attending over the
+    #: sequence (Mllama: layers with a ``cross_attn`` module and no ``self_attn``), found by
+    #: introspection; empty for token-fused models
+    cross_attention_layers: list[int] = field(default_factory=list)
+
+    def attention(self, layer: int) -> torch.nn.Module:
+        """Decoder layer ``layer``'s attention module: its ``self_attn``, or in a cross-attention
+        layer its ``cross_attn`` (queries from the sequence, keys and values from the vision states)."""
+        lay = self.layers[layer]
+        return getattr(lay, CROSS_ATTN) if layer in self.cross_attention_layers else lay.self_attn
+
+    def has_site(self, layer: int, site: str) -> bool:
+        """Whether decoder layer ``layer`` has ``site``: ``attn`` (self-attention) is absent from
+        cross-attention layers and ``cross_attn`` from the others; what a layer lacks adds exactly 0."""
+        if site == "attn":
+            return layer not in self.cross_attention_layers
+        if site == CROSS_ATTN:
+            return layer in self.cross_attention_layers
+        return True
 
     def site(self, layer: int, site: str) -> torch.nn.Module:
         """The module whose output is decoder layer ``layer``'s ``site``: ``"resid"`` the layer
         (its output is the residual stream), ``"attn"`` / ``"mlp"`` what the attention and the MLP
         add to it — their own outputs, or the norm after them where the layer has one (GLM-4's
-        sandwich norms, :data:`POST_NORMS`)."""
+        sandwich norms, :data:`POST_NORMS`).
+
+        Cross-attention layers (Mllama) have ``"cross_attn"`` instead of ``"attn"``: the
+        cross-attention's output ``c`` and the MLP's output ``m`` *before* the layer's tanh gates —
+        the layer computes ``h' = h + tanh(g_attn)·c``, ``out = h' + tanh(g_mlp)·r·m`` with ``r`` the
+        row mask that is 0 for text rows allowed no image tile (``full_text_row_masked_out_mask``).
+        A site the layer does not have is refused (:meth:`has_site`)."""
         lay = self.layers[layer]
         if site == "resid":
             return lay
+        if not self.has_site(layer, site):
+            kind = "a cross-attention layer (no self-attention)" if site == "attn" else "a self-attention layer"
+            raise MicroscopeError(f"decoder layer {layer} is {kind}: it has no {site!r} site (it adds exactly 0 "
+                                  "there); cross-attention layers are "
+                                  f"{self.cross_attention_layers}")
+        if site == CROSS_ATTN:
+            return getattr(lay, CROSS_ATTN)
         for attn_norm, mlp_norm in POST_NORMS:
             if isinstance(getattr(lay, attn_norm, None), torch.nn.Module):
                 return getattr(lay, attn_norm if site == "attn" else mlp_norm)
-        return {"attn": lay.self_attn, "mlp": lay.mlp}[site]
+        return lay.mlp if site == "mlp" else lay.self_attn
 
     def logits(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's own next-token logits from a final residual stream: final norm, unembedding,
@@ -287,8 +324,15 @@ def adapter_for(model, processor=None) -> Adapter:
     layers = getattr(lm, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise _refuse(model, f"no decoder layers: its language model {type(lm).__name__} has no 'layers' ModuleList")
+    cross = []
     for i, layer in enumerate(layers):
-        for part in ("self_attn", "mlp"):
+        if not isinstance(getattr(layer, "self_attn", None), torch.nn.Module) and isinstance(
+                getattr(layer, CROSS_ATTN, None), torch.nn.Module):
+            cross.append(i)  # Mllama's cross-attention layers: cross_attn instead of self_attn
+            parts: tuple[str, ...] = ("mlp",)
+        else:
+            parts = ("self_attn", "mlp")
+        for part in parts:
             if not isinstance(getattr(layer, part, None), torch.nn.Module):
                 raise _refuse(model, f"decoder layer {i} ({type(layer).__name__}) has no {part} module: tokens "
                                      "would mix or change outside the attention and MLP the suite hooks and knocks out")
@@ -312,7 +356,7 @@ def adapter_for(model, processor=None) -> Adapter:
     scale = getattr(model, "logit_scale", None)  # set by the class that scales its logits (CohereForCausalLM)
     return Adapter(embed=embed, layers=layers, final_norm=norm, unembed=unembed, image_token_id=image_token_id,
                    position_ids=position_ids if callable(rope_index) else None,
-                   logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0)
+                   logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0, cross_attention_layers=cross)
 
 
 def image_geometry(model) -> tuple[int, int] | None:
@@ -579,9 +623,9 @@ def _check_supported(config, path: Path) -> str:
             "knockout edges and its tracing shortcuts assume causal attention")
     if mt in CROSS_ATTENTION_IMAGE_INPUT:
         raise MicroscopeError(
-            f"model type {mt!r} of {path} is refused: its text reads the image through cross-attention layers, "
-            "not through image tokens in the sequence, while the suite's image roles, knockout edges and tracing "
-            "act on image-token positions")
+            f"model type {mt!r} of {path} is refused: its text reads the image through gated cross-attention "
+            "blocks kept outside its decoder layers (applied before every few of them), which the suite's hooks, "
+            "knockout and tracing do not reach (Mllama's cross-attention decoder layers are supported)")
     classes = image_text_classes()
     cls_name = classes.get(mt)
     if cls_name is None:

@@ -63,6 +63,7 @@ import pandas as pd
 import torch
 
 from microscope.answers import answer_ids
+from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.knockout import image_patch_positions
 from microscope.prefix import next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
@@ -264,7 +265,7 @@ def scene_distributions(handle, sample, scenes: Sequence[Variant], space: str, b
     with torch.no_grad():
         out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
     p_clean = out.logits[0, -1].float().softmax(-1).cpu()
-    prefix = prefix_of(out, first)
+    prefix = prefix_of(out, first, keep=handle.adapter.cross_attention_layers)
     pos_ids = prompt_positions(handle, inputs)
     clean = decoder_inputs(handle, [sample])[0]
     base = np.asarray(sample.image)
@@ -289,6 +290,9 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
     n_referred, object, referred, space, test, effect, n_variants, n_changing, testable, p_clean,
     correct``, with effects in ``measure`` (:func:`distance`). Samples the model answers wrongly
     are left out when ``only_correct``."""
+    if "embeddings" in spaces and has_cross_attention(handle):
+        raise no_patch_tokens(handle, "object tests in the 'embeddings' space (pass spaces=['pixels']: the scene "
+                                      "redrawn works on every model)")
     rows = []
     for s in tqdm(samples, desc="object tests", disable=not progress, mininterval=5):
         if not getattr(s, "objects", None) or not hasattr(s, "render"):

@@ -18,16 +18,24 @@ use the names of the installed version, so nothing warns on either.
 
 Models with multimodal rotary positions (Qwen2-VL) cannot derive a suffix's positions from
 ``inputs_embeds``; :func:`positions` and :func:`position_kwargs` hand them the clean prompt's own.
+Models that read the image through cross-attention layers (Mllama) cannot derive the vision states
+either: for them :func:`positions` gives the prompt's :class:`~microscope.crossattn.CrossInputs`
+(vision states and cross-attention mask), which :func:`position_kwargs` passes the same way. Their
+cache's cross-attention layers hold the vision states' keys and values, not positions: a prefix
+keeps them whole (``prefix_of(..., keep=handle.adapter.cross_attention_layers)``).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+
+from microscope.crossattn import CrossInputs, cross_inputs
+from microscope.errors import MicroscopeError
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -60,13 +68,26 @@ def returned_cache(out: Mapping) -> Cache:
                      "was it called with use_cache=True?")
 
 
-def prefix_of(out: Mapping, first: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+class Prefix(list):
+    """Per-layer clean ``(key, value)`` pairs, with the layers kept whole (``keep``)."""
+
+    keep: tuple[int, ...] = ()
+
+
+def prefix_of(out: Mapping, first: int, keep: Sequence[int] = ()) -> Prefix | None:
     """Per-layer clean ``(key, value)`` of positions ``< first``, sliced from the cache that the
     clean forward's output ``out`` holds (called with ``use_cache=True``; no extra forward);
-    ``None`` when ``first == 0`` (nothing to share)."""
-    if first <= 0:
+    ``None`` when ``first == 0`` (nothing to share). Layers in ``keep`` (cross-attention layers,
+    whose keys and values are the vision states) are kept whole. ``None`` too when layer 0 is one
+    of them: the model reads the number of cached positions off layer 0."""
+    keep = tuple(sorted(int(i) for i in keep))
+    if first <= 0 or 0 in keep:
         return None
-    return [(layer.keys[..., :first, :], layer.values[..., :first, :]) for layer in returned_cache(out).layers]
+    past = returned_cache(out)
+    res = Prefix((layer.keys, layer.values) if i in keep else (layer.keys[..., :first, :], layer.values[..., :first, :])
+                 for i, layer in enumerate(past.layers))
+    res.keep = keep
+    return res
 
 
 def expand(handle, prefix: list | None, rows: int):
@@ -75,6 +96,11 @@ def expand(handle, prefix: list | None, rows: int):
     A new cache per forward: the model appends the suffix's keys and values to it."""
     if prefix is None:
         return None
+    cross = tuple(getattr(handle.adapter, "cross_attention_layers", ()))
+    if tuple(getattr(prefix, "keep", ())) != cross:
+        raise MicroscopeError(f"internal: a prefix cache whose whole layers are {list(getattr(prefix, 'keep', ()))}, "
+                              f"on a model whose cross-attention layers are {list(cross)}: build it with "
+                              "prefix_of(past, first, keep=handle.adapter.cross_attention_layers)")
     from transformers import DynamicCache
 
     data = [(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous()) for k, v in prefix]
@@ -92,22 +118,28 @@ def length(prefix: list | None) -> int:
     return 0 if not prefix else int(prefix[0][0].shape[-2])
 
 
-def positions(handle, inputs: dict) -> torch.Tensor | None:
+def positions(handle, inputs: dict) -> torch.Tensor | CrossInputs | None:
     """The rotary positions of one prompt as the processor made it: ``(3, 1, T)`` (time, row,
     column) for Qwen2-VL-style M-RoPE, ``None`` for 1-D RoPE, where the model's own
-    ``past_length + arange`` is right."""
+    ``past_length + arange`` is right; for a cross-attention model (Mllama, 1-D RoPE) its
+    :class:`~microscope.crossattn.CrossInputs` instead, which forwards from ``inputs_embeds`` need."""
+    if getattr(handle.adapter, "cross_attention_layers", None):
+        return cross_inputs(handle, inputs)
     f = handle.adapter.position_ids
     return None if f is None else f(inputs).to(handle.device)
 
 
-def position_kwargs(pos: torch.Tensor | None, length: int, rows: int) -> dict:
+def position_kwargs(pos: torch.Tensor | CrossInputs | None, length: int, rows: int) -> dict:
     """Keyword arguments giving a forward of ``rows`` rows over the last ``length`` positions of
-    the prompt whose :func:`positions` are ``pos`` (``{}`` when ``pos`` is None)."""
+    the prompt whose :func:`positions` are ``pos`` (``{}`` when ``pos`` is None; the
+    cross-attention inputs of those positions for :class:`~microscope.crossattn.CrossInputs`)."""
+    if isinstance(pos, CrossInputs):
+        return pos.kwargs(length, rows)
     return {} if pos is None else {"position_ids": pos[..., pos.shape[-1] - length:].expand(-1, rows, -1)}
 
 
 def next_token_probs(handle, embeds: torch.Tensor, prefix: list | None = None,
-                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     position_ids: torch.Tensor | CrossInputs | None = None) -> torch.Tensor:
     """Next-token distributions ``(R, V)`` at the last position of decoder inputs ``embeds``
     ``(R, T, d)``: the rows hold only the suffix after ``prefix`` (the clean cache of the positions
     before them, or ``None``), ``position_ids`` the whole prompt's :func:`positions`. Gradients flow

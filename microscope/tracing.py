@@ -31,6 +31,13 @@ map of one kind (L layers × T tokens × N) takes ``ceil(L·T·N / batch_size)``
 Restoring ``resid`` at every position of a layer gives back ``p_clean`` exactly; zero noise
 gives zero effect; the same seed gives the same numbers (all tested).
 
+Cross-attention models (Mllama, :mod:`microscope.crossattn`) have a fourth kind, ``cross_attn``:
+the output of a cross-attention layer's cross-attention, restored like ``attn`` over the
+cross-attention layers of the window (``attn`` is self-attention: absent from those layers, which it
+skips). ``resid`` and ``mlp`` work on both layer kinds. Their image is not a run of token
+embeddings, so the image targets (noise on image tokens) are refused; the constraint corruptions
+and the blank image (:func:`corruption_effects`) work.
+
 The answer is the sample's gold answer, or for ``answer=None`` (VQA-Constraints) the model's own
 greedy first token on the clean run, as the published tracing does; every row records it
 (``answer_token``, ``answer_source``). :func:`trace_dataset` counts the samples it skips per reason in
@@ -53,7 +60,8 @@ import torch
 
 from microscope import validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
-from microscope.extract import SITES, capture
+from microscope.crossattn import has_cross_attention, no_patch_tokens
+from microscope.extract import SITES, capture, sites_of
 from microscope.knockout import image_patch_positions, related_patches
 from microscope.prefix import next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
@@ -262,6 +270,9 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
                          "tokens")
     n_noise = validate.positive_int(n_noise, "n_noise")
     scale = validate.scale(scale)
+    if target != "constraint" and has_cross_attention(handle):
+        raise no_patch_tokens(handle, f"the corruption target {target!r} (noise on image tokens: the <|image|> token's "
+                                      "input is a learned embedding, not the image)")
     a = handle.adapter
     batch = prepare_samples(handle, [sample])
     rel = _related(handle, batch, sample)
@@ -283,7 +294,7 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     gold_id(handle.processor, sample.answer)  # NoTarget before any forward
     inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
     L = a.n_layers
-    with torch.no_grad(), capture(handle, list(range(-1, L)), SITES) as acts:
+    with torch.no_grad(), capture(handle, list(range(-1, L)), sites_of(handle)) as acts:
         out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
     logits = out.logits[0, -1].float()
     gold, source = answer_target(handle.processor, sample.answer, logits)
@@ -310,7 +321,7 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
             new = torch.tensor([options[k][1] for k in pick], device=e.device)  # (n_noise, len(positions))
             with torch.no_grad():
                 rep[:, positions] = a.embed(new).to(e.dtype)
-    prefix = prefix_of(out, first)
+    prefix = prefix_of(out, first, keep=handle.adapter.cross_attention_layers)
     pos_ids = prompt_positions(handle, inputs)
     with torch.no_grad():
         probs = next_token_probs(handle, rep[:, first:] if prefix else rep, prefix, pos_ids).mean(0)
@@ -350,6 +361,8 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[Non
                     return args, {**kwargs, "hidden_states": h}
                 hooks.append(a.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
                 continue
+            if not a.has_site(layer, site):
+                continue  # the layer has no such site (it adds 0 there): nothing to restore
             mod = a.site(layer, site)
             hooks.append(mod.register_forward_hook(make(key, rows, pos)))
         yield
@@ -367,9 +380,10 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     corrupted copy (a job with no positions restores nothing). ``resid`` layer ``-1`` is the
     decoder input itself."""
     h = c.handle
+    kinds = sites_of(h)
     for kind, layers, positions in jobs:
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
+        if kind not in kinds:
+            raise ValueError(f"unknown kind {kind!r}; kinds are {list(kinds)}")
         h.adapter.check_layers(layers, allow_embedding=(kind == "resid"))
         validate.positions(positions, c.n_tokens, allow_empty=True)  # restoring nothing: p_corrupted
     N = c.n_noise
@@ -418,7 +432,7 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
     """
     L = handle.adapter.n_layers
     window = default_window(L) if window is None else validate.window(window)
-    kinds = validate.names(kinds, KINDS, "kinds")
+    kinds = validate.names(kinds, sites_of(handle), "kinds")
     c = corrupted or corrupt(handle, sample, corruption, target, n_noise, scale, sigma, replace_with, seed)
     pad = ROLE_CODE["pad"]
     positions = [t for t in range(c.n_tokens) if int(c.batch.roles[0, t]) != pad] if positions is None \
@@ -472,7 +486,7 @@ def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corru
     gold answer, which are traced on the model's own answer), that have nothing to corrupt, or
     whose gold answer the vocabulary cannot spell. The counts are in ``df.attrs["skipped"]``; an
     empty table (with every column) says why in ``df.attrs["why_empty"]``."""
-    scale, kinds = validate.scale(scale), validate.names(kinds, KINDS, "kinds")
+    scale, kinds = validate.scale(scale), validate.names(kinds, sites_of(handle), "kinds")
     window = None if window is None else validate.window(window)
     if sigma is None and corruption == "noise" and len(samples):
         sigma = noise_sigma(handle, samples, "image" if "image" in target else "text")
@@ -573,6 +587,12 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
     from microscope.data.blank import blank_like
     from microscope.objects import _probs
 
+    if has_cross_attention(handle) and any(k == "noise" and t != "constraint" for _, k, t, _ in corruptions):
+        if corruptions is not CORRUPTION_SET:
+            raise no_patch_tokens(handle, "noise on image tokens")
+        corruptions = tuple(c for c in corruptions if not (c[1] == "noise" and c[2] != "constraint"))
+        warnings.warn(f"{handle.name}: noise on image tokens left out of the default corruptions (the image enters "
+                      "through cross-attention, not token embeddings); the blank image stays", stacklevel=2)
     if sigma_text is None and any(k == "noise" and t == "constraint" for _, k, t, _ in corruptions):
         sigma_text = noise_sigma(handle, samples, "text")
     if sigma_image is None and any(k == "noise" and t != "constraint" for _, k, t, _ in corruptions):

@@ -27,7 +27,8 @@ def test_capture_matches_output_hidden_states(handles, name):
     h = handles[name]
     b = microscope.prepare_samples(h, shapes.generate(3, seed=0))
     L = h.adapter.n_layers
-    mods = [m for lay in h.adapter.layers for m in (lay, lay.mlp, lay.self_attn)]
+    a = h.adapter
+    mods = [m for i, lay in enumerate(a.layers) for m in (lay, lay.mlp, a.attention(i))]
     with torch.no_grad():  # transformers installs its own recording hooks on first use
         h.model(**b.inputs, output_hidden_states=True)
     n_hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in mods]
@@ -39,8 +40,12 @@ def test_capture_matches_output_hidden_states(handles, name):
     # HF's last entry is after the final norm; ours is the residual stream itself
     normed = h.adapter.final_norm(acts[f"resid.{L - 1}"])
     assert torch.allclose(normed, hs[-1], atol=1e-5)
-    # a layer's output = its input + attention output + MLP output
+    # a layer's output = its input + attention output + MLP output (Mllama's gated cross-attention
+    # layers: tests/test_mllama.py; their self-attention site is exactly 0)
     for lay in range(L):
+        if lay in a.cross_attention_layers:
+            assert not acts[f"attn.{lay}"].any()
+            continue
         total = acts[f"resid.{lay - 1}"] + acts[f"attn.{lay}"] + acts[f"mlp.{lay}"]
         assert torch.allclose(total, acts[f"resid.{lay}"], atol=1e-4)
     # our hooks are gone afterwards (transformers keeps its own recording hooks)

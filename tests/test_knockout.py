@@ -40,9 +40,7 @@ def test_empty_plan_gives_identical_logits(handles, name):
 def test_eager_and_sdpa_agree_under_a_plan(handles, name):
     h = handles[name]
     batch = microscope.prepare_samples(h, _samples(h))  # different lengths: left padding included
-    src, tgt = ko.edge_masks(h, batch, "question↛last")
-    src2, tgt2 = ko.edge_masks(h, batch, "image↛question")
-    plan = [ko.Block(src, tgt, [0, 1]), ko.Block(src2, tgt2, [1, 2])]
+    plan = [ko.edge_block(h, batch, "question↛last", [0, 1]), ko.edge_block(h, batch, "image↛question", [1, 2])]
     real = batch.roles != microscope.roles.ROLE_CODE["pad"]
     with ko.knockout(h, plan, implementation="sdpa"):
         a = _logits(h, batch)
@@ -61,8 +59,7 @@ def test_blocking_image_from_all_text_makes_last_logits_image_independent(handle
     batch = microscope.prepare(h, [s[0].image, s[1].image], [q, q])
     base = _logits(h, batch)[:, -1]
     assert (base[0] - base[1]).abs().max() > 1e-3  # the image matters without the knockout
-    src, tgt = ko.edge_masks(h, batch, "image↛text")
-    with ko.knockout(h, [ko.Block(src, tgt, range(h.adapter.n_layers))]):
+    with ko.knockout(h, [ko.edge_block(h, batch, "image↛text", range(h.adapter.n_layers))]):
         blocked = _logits(h, batch)[:, -1]
     assert (blocked[0] - blocked[1]).abs().max() < 1e-5
 
@@ -275,8 +272,7 @@ def test_sweep_on_other_layouts_matches_full_forwards(handles, name):
         sample = next(x for x in s if x.id == row.sample_id)
         batch = microscope.prepare_samples(h, [sample])
         gold = microscope.answers.answer_ids(h.processor, [sample.answer])[0]
-        src, tgt = ko.edge_masks(h, batch, row.edge)
-        with ko.knockout(h, [ko.Block(src, tgt, [row.layer])]):
+        with ko.knockout(h, [ko.edge_block(h, batch, row.edge, [row.layer])]):
             p = _logits(h, batch)[0, -1].softmax(-1)[gold].item()
         assert row.p_blocked == pytest.approx(p, rel=1e-4, abs=1e-7)
 

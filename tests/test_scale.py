@@ -39,7 +39,7 @@ def test_scale_benchmark_runs_shrunk():
 def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_path):
     import json
 
-    from transformers import LlamaConfig, MllamaConfig, PaliGemmaConfig, Qwen3VLConfig
+    from transformers import IdeficsConfig, LlamaConfig, PaliGemmaConfig, Qwen3VLConfig
 
     from microscope.errors import MicroscopeError
 
@@ -48,7 +48,7 @@ def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_pa
             (d / f).write_text("{}")
 
     for name, config, message in [("paligemma", PaliGemmaConfig, "bidirectionally"),
-                                  ("mllama", MllamaConfig, "'mllama'.*cross-attention layers"),
+                                  ("idefics", IdeficsConfig, "'idefics'.*gated cross-attention blocks kept outside"),
                                   ("qwen3_vl", Qwen3VLConfig, "'qwen3_vl'.*DeepStack, vision layers"),
                                   ("text", LlamaConfig, "'llama'.*is a text-only model")]:
         d = tmp_path / name

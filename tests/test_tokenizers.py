@@ -24,14 +24,15 @@ REAL = [*TINY, *VARIANTS]
 #: the word-boundary marker of each family's tokenizer: SentencePiece ``▁``, byte-level BPE ``Ġ``
 SPACE = {"llava15": "▁", "llava_next": "▁", "llava_next_mistral": "▁", "idefics3": "Ġ", "qwen2_vl": "Ġ",
          "qwen2_5_vl": "Ġ", "llava_onevision": "Ġ", "vipllava": "▁", "llava_next_video": "▁", "internvl": "Ġ",
-         "smolvlm": "Ġ", "aya_vision": "Ġ", "glm4v": "Ġ"}
+         "smolvlm": "Ġ", "aya_vision": "Ġ", "glm4v": "Ġ", "mllama": "Ġ"}
 #: the answer "red" as each model generates it after its chat template's generation prompt
 RED = {"llava15": "▁red", "llava_next": "▁red", "llava_next_mistral": "▁red",  # after "ASSISTANT:" / "[/INST]"
        "idefics3": "Ġred", "smolvlm": "Ġred",  # after "Assistant:"
        "vipllava": "▁red", "llava_next_video": "▁red",  # after "###Assistant:" / "ASSISTANT:"
        "qwen2_vl": "red", "qwen2_5_vl": "red", "llava_onevision": "red",  # after "<|im_start|>assistant\n"
        "internvl": "red", "aya_vision": "red",  # ... and after "<|CHATBOT_TOKEN|>"
-       "glm4v": "red"}  # after "<|assistant|>\n"
+       "glm4v": "red",  # after "<|assistant|>\n"
+       "mllama": "red"}  # after "<|start_header_id|>assistant<|end_header_id|>\n\n"
 #: the tokens a family's processor puts around the image tokens (template role, not image)
 WRAPPERS = {"idefics3": ["<fake_token_around_image>", "<global-img>"],
             "smolvlm": ["<fake_token_around_image>", "<global-img>"], "internvl": ["<img>", "</img>"],
@@ -81,8 +82,13 @@ def test_tokenizer_files_are_the_pinned_ones(monkeypatch):
 def test_tiny_checkpoints_are_sharded_with_the_real_vocabulary(real, name):
     h = real[name]
     tok = h.processor.tokenizer
-    assert h.model.config.get_text_config().vocab_size == len(tok) > 32000
-    assert h.adapter.embed.weight.shape[0] == len(tok)
+    if name == "mllama":  # Llama-3.2-Vision: lm_head over the 128,256 text tokens; <|image|> (128256) is only
+        # an input, and the input embedding has 8 rows more (128,264), as in the released checkpoints
+        assert h.model.config.get_text_config().vocab_size == len(tok) - 1 == 128256
+        assert h.adapter.embed.weight.shape[0] == 128256 + 8
+    else:
+        assert h.model.config.get_text_config().vocab_size == len(tok) > 32000
+        assert h.adapter.embed.weight.shape[0] == len(tok)
     d = microscope.zoo.model_dir(h.name)
     index = json.loads((d / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2 and not (d / "model.safetensors").exists()
@@ -97,7 +103,9 @@ def test_image_roles_are_the_processors_expanded_image_tokens(real, name):
     ids = b.inputs["input_ids"]
     tok = h.processor.tokenizer
     for i, im in enumerate(imgs):
-        if hasattr(h.processor, "_get_num_multimodal_tokens"):
+        if name == "mllama":  # the text holds one <|image|> per image: the image enters by cross-attention
+            n = 1
+        elif hasattr(h.processor, "_get_num_multimodal_tokens"):
             n = h.processor._get_num_multimodal_tokens(image_sizes=[(im.height, im.width)]).num_image_tokens[0]
         else:  # SmolVLM's processor has none: an unsplit image is <fake><global-img><image> × len <fake>
             assert name == "smolvlm" and not h.processor.image_processor.do_image_splitting

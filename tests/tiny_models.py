@@ -546,3 +546,63 @@ VARIANTS = {"llava_next_mistral": build_llava_next_mistral}
 FUSION = ["bunny", "omnifusion"]
 #: every small model the invariants run on
 MODELS = TINY + FUSION
+
+
+#: Llama-3.2-Vision-Instruct with one image and no system message (its template then writes no
+#: system block): ``<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{question}<|eot_id|>``
+#: ``<|start_header_id|>assistant<|end_header_id|>\n\n``
+MLLAMA_TEMPLATE = chat_template("<|start_header_id|>user<|end_header_id|>\n\n", "<|image|>", "<|eot_id|>",
+                                "<|start_header_id|>assistant<|end_header_id|>\n\n", "", "<|eot_id|>",
+                                start="<|begin_of_text|>")
+#: Llama-3.2-Vision's text vocabulary (its lm_head's size): the 128,256 Llama 3 tokens; ``<|image|>``
+#: is id 128256, one past it (the input embedding has 8 rows more)
+MLLAMA_VOCAB = 128256
+
+
+def mllama_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's tokenizer as Llama-3.2-Vision extends it: ``<|image|>`` appended (id 128256, its
+    config's ``image_token_index``); padding with id 128004 (Llama 3.1's ``<|finetune_right_pad_id|>``,
+    named ``<|reserved_special_token_2|>`` in the pinned Llama 3.0 file)."""
+    tok = _tokenizer("llama3", ["<|image|>"], {"image_token": "<|image|>"}, bos_token="<|begin_of_text|>",
+                     eos_token="<|eot_id|>", pad_token="<|reserved_special_token_2|>")
+    if tok.convert_tokens_to_ids("<|image|>") != MLLAMA_VOCAB:
+        raise RuntimeError("the pinned Llama 3 tokenizer does not give <|image|> id 128256")
+    return tok
+
+
+def build_mllama(path: Path, seed: int = 0) -> Path:
+    """Mllama (Llama-3.2-Vision) layout: a tiled vision tower (local + global encoder, up to 2 tiles
+    of 56 px, 4 × 4 patches + CLS per tile), a linear projector to the vision states, and a 4-layer
+    Llama 3 decoder whose layers 1 and 3 are gated cross-attention layers reading them; the text
+    holds one ``<|image|>`` token per image. The gates are set non-zero (a fresh model's are 0, which
+    would hide the image from the text)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tok = mllama_tokenizer()
+    vision = MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                attention_heads=2, image_size=SIZE, patch_size=PATCH, max_num_tiles=2,
+                                supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], intermediate_layers_indices=[0],
+                                vision_output_dim=64)
+    text = MllamaTextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, cross_attention_layers=[1, 3],
+                            vocab_size=MLLAMA_VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    cfg = MllamaConfig(vision_config=vision, text_config=text, image_token_index=MLLAMA_VOCAB)
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for i in text.cross_attention_layers:
+            layer = model.model.language_model.layers[i]
+            layer.cross_attn_attn_gate.fill_(0.8)
+            layer.cross_attn_mlp_gate.fill_(0.6)
+    ip = MllamaImageProcessorPil(size={"height": SIZE, "width": SIZE}, max_image_tiles=2)
+    proc = MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template=MLLAMA_TEMPLATE)
+    return _save(model, proc, path)
+
+
+# registered here, below the table above, since its builder is defined after it
+BUILDERS["mllama"] = build_mllama
+TINY.append("mllama")
+MODELS[:] = TINY + FUSION
