@@ -111,7 +111,7 @@ def decoder_inputs(handle, samples: Sequence, batch_size: int = 64) -> list[torc
     return out
 
 
-def _probs(handle, samples: Sequence, batch_size: int = 64) -> torch.Tensor:
+def probs(handle, samples: Sequence, batch_size: int = 64) -> torch.Tensor:
     """Next-token distribution at the last prompt position, (n, vocab), one row per sample."""
     out = []
     for i in range(0, len(samples), batch_size):
@@ -256,7 +256,7 @@ def scene_distributions(handle, sample, scenes: Sequence[Variant], space: str, b
     images = [sample.render(v.keep, v.objects) for v in scenes]
     copies = [dataclasses.replace(sample, image=im) for im in images]
     if space == "pixels":
-        p = _probs(handle, [sample, *copies], batch_size)
+        p = probs(handle, [sample, *copies], batch_size)
         return p[0], p[1:]
     batch = prepare_samples(handle, [sample])
     inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}

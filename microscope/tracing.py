@@ -585,7 +585,7 @@ def corruption_effects(handle, samples: Sequence, corruptions: Sequence[tuple] =
     sample_id, category, corruption, kind, target, scale, p_clean,
     p_corrupted, drop, flipped, correct``."""
     from microscope.data.blank import blank_like
-    from microscope.objects import _probs
+    from microscope.objects import probs as _probs
 
     if has_cross_attention(handle) and any(k == "noise" and t != "constraint" for _, k, t, _ in corruptions):
         if corruptions is not CORRUPTION_SET:

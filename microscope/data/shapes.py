@@ -34,7 +34,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,6 +51,7 @@ __all__ = [
     "Sample",
     "generate",
     "ask",
+    "reask",
     "conversation",
     "AUX_CATEGORIES",
     "blank_image",
@@ -545,6 +546,19 @@ def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.rand
         opts = ("left", "right") if rng.random() < 0.5 else ("right", "left")
         return f"Is the {a} {opts[0]} of or {opts[1]} of the {b}?", (i, j), (a, b), opts
     return f"Do the {a} and the {b} have the same color?", (i, j), (a, b), ("yes", "no")
+
+
+def reask(sample: Sample, category: str, seed: int = 0) -> Sample | None:
+    """The same scene asked a ``category`` question (training-only auxiliary ones included) with
+    the same answer, e.g. a ChooseCat sample's ``Is the red object a cross or a circle?`` as the
+    QueryCat ``What shape is the red object?``: the same fact through another template. ``None``
+    when the scene admits no such question (see :func:`ask`)."""
+    got = ask(sample.objects, category, sample.answer, np.random.default_rng([seed, 104_723]))
+    if got is None:
+        return None
+    question, referred, words, options = got
+    return replace(sample, id=f"{sample.id}-{category}", question=question, category=category, referred=referred,
+                   constraints=_spans(question, words), options=options)
 
 
 def _scale(objects: Sequence[ShapeObject]) -> float:
