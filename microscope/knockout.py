@@ -48,7 +48,7 @@ from microscope import attention, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.extract import capture
 from microscope.model import is_anyres, patch_grid
-from microscope.prefix import expand, position_kwargs, positions, prefix_of
+from microscope.prefix import causal_start, expand, full_cache, position_kwargs, positions, prefix_of
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
@@ -363,7 +363,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
                     warnings.warn(f"related/other-image edges skipped: {e}", stacklevel=2)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         with torch.no_grad(), capture(handle, [-1]) as acts:
-            out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+            out = handle.model(**inputs, use_cache=True, past_key_values=full_cache(), logits_to_keep=1)
         logits = out.logits[0, -1].float()
         gold, source = answer_target(handle.processor, s.answer, logits)
         n_model += source == MODEL
@@ -388,8 +388,9 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             continue
         target_tok = tok.convert_ids_to_tokens(gold)
         # positions before the first target query are untouched by every row's plan (causal
-        # attention): take them from the clean run's key/value cache and compute only the rest
-        first = min(int(t[3].nonzero().min()) for t in todo)
+        # attention; before a bidirectional block that holds a target query, causal_start):
+        # take them from the clean run's key/value cache and compute only the rest
+        first = causal_start(handle, inputs, min(int(t[3].nonzero().min()) for t in todo))
         prefix = prefix_of(out.past_key_values, first)
         pos_ids, suffix = positions(handle, inputs), emb.shape[1] - first
         for i in range(0, len(todo), batch_size):

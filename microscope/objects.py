@@ -64,7 +64,7 @@ import torch
 
 from microscope.answers import answer_ids
 from microscope.knockout import image_patch_positions
-from microscope.prefix import next_token_probs, prefix_of
+from microscope.prefix import causal_start, full_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
 from microscope.roles import prepare_samples
@@ -260,9 +260,9 @@ def scene_distributions(handle, sample, scenes: Sequence[Variant], space: str, b
     batch = prepare_samples(handle, [sample])
     inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
     pos = image_patch_positions(handle, batch, 0, sample.grid)
-    first = int(pos.min())
+    first = causal_start(handle, inputs, int(pos.min()))  # the image block's start where it is bidirectional
     with torch.no_grad():
-        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+        out = handle.model(**inputs, use_cache=True, past_key_values=full_cache(), logits_to_keep=1)
     p_clean = out.logits[0, -1].float().softmax(-1).cpu()
     prefix = prefix_of(out.past_key_values, first)
     pos_ids = prompt_positions(handle, inputs)
