@@ -62,7 +62,9 @@ NORM_ATTRS = ("norm", "final_layernorm", "final_norm", "ln_f")
 #: ``(after attention, after MLP)`` attribute names of the norms a decoder layer applies to its
 #: attention and MLP outputs before adding them to the residual stream (GLM-4 / GLM-4.1V); what a
 #: layer's "attn" and "mlp" sites read when it has them
-POST_NORMS = (("post_self_attn_layernorm", "post_mlp_layernorm"),)
+POST_NORMS = (("post_self_attn_layernorm", "post_mlp_layernorm"),
+              # Gemma 2 / 3 (``post_attention_layernorm`` alone is Llama's pre-MLP norm: the pair must exist)
+              ("post_attention_layernorm", "post_feedforward_layernorm"))
 
 
 def image_text_classes() -> dict[str, str]:
@@ -122,7 +124,7 @@ class Adapter:
         if site == "resid":
             return lay
         for attn_norm, mlp_norm in POST_NORMS:
-            if isinstance(getattr(lay, attn_norm, None), torch.nn.Module):
+            if all(isinstance(getattr(lay, n, None), torch.nn.Module) for n in (attn_norm, mlp_norm)):
                 return getattr(lay, attn_norm if site == "attn" else mlp_norm)
         return {"attn": lay.self_attn, "mlp": lay.mlp}[site]
 
