@@ -611,6 +611,8 @@ def build_gemma3(path: Path, seed: int = 0) -> Path:
     cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=n, **ids)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # transformers initialises the projection to zeros (a fresh model would not see its image)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.03)
     ip = Gemma3ImageProcessorPil(size={"height": side, "width": side}, do_pan_and_scan=False,
                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=n)
