@@ -268,6 +268,13 @@ def test_the_prefix_shortcut_on_bidirectional_families_equals_plain_forwards(han
             assert c.first == touched > int(image.max()) and c.prefix is not None  # causal after the block
         pos = positions(h, {k: v for k, v in c.batch.inputs.items()})
         assert "token_type_ids" in pos
+        # the clean decoder input run from inputs_embeds (from the cached prefix where there is one) is
+        # the model's own forward: the block's token_type_ids reach it (without them the mask is causal)
+        clean = c.clean["resid.-1"][None]
+        with torch.no_grad():
+            ref = h.model(**c.batch.inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+            got = next_token_probs(h, clean[:, c.first:] if c.prefix else clean, c.prefix, pos).log()
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
         with torch.no_grad():  # p_corrupted: whole-prompt forwards, no cache
             whole = next_token_probs(h, c.corrupted, None, pos)[:, c.answer_id].mean().item()
         assert c.p_corrupted == pytest.approx(whole, abs=1e-6)

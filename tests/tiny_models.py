@@ -573,9 +573,9 @@ def gemma3_tokenizer() -> PreTrainedTokenizerFast:
     byte fallback, 262k pieces) is not pinned here, and Mistral's is the closest committed one —
     with Gemma 3's specials added and named as its processor reads them (``boi_token``,
     ``eoi_token``, ``image_token``), ``<bos>`` added to every text."""
-    return _gemma_bos(_tokenizer("mistral", GEMMA3_TOKENS, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                                 "image_token": "<image_soft_token>"},
-                      bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"))
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    return _gemma_bos(_tokenizer("mistral", GEMMA3_TOKENS, names, bos_token="<bos>", eos_token="<eos>",
+                                 unk_token="<unk>", pad_token="<pad>"))
 
 
 def paligemma_tokenizer() -> PreTrainedTokenizerFast:
