@@ -14,7 +14,9 @@ function and, in the planned decoder layers only, removes the blocked (query, ke
 the attention mask before calling it: a boolean mask gets ``False``, an additive mask gets the
 dtype's minimum. No module's ``forward`` is replaced, the vision tower's attention (which reads
 the vision config) is untouched, and an empty plan calls the original function with the
-original mask, so it reproduces the unpatched logits exactly.
+original mask, so it reproduces the unpatched logits exactly. The mask edited is the model's own:
+where image tokens attend to each other bidirectionally (Gemma 3, PaliGemma), an ``image↛image``
+edge removes both directions inside the image block.
 
 Edges are written ``source↛target`` (``->`` works too): ``source`` positions are
 the keys whose information is blocked, ``target`` the queries that can no longer attend to
@@ -317,7 +319,9 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     ``inputs_embeds`` forwards with per-row layer masks — ``ceil(E·L / batch_size)`` forwards
     instead of ``E·L``. Related/other-image edges are skipped (with a warning) on models whose
     image tokens have no patch grid. Positions before the first target query cannot change (causal
-    attention), so those forwards start after them from the clean key/value cache
+    attention; where a bidirectional block holds that query — Gemma 3's image, PaliGemma's prompt —
+    before the block's start, :func:`microscope.prefix.causal_start`), so those forwards start after
+    them from the clean key/value cache
     (:mod:`microscope.prefix`). Samples answered wrongly are skipped when ``only_correct``; edges on
     related/other image patches are skipped for samples whose question refers to no patch (or has
     no boxes, e.g. a GQA question without a scene graph), and samples whose gold answer the

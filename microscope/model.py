@@ -347,7 +347,8 @@ def _logit_softcap(model) -> float | None:
     read off the class's ``forward``, like :attr:`Adapter.logit_scale` is read off the class."""
     import inspect
 
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    get_text = getattr(model.config, "get_text_config", None)
+    cap = getattr(get_text() if callable(get_text) else model.config, "final_logit_softcapping", None)
     if not isinstance(cap, (int, float)) or not cap:
         return None
     try:

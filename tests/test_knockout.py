@@ -382,3 +382,18 @@ def test_knockout_on_bidirectional_families_equals_a_hand_edited_mask(handles, n
         with torch.no_grad(), capture(h, [0]) as acts, ko.knockout(h, [ko.Block(src, tgt, [0])]):
             h.model(**batch.inputs)
         assert not torch.allclose(acts["resid.0"][0, first], clean["resid.0"][0, first])
+
+
+def test_gemma3_pooled_image_tokens_form_a_patch_grid(handles):
+    """Gemma 3 average-pools its tower's 8 × 8 patches 2 × 2 into 16 image tokens in raster order:
+    one token covers 28 px, samples are drawn on that 4 × 4 grid, and related/other-image edges work."""
+    from microscope.model import image_geometry, patch_grid
+
+    h = handles["gemma3"]
+    assert image_geometry(h.model) == (112, 28) and patch_grid(h.model) == 4
+    s = next(x for x in _samples(h, n=20) if x.referred_patches())
+    assert s.grid == 4
+    batch = microscope.prepare_samples(h, [s])
+    src, tgt = ko.edge_masks(h, batch, "related-image↛question", [s.referred_patches()])
+    image = batch.role_mask("image")[0].nonzero().flatten()
+    assert torch.equal(src[0].nonzero().flatten(), image[list(s.referred_patches())])
