@@ -29,7 +29,7 @@ import contextlib
 import weakref
 from collections.abc import Sequence
 
-from microscope.roles import build_prompt, user_turn
+from microscope.roles import build_prompt, lays_out_prompt, user_turn
 
 VARIANTS = ("lower", "capitalised")
 
@@ -58,6 +58,11 @@ def generation_context(processor) -> tuple[str, str]:
 def _render_context(processor, answer: str = "yes") -> tuple[str, str]:
     q = "?"
     prompt = build_prompt(processor, q)
+    if lays_out_prompt(processor):  # PaliGemma: the answer follows the text its processor lays out (… "\n")
+        from PIL import Image
+
+        _, laid, *_ = processor.prepare_inputs_layout(images=[Image.new("RGB", (2, 2))], text=[prompt])
+        return laid[0], ""
     try:
         full = processor.apply_chat_template(
             [*user_turn(q), {"role": "assistant", "content": [{"type": "text", "text": answer}]}],

@@ -14,7 +14,9 @@ function and, in the planned decoder layers only, removes the blocked (query, ke
 the attention mask before calling it: a boolean mask gets ``False``, an additive mask gets the
 dtype's minimum. No module's ``forward`` is replaced, the vision tower's attention (which reads
 the vision config) is untouched, and an empty plan calls the original function with the
-original mask, so it reproduces the unpatched logits exactly.
+original mask, so it reproduces the unpatched logits exactly. The mask edited is the model's own:
+where image tokens attend to each other bidirectionally (Gemma 3, PaliGemma), an ``image↛image``
+edge removes both directions inside the image block.
 
 Edges are written ``source↛target`` (``->`` works too): ``source`` positions are
 the keys whose information is blocked, ``target`` the queries that can no longer attend to
@@ -61,7 +63,7 @@ from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.errors import MicroscopeError
 from microscope.extract import capture
 from microscope.model import is_anyres, patch_grid
-from microscope.prefix import cache_kwargs, position_kwargs, positions, prefix_of
+from microscope.prefix import cache_kwargs, causal_start, clean_cache, position_kwargs, positions, prefix_of
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
@@ -416,7 +418,9 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     ``inputs_embeds`` forwards with per-row layer masks — ``ceil(E·L / batch_size)`` forwards
     instead of ``E·L``. Related/other-image edges are skipped (with a warning) on models whose
     image tokens have no patch grid. Positions before the first target query cannot change (causal
-    attention), so those forwards start after them from the clean key/value cache
+    attention; where a bidirectional block holds that query — Gemma 3's image, PaliGemma's prompt —
+    before the block's start, :func:`microscope.prefix.causal_start`), so those forwards start after
+    them from the clean key/value cache
     (:mod:`microscope.prefix`). Samples answered wrongly are skipped when ``only_correct``; edges on
     related/other image patches are skipped for samples whose question refers to no patch (or has
     no boxes, e.g. a GQA question without a scene graph), and samples whose gold answer the
@@ -462,7 +466,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
                     warnings.warn(f"related/other-image edges skipped: {e}", stacklevel=2)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         with torch.no_grad(), capture(handle, [-1]) as acts:
-            out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+            out = handle.model(**inputs, use_cache=True, **clean_cache(handle), logits_to_keep=1)
         logits = out.logits[0, -1].float()
         gold, source = answer_target(handle.processor, s.answer, logits)
         n_model += source == MODEL
@@ -487,8 +491,9 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             continue
         target_tok = tok.convert_ids_to_tokens(gold)
         # positions before the first target query are untouched by every row's plan (causal
-        # attention): take them from the clean run's key/value cache and compute only the rest
-        first = min(int(t[3].nonzero().min()) for t in todo)
+        # attention; before a bidirectional block that holds a target query, causal_start):
+        # take them from the clean run's key/value cache and compute only the rest
+        first = causal_start(handle, inputs, min(int(t[3].nonzero().min()) for t in todo))
         prefix = prefix_of(out, first, keep=handle.adapter.cross_attention_layers)
         pos_ids, suffix = positions(handle, inputs), emb.shape[1] - first
         for i in range(0, len(todo), batch_size):

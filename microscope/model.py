@@ -39,12 +39,15 @@ from microscope.checkpoint import (
     weights_error,
 )
 from microscope.errors import MicroscopeError, ModelNotFoundError
+from microscope.roles import lays_out_prompt
 
 #: attention implementation the suite loads models with: its interventions work through
 #: transformers' attention interface, which ``sdpa`` and ``eager`` both honour
 DEFAULT_ATTENTION = "sdpa"
-#: families whose image (prefix) tokens attend bidirectionally: refused with a reason
-BIDIRECTIONAL_IMAGE_ATTENTION = ("paligemma", "gemma3", "shieldgemma2")
+#: families refused because they are image classifiers built on a bidirectional-image decoder, not
+#: image-text-to-text models (ShieldGemma 2 scores a policy; Gemma 3 and PaliGemma themselves are
+#: supported: their bidirectional image block is read off the model's own mask, :attr:`Adapter.attention_reach`)
+BIDIRECTIONAL_IMAGE_ATTENTION = ("shieldgemma2",)
 #: families whose text reads the image through cross-attention layers the suite does not model:
 #: refused with a reason (IDEFICS 1: its gated cross-attention blocks sit inside the decoder layers,
 #: beside their self-attention; Mllama's own cross-attention layers are supported, see
@@ -64,7 +67,9 @@ NORM_ATTRS = ("norm", "final_layernorm", "final_norm", "ln_f")
 #: ``(after attention, after MLP)`` attribute names of the norms a decoder layer applies to its
 #: attention and MLP outputs before adding them to the residual stream (GLM-4 / GLM-4.1V); what a
 #: layer's "attn" and "mlp" sites read when it has them
-POST_NORMS = (("post_self_attn_layernorm", "post_mlp_layernorm"),)
+POST_NORMS = (("post_self_attn_layernorm", "post_mlp_layernorm"),
+              # Gemma 2 / 3 (``post_attention_layernorm`` alone is Llama's pre-MLP norm: the pair must exist)
+              ("post_attention_layernorm", "post_feedforward_layernorm"))
 
 
 def image_text_classes() -> dict[str, str]:
@@ -119,6 +124,20 @@ class Adapter:
         if site == CROSS_ATTN:
             return layer in self.cross_attention_layers
         return True
+    #: final logit soft-capping ``c`` of classes that apply it after the scale (Gemma 2 / PaliGemma 2):
+    #: ``logits ↦ c · tanh(logits / c)``; ``None`` for none
+    logit_softcap: float | None = None
+    #: ``inputs -> (B, T)`` long: the last key position each query may read in any decoder layer, for
+    #: models whose attention is not causal everywhere (Gemma 3: image tokens attend to their whole
+    #: image; PaliGemma: the whole prompt is one bidirectional prefix). Read off the model's own
+    #: attention masks for the processor's ``token_type_ids`` (:func:`_attention_reach`); ``None``
+    #: for causal decoders, where it is each query's own position.
+    attention_reach: Callable[[dict], torch.Tensor] | None = None
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether some query may read a later key (see :attr:`attention_reach`)."""
+        return self.attention_reach is not None
 
     def site(self, layer: int, site: str) -> torch.nn.Module:
         """The module whose output is decoder layer ``layer``'s ``site``: ``"resid"`` the layer
@@ -142,7 +161,7 @@ class Adapter:
         if site == CROSS_ATTN:
             return getattr(lay, CROSS_ATTN)
         for attn_norm, mlp_norm in POST_NORMS:
-            if isinstance(getattr(lay, attn_norm, None), torch.nn.Module):
+            if all(isinstance(getattr(lay, n, None), torch.nn.Module) for n in (attn_norm, mlp_norm)):
                 return getattr(lay, attn_norm if site == "attn" else mlp_norm)
         return lay.mlp if site == "mlp" else lay.self_attn
 
@@ -150,7 +169,10 @@ class Adapter:
         """The model's own next-token logits from a final residual stream: final norm, unembedding,
         logit scale."""
         out = self.unembed(self.final_norm(resid))
-        return out * self.logit_scale if self.logit_scale != 1.0 else out
+        out = out * self.logit_scale if self.logit_scale != 1.0 else out
+        if self.logit_softcap is not None:
+            out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
+        return out
 
     @property
     def n_layers(self) -> int:
@@ -308,6 +330,9 @@ def _image_token_id(model, processor=None) -> int:
         where = "" if processor is None else (f", and the processor's image token {token!r} is not in its vocabulary"
                                               if isinstance(token, str) else ", nor has the processor an image_token")
         raise _refuse(model, f"no image-token id: config has neither image_token_id nor image_token_index{where}")
+    marked = getattr(processor, "image_token_ids", None)  # ids it marks as image (Gemma 3: not its placeholder's)
+    if config_id is not None and isinstance(marked, list) and config_id in marked:
+        proc_id = config_id
     if config_id is not None and proc_id is not None and config_id != proc_id:
         raise _refuse(model, f"the config's image-token id {config_id} is not the processor's image token "
                              f"{token!r} ({proc_id}): the processor would mark other positions than the model fills")
@@ -356,7 +381,69 @@ def adapter_for(model, processor=None) -> Adapter:
     scale = getattr(model, "logit_scale", None)  # set by the class that scales its logits (CohereForCausalLM)
     return Adapter(embed=embed, layers=layers, final_norm=norm, unembed=unembed, image_token_id=image_token_id,
                    position_ids=position_ids if callable(rope_index) else None,
-                   logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0, cross_attention_layers=cross)
+                   logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0,
+                   cross_attention_layers=cross, logit_softcap=_logit_softcap(model),
+                   attention_reach=_attention_reach(model))
+
+
+def _logit_softcap(model) -> float | None:
+    """The text config's ``final_logit_softcapping`` when the model's class applies it to its
+    logits (PaliGemma does for its Gemma 2 decoder; Gemma 3's class does not, and Gemma 3 has none):
+    read off the class's ``forward``, like :attr:`Adapter.logit_scale` is read off the class."""
+    import inspect
+
+    get_text = getattr(model.config, "get_text_config", None)
+    cap = getattr(get_text() if callable(get_text) else model.config, "final_logit_softcapping", None)
+    if not isinstance(cap, (int, float)) or not cap:
+        return None
+    try:
+        applies = "final_logit_softcapping" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source: trust the config
+        applies = True
+    return float(cap) if applies else None
+
+
+def _attention_reach(model) -> Callable[[dict], torch.Tensor] | None:
+    """For a model whose mask depends on ``token_type_ids`` (its forward takes them and its class
+    builds its masks from them, ``create_masks_for_generate(..., token_type_ids=...)``: Gemma 3,
+    PaliGemma), ``inputs -> (B, T)`` long: ``reach[b, q] = max{k : query q may read key k in some
+    layer}`` from the model's own masks (every layer type: full and sliding); ``None`` otherwise.
+
+    ``reach[q] > q`` means q reads a later position — bidirectional attention, which knockout edges
+    and the clean-prefix shortcut (:func:`microscope.prefix.causal_start`) must take into account."""
+    import inspect
+
+    build = getattr(type(model), "create_masks_for_generate", None)
+    try:
+        takes = ("token_type_ids" in inspect.signature(model.forward).parameters
+                 and build is not None and "token_type_ids" in inspect.signature(build).parameters)
+    except (TypeError, ValueError):
+        takes = False
+    if not takes:
+        return None
+
+    def reach(inputs: dict) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        B, T = ids.shape
+        att = inputs.get("attention_mask")
+        tt = inputs.get("token_type_ids")
+        pos = torch.arange(T, device=ids.device).expand(B, T)
+        if tt is None:
+            return pos
+        probe = torch.zeros(B, T, 1, dtype=model.dtype, device=ids.device)  # shape, dtype and device only
+        masks = build(config=model.config, inputs_embeds=probe, attention_mask=att, cache=None, position_ids=None,
+                      token_type_ids=tt.to(ids.device), is_first_iteration=True)
+        out = pos.clone()
+        for m in (masks.values() if isinstance(masks, dict) else [masks]):
+            if m is None:  # a causal mask sdpa may skip
+                continue
+            allowed = m if m.dtype == torch.bool else m == 0
+            allowed = allowed.any(1).expand(B, T, T)  # over heads
+            k = torch.arange(T, device=ids.device)
+            out = torch.maximum(out, torch.where(allowed, k, -1).amax(-1))
+        return out
+
+    return reach
 
 
 def image_geometry(model) -> tuple[int, int] | None:
@@ -369,8 +456,17 @@ def image_geometry(model) -> tuple[int, int] | None:
     for src in (vc, model):
         size, patch = getattr(src, "image_size", None), getattr(src, "patch_size", None)
         if isinstance(size, int) and isinstance(patch, int):
-            return size, patch
+            return size, patch * _pooling(model.config, size // patch)
     return None
+
+
+def _pooling(config, grid: int) -> int:
+    """``k`` when the model average-pools its tower's ``grid × grid`` patches in ``k × k`` blocks
+    into ``mm_tokens_per_image = (grid / k)²`` image tokens in raster order (Gemma 3: 64 × 64
+    patches → 16 × 16 tokens); 1 otherwise. One image token then covers ``k · patch`` px."""
+    n = getattr(config, "mm_tokens_per_image", None)
+    side = int(round(n ** 0.5)) if isinstance(n, int) and n > 0 else 0
+    return grid // side if side and side * side == n and grid % side == 0 else 1
 
 
 def sample_geometry(handle, target: int = 224) -> tuple[int, int] | None:
@@ -618,9 +714,8 @@ def _check_supported(config, path: Path) -> str:
     mt = config.model_type
     if mt in BIDIRECTIONAL_IMAGE_ATTENTION:
         raise MicroscopeError(
-            f"model type {mt!r} of {path} is refused: its image tokens attend to each other "
-            "bidirectionally (a prefix-LM mask), while the suite's roles of 'earlier' and 'later' tokens, its "
-            "knockout edges and its tracing shortcuts assume causal attention")
+            f"model type {mt!r} of {path} is refused: it is an image classifier (a policy score), not an "
+            "image-text-to-text model answering questions; load its base model (Gemma 3) instead")
     if mt in CROSS_ATTENTION_IMAGE_INPUT:
         raise MicroscopeError(
             f"model type {mt!r} of {path} is refused: its text reads the image through gated cross-attention "
@@ -712,7 +807,7 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
     tokenizer = getattr(processor, "tokenizer", None)
     if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
         processor.chat_template = tokenizer.chat_template  # the template kept in tokenizer_config.json
-    if getattr(processor, "chat_template", None) is None:
+    if getattr(processor, "chat_template", None) is None and not lays_out_prompt(processor):
         raise chat_template_error(ckpt)
     extra = {"device_map": device_map} if device_map is not None else {}
     try:

@@ -65,7 +65,7 @@ import torch
 from microscope.answers import answer_ids
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.knockout import image_patch_positions
-from microscope.prefix import next_token_probs, prefix_of
+from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
 from microscope.roles import prepare_samples
@@ -261,9 +261,9 @@ def scene_distributions(handle, sample, scenes: Sequence[Variant], space: str, b
     batch = prepare_samples(handle, [sample])
     inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
     pos = image_patch_positions(handle, batch, 0, sample.grid)
-    first = int(pos.min())
+    first = causal_start(handle, inputs, int(pos.min()))  # the image block's start where it is bidirectional
     with torch.no_grad():
-        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+        out = handle.model(**inputs, use_cache=True, **clean_cache(handle), logits_to_keep=1)
     p_clean = out.logits[0, -1].float().softmax(-1).cpu()
     prefix = prefix_of(out, first, keep=handle.adapter.cross_attention_layers)
     pos_ids = prompt_positions(handle, inputs)

@@ -23,6 +23,15 @@ either: for them :func:`positions` gives the prompt's :class:`~microscope.crossa
 (vision states and cross-attention mask), which :func:`position_kwargs` passes the same way. Their
 cache's cross-attention layers hold the vision states' keys and values, not positions: a prefix
 keeps them whole (``prefix_of(..., keep=handle.adapter.cross_attention_layers)``).
+
+Gemma 3 and PaliGemma need the prompt's ``token_type_ids`` (their masks read the image blocks off
+them): :func:`positions` hands those on too.
+
+Where attention is not causal everywhere (Gemma 3's image block, PaliGemma's bidirectional
+prompt), a position before ``first`` may read one at or after it: :func:`causal_start` moves
+``first`` back to the start of the block so that no cached position depends on what follows.
+Caches are kept whole (:func:`full_cache`): a sliding-window layer's cache would keep only its
+last ``window − 1`` positions, and a prefix is sliced by position.
 """
 
 from __future__ import annotations
@@ -68,6 +77,23 @@ def returned_cache(out: Mapping) -> Cache:
                      "was it called with use_cache=True?")
 
 
+def full_cache():
+    """An empty ``DynamicCache`` whose every layer keeps every position (no sliding-window
+    truncation: without a config, transformers makes each layer a plain ``DynamicLayer``). Pass it
+    as the cache of the clean forward whose cache :func:`prefix_of` slices (``**cache_kwargs``
+    style: ``{cache_keyword(type(model)): full_cache()}``); the model's masks still apply each
+    layer's window."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def clean_cache(handle) -> dict:
+    """Keyword argument handing a clean forward of ``handle.model`` a :func:`full_cache`, under the
+    name its ``forward`` takes (:func:`cache_keyword`)."""
+    return {cache_keyword(type(handle.model)): full_cache()}
+
+
 class Prefix(list):
     """Per-layer clean ``(key, value)`` pairs, with the layers kept whole (``keep``)."""
 
@@ -76,24 +102,57 @@ class Prefix(list):
 
 def prefix_of(out: Mapping, first: int, keep: Sequence[int] = ()) -> Prefix | None:
     """Per-layer clean ``(key, value)`` of positions ``< first``, sliced from the cache that the
-    clean forward's output ``out`` holds (called with ``use_cache=True``; no extra forward);
-    ``None`` when ``first == 0`` (nothing to share). Layers in ``keep`` (cross-attention layers,
-    whose keys and values are the vision states) are kept whole. ``None`` too when layer 0 is one
-    of them: the model reads the number of cached positions off layer 0."""
+    clean forward's output ``out`` holds (called with ``use_cache=True`` and the cache
+    :func:`full_cache`; no extra forward); ``None`` when ``first == 0`` (nothing to share). Layers
+    in ``keep`` (cross-attention layers, whose keys and values are the vision states) are kept
+    whole; ``None`` too when layer 0 is one of them: the model reads the number of cached positions
+    off layer 0. A layer that dropped positions (a sliding-window cache) is refused: its slice would
+    hold other positions."""
     keep = tuple(sorted(int(i) for i in keep))
     if first <= 0 or 0 in keep:
         return None
     past = returned_cache(out)
+    for i, layer in enumerate(past.layers):
+        if i not in keep and layer.keys.shape[-2] != layer.get_seq_length():
+            raise RuntimeError(f"internal: layer {i}'s cache keeps {layer.keys.shape[-2]} of {layer.get_seq_length()} "
+                               "positions (a sliding window); run the clean forward with the cache "
+                               "microscope.prefix.full_cache()")
     res = Prefix((layer.keys, layer.values) if i in keep else (layer.keys[..., :first, :], layer.values[..., :first, :])
                  for i, layer in enumerate(past.layers))
     res.keep = keep
     return res
 
 
+def causal_start(handle, inputs: dict, first: int) -> int:
+    """The largest ``f <= first`` such that no position before ``f`` reads a position at or after
+    it in any layer — where an intervention that first touches ``first`` may start computing,
+    positions ``< f`` coming unchanged from the clean cache.
+
+    Causal decoders: ``first`` itself. With :attr:`~microscope.model.Adapter.attention_reach`
+    ``r`` (the last key each query reads): ``f`` is the fixed point of ``f ← min{p < f : r[p] >= f}``
+    — the start of the bidirectional block that straddles ``first`` (Gemma 3: the image block, when
+    an intervention touches an image token after its first one; PaliGemma: 0, its whole prompt is
+    one block)."""
+    reach = handle.adapter.attention_reach
+    if reach is None or first <= 0:
+        return first
+    r = reach({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}).amax(0).cpu()
+    f = int(first)
+    while f > 0:
+        late = (r[:f] >= f).nonzero()
+        if len(late) == 0:
+            break
+        f = int(late.min())
+    return f
+
+
 def expand(handle, prefix: list | None, rows: int):
     """A fresh ``DynamicCache`` holding ``prefix`` for ``rows`` rows (``None`` passes through).
 
-    A new cache per forward: the model appends the suffix's keys and values to it."""
+    A new cache per forward: the model appends the suffix's keys and values to it. Every layer
+    keeps every position (as :func:`full_cache`), so attention functions see keys over the whole
+    prompt in every layer (a knockout plan's masks are over it); sliding-window layers get their
+    window from the model's masks."""
     if prefix is None:
         return None
     cross = tuple(getattr(handle.adapter, "cross_attention_layers", ()))
@@ -104,7 +163,7 @@ def expand(handle, prefix: list | None, rows: int):
     from transformers import DynamicCache
 
     data = [(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous()) for k, v in prefix]
-    return DynamicCache(ddp_cache_data=data, config=handle.model.config)
+    return DynamicCache(ddp_cache_data=data)
 
 
 def cache_kwargs(handle, prefix: list | None, rows: int) -> dict:
@@ -118,28 +177,46 @@ def length(prefix: list | None) -> int:
     return 0 if not prefix else int(prefix[0][0].shape[-2])
 
 
-def positions(handle, inputs: dict) -> torch.Tensor | CrossInputs | None:
-    """The rotary positions of one prompt as the processor made it: ``(3, 1, T)`` (time, row,
-    column) for Qwen2-VL-style M-RoPE, ``None`` for 1-D RoPE, where the model's own
-    ``past_length + arange`` is right; for a cross-attention model (Mllama, 1-D RoPE) its
-    :class:`~microscope.crossattn.CrossInputs` instead, which forwards from ``inputs_embeds`` need."""
+def positions(handle, inputs: dict) -> dict[str, torch.Tensor] | CrossInputs | None:
+    """What a forward from ``inputs_embeds`` needs of one prompt besides the embeddings, as the
+    processor made it: ``position_ids`` ``(3, 1, T)`` (time, row, column) for Qwen2-VL-style M-RoPE,
+    and ``token_type_ids`` ``(1, T)`` where the processor gives them (Gemma 3's image tokens,
+    PaliGemma's prefix: the model's mask reads its bidirectional blocks off them); ``None`` when
+    neither applies (1-D RoPE, causal masks: the model's own ``past_length + arange`` is right).
+    For a cross-attention model (Mllama, 1-D RoPE) its :class:`~microscope.crossattn.CrossInputs`
+    instead (vision states and cross-attention mask)."""
     if getattr(handle.adapter, "cross_attention_layers", None):
         return cross_inputs(handle, inputs)
+    out = {}
     f = handle.adapter.position_ids
-    return None if f is None else f(inputs).to(handle.device)
+    if f is not None:
+        out["position_ids"] = f(inputs).to(handle.device)
+    if inputs.get("token_type_ids") is not None:
+        out["token_type_ids"] = inputs["token_type_ids"].to(handle.device)
+    return out or None
 
 
-def position_kwargs(pos: torch.Tensor | CrossInputs | None, length: int, rows: int) -> dict:
+def position_kwargs(pos: dict[str, torch.Tensor] | CrossInputs | None, length: int, rows: int) -> dict:
     """Keyword arguments giving a forward of ``rows`` rows over the last ``length`` positions of
-    the prompt whose :func:`positions` are ``pos`` (``{}`` when ``pos`` is None; the
-    cross-attention inputs of those positions for :class:`~microscope.crossattn.CrossInputs`)."""
+    the prompt whose :func:`positions` are ``pos`` (``{}`` when ``pos`` is None): the positions of
+    those ``length`` tokens, and the whole prompt's ``token_type_ids`` (the mask functions index
+    them by absolute position, cached keys included); the cross-attention inputs of those
+    positions for :class:`~microscope.crossattn.CrossInputs`."""
+    if pos is None:
+        return {}
     if isinstance(pos, CrossInputs):
         return pos.kwargs(length, rows)
-    return {} if pos is None else {"position_ids": pos[..., pos.shape[-1] - length:].expand(-1, rows, -1)}
+    out = {}
+    if "position_ids" in pos:
+        p = pos["position_ids"]
+        out["position_ids"] = p[..., p.shape[-1] - length:].expand(-1, rows, -1)
+    if "token_type_ids" in pos:
+        out["token_type_ids"] = pos["token_type_ids"].expand(rows, -1)
+    return out
 
 
 def next_token_probs(handle, embeds: torch.Tensor, prefix: list | None = None,
-                     position_ids: torch.Tensor | CrossInputs | None = None) -> torch.Tensor:
+                     position_ids: dict[str, torch.Tensor] | CrossInputs | None = None) -> torch.Tensor:
     """Next-token distributions ``(R, V)`` at the last position of decoder inputs ``embeds``
     ``(R, T, d)``: the rows hold only the suffix after ``prefix`` (the clean cache of the positions
     before them, or ``None``), ``position_ids`` the whole prompt's :func:`positions`. Gradients flow

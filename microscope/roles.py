@@ -87,8 +87,27 @@ def user_turn(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
+def lays_out_prompt(processor) -> bool:
+    """Whether ``processor`` has no chat template because it lays the prompt out itself
+    (PaliGemma: image tokens, ``<bos>``, the text, ``\n``): its own layout step
+    (``prepare_inputs_layout``) rewrites a text holding only its image placeholder and a word."""
+    token, layout = getattr(processor, "image_token", None), getattr(processor, "prepare_inputs_layout", None)
+    if getattr(processor, "chat_template", None) or not isinstance(token, str) or not callable(layout):
+        return False
+    probe = token + "x"
+    try:
+        _, text, *_ = layout(images=[Image.new("RGB", (2, 2))], text=[probe])
+    except Exception:  # a layout step that needs more than a placeholder and text: not this kind
+        return False
+    return isinstance(text, list) and len(text) == 1 and text[0] != probe
+
+
 def build_prompt(processor, question: str) -> str:
-    """The model's chat-template prompt for one image and ``question``."""
+    """The model's chat-template prompt for one image and ``question``; for a processor that lays
+    out its prompt itself (:func:`lays_out_prompt`), its image placeholder followed by the question
+    (the processor adds the rest, and :func:`prepare` marks what it adds as template)."""
+    if lays_out_prompt(processor):
+        return processor.image_token + question
     return processor.apply_chat_template(user_turn(question), add_generation_prompt=True)
 
 
@@ -139,6 +158,37 @@ def _per_prompt(processor, images: list) -> list:
     return [[im] for im in images] if isinstance(processor, ProcessorMixin) else images
 
 
+def _spans_in_prompt(processor, image, prompt: str, row: torch.Tensor, att: torch.Tensor, img_id: int
+                     ) -> dict[int, tuple[int, int]]:
+    """``position -> (start, end)`` in ``prompt`` of each of ``row``'s tokens that comes from the
+    prompt's own text, read off the processor's own tokenisation of the text it writes.
+
+    For processors that write text around the image placeholder that tokenises together with the
+    prompt's (Gemma 3: ``<start_of_image>`` becomes ``\n\n<start_of_image>`` + image tokens +
+    ``<end_of_image>\n\n``, and ``\n\n`` + the question's first word is not the prompt's
+    ``<start_of_image>`` + that word). The processor is run once more on this one prompt with
+    ``return_offsets_mapping`` and ``return_text_replacement_offsets``: a token's characters in the
+    expanded text map back to the prompt by undoing the length change of every replacement before
+    it; tokens inside a replacement (what the processor wrote) are left out."""
+    enc = processor(images=_per_prompt(processor, [image]), text=[prompt], return_offsets_mapping=True,
+                    return_text_replacement_offsets=True)
+    ids, offsets = enc["input_ids"][0], enc["offset_mapping"][0]
+    repl = enc.get("text_replacement_offsets")
+    real = [j for j in range(len(row)) if att[j]]
+    if repl is None or len(real) != len(ids) or any(int(row[j]) != int(t) for j, t in zip(real, ids)):
+        raise RuntimeError("internal: the processor's ids do not contain the tokenised prompt, and its own "
+                           "offsets of the text it writes are not available to align them")
+    moves = sorted((r["new_span"], (r["span"][1] - r["span"][0]) - (r["new_span"][1] - r["new_span"][0]))
+                   for r in repl[0])
+    out: dict[int, tuple[int, int]] = {}
+    for j, t, (a, b) in zip(real, ids, offsets):
+        if int(t) == img_id or b <= a or any(ns[0] <= a and b <= ns[1] for ns, _ in moves):
+            continue
+        shift = sum(d for ns, d in moves if ns[1] <= a)
+        out[j] = (a + shift, b + shift)
+    return out
+
+
 def prepare(handle, images: Sequence, questions: Sequence[str],
             constraints: Sequence[Sequence[tuple[int, int]]] | None = None,
             sample_ids: Sequence[str] | None = None) -> Batch:
@@ -167,6 +217,7 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
         inputs = processor(images=_per_prompt(processor, imgs), text=prompts, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old_side
+    inputs.pop("labels", None)  # PaliGemma's training targets (all -100 without a suffix): not a model input here
     ids = inputs["input_ids"]
     att = inputs["attention_mask"]
     img_id = handle.adapter.image_token_id
@@ -194,13 +245,14 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
             if k < len(p_text) and int(row[j]) == p_text[k]:
                 matched[j] = k
                 k += 1
-        if k != len(p_text):
-            raise RuntimeError(f"internal: processor ids of sample {i} do not contain its tokenised prompt")
+        span_of = {j: offs[m] for j, m in matched.items()}
+        if k != len(p_text):  # the text the processor writes around an image merges with the prompt's
+            span_of = _spans_in_prompt(processor, imgs[i], p, row, att[i], img_id)
         for j in pos:
-            if j not in matched:
+            if j not in span_of:
                 roles[i, j] = ROLE_CODE["template"]
                 continue
-            a, b = offs[matched[j]]
+            a, b = span_of[j]
             if a >= q0 and b <= q0 + len(q) and b > a:
                 code = ROLE_CODE["question"]
                 if any(a < e and b > s for s, e in spans):

@@ -63,7 +63,7 @@ from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_cor
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.extract import SITES, capture, sites_of
 from microscope.knockout import image_patch_positions, related_patches
-from microscope.prefix import next_token_probs, prefix_of
+from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WHY_EMPTY, WRONG, explain, why_empty
@@ -148,9 +148,9 @@ class Corrupted:
     correct: bool                       # the clean run's top token is the answer's
     groups: list[str]
     related_positions: torch.Tensor | None
-    first: int = 0                      # first corrupted position
+    first: int = 0                      # first position the corruption can change (causal_start)
     prefix: list | None = None          # clean (key, value) per layer of the positions before it
-    position_ids: torch.Tensor | None = None  # (3, 1, T) M-RoPE positions; None for 1-D RoPE
+    position_ids: dict | None = None    # prefix.positions: M-RoPE positions, token_type_ids; None if neither
     answer_source: str = "gold"         # "gold", or "model": the clean run's own greedy answer
     corrupted_top: int = -1             # top token of the mean corrupted next-token distribution
 
@@ -241,7 +241,7 @@ def replacement_options(handle, batch: Batch, sample, words: Sequence[str] | Non
 
 
 def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+               position_ids: dict | None = None) -> torch.Tensor:
     """p(answer) at the last position of each row (:func:`microscope.prefix.next_token_probs`)."""
     return next_token_probs(handle, embeds, prefix, position_ids)[:, answer]
 
@@ -295,13 +295,15 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
     inputs = {k: v.to(handle.device) for k, v in batch.inputs.items()}
     L = a.n_layers
     with torch.no_grad(), capture(handle, list(range(-1, L)), sites_of(handle)) as acts:
-        out = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+        out = handle.model(**inputs, use_cache=True, **clean_cache(handle), logits_to_keep=1)
     logits = out.logits[0, -1].float()
     gold, source = answer_target(handle.processor, sample.answer, logits)
     clean = {k: v[0] for k, v in acts.items()}
     p_clean = float(logits.softmax(-1)[gold])
     e = clean["resid.-1"]
-    first = int(pos.nonzero().min())
+    # states before the first corrupted position are clean — before the start of a bidirectional
+    # block that holds it, where attention is not causal (causal_start)
+    first = causal_start(handle, inputs, int(pos.nonzero().min()))
     g = torch.Generator().manual_seed(int(seed))
     rep = e.unsqueeze(0).repeat(n_noise, 1, 1)
     posd = pos.to(e.device)

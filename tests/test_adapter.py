@@ -102,3 +102,22 @@ def test_the_adapters_logits_are_the_models_own(handles, name):
     torch.testing.assert_close(h.adapter.logits(acts[f"resid.{last}"]), ref, rtol=1e-4, atol=1e-5)
     if name == "aya_vision":
         assert h.model.config.get_text_config().logit_scale == 0.0625 and h.adapter.logit_scale == 1.0
+
+
+def test_paligemma2_final_logit_softcapping_is_the_adapters(tmp_path):
+    """PaliGemma 2's class soft-caps its logits (``c · tanh(z / c)``, c = Gemma 2's
+    ``final_logit_softcapping``): the adapter applies it too, so the logit lens reads the model's own
+    logits; Gemma 3's class applies none (and the adapter none). Gemma 2 runs eager attention only."""
+    from tests.tiny_models import build_paligemma
+
+    h = microscope.load(str(build_paligemma(tmp_path / "pg2", gemma2=True)), attn_implementation="eager")
+    text = h.model.config.get_text_config()
+    assert text.final_logit_softcapping == h.adapter.logit_softcap == 30.0 and h.adapter.bidirectional
+    text.final_logit_softcapping = 0.05  # tiny random logits are ≪ 30: a cap that bends them
+    h.adapter = adapter_for(h.model, h.processor)
+    b = microscope.prepare_samples(h, shapes.generate(2, seed=0))
+    last = h.adapter.n_layers - 1
+    with torch.no_grad(), capture(h, [last]) as acts:
+        ref = h.model(**b.inputs).logits
+    torch.testing.assert_close(h.adapter.logits(acts[f"resid.{last}"]), ref, rtol=1e-4, atol=1e-5)
+    assert (h.adapter.unembed(h.adapter.final_norm(acts[f"resid.{last}"])) - ref).abs().max() > 1e-4

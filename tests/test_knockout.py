@@ -309,3 +309,87 @@ def test_samples_on_another_patch_grid_are_refused(handles):
     s = shapes.generate(2, 0)  # drawn on the default 6 x 6 grid
     with pytest.raises(ValueError, match="6×6 grid but .* 4×4 grid: load samples with load_samples"):
         ko.sweep(h, s, only_correct=False, progress=False)
+
+
+BIDIRECTIONAL = ["gemma3", "paligemma"]
+
+
+def _manual_logits(h, batch, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Logits with (query, key) pairs removed from the model's own masks in every layer, built by
+    hand: the model's mask builder for the processor's token_type_ids, edited, passed as the mask."""
+    m = h.model
+    inputs = batch.inputs
+    probe = torch.zeros(*inputs["input_ids"].shape, 1)
+    masks = type(m).create_masks_for_generate(config=m.config, inputs_embeds=probe,
+                                              attention_mask=inputs["attention_mask"], cache=None, position_ids=None,
+                                              token_type_ids=inputs["token_type_ids"], is_first_iteration=True)
+    cut = (query[:, :, None] & key[:, None, :])[:, None]
+
+    def edit(mask):
+        return mask & ~cut if mask.dtype == torch.bool else mask.masked_fill(cut, torch.finfo(mask.dtype).min)
+
+    masks = {k: edit(v) for k, v in masks.items()} if isinstance(masks, dict) else edit(masks)
+    with torch.no_grad():
+        return m(**{k: v for k, v in inputs.items() if k != "attention_mask"}, attention_mask=masks).logits
+
+
+@pytest.mark.parametrize("name", BIDIRECTIONAL)
+def test_bidirectional_image_blocks_are_read_off_the_models_own_mask(handles, name):
+    """Gemma 3: image tokens read their whole image, every other query reads no later position;
+    PaliGemma: the whole prompt is one bidirectional prefix. Causal families have no reach."""
+    h = handles[name]
+    batch = microscope.prepare_samples(h, _samples(h, n=2))
+    reach = h.adapter.attention_reach(batch.inputs)
+    T = reach.shape[1]
+    pos = torch.arange(T).expand_as(reach)
+    image, real = batch.role_mask("image"), batch.inputs["attention_mask"].bool()
+    if name == "gemma3":
+        for i in range(2):
+            img = image[i].nonzero().flatten()
+            assert (reach[i, img] == img.max()).all()  # every image token reads the last one
+            assert torch.equal(reach[i][~image[i] & real[i]], pos[i][~image[i] & real[i]])  # text: causal
+    else:
+        assert (reach[real] == T - 1).all()
+    assert handles["llava15"].adapter.attention_reach is None and not handles["llava15"].adapter.bidirectional
+
+
+@pytest.mark.parametrize("name", BIDIRECTIONAL)
+def test_knockout_on_bidirectional_families_equals_a_hand_edited_mask(handles, name):
+    """image↛last and image↛image (both directions inside the image block) in every layer equal the
+    model run on its own masks with those pairs removed by hand; text queries' edges change them."""
+    h = handles[name]
+    batch = microscope.prepare_samples(h, _samples(h, n=2))
+    base = _logits(h, batch)
+    L = range(h.adapter.n_layers)
+    for edge in ("image↛last", "image↛image"):
+        src, tgt = ko.edge_masks(h, batch, edge)
+        with ko.knockout(h, [ko.Block(src, tgt, L)]):
+            got = _logits(h, batch)
+        want = _manual_logits(h, batch, tgt, src)
+        real = batch.inputs["attention_mask"].bool()
+        torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
+        assert (got[:, -1] - base[:, -1]).abs().max() > 1e-3, edge
+    if name == "gemma3":  # the first image token reads later image tokens: image↛image changes it at layer 0
+        src, tgt = ko.edge_masks(h, batch, "image↛image")
+        first = int(batch.role_mask("image")[0].nonzero().min())
+        with torch.no_grad(), capture(h, [0]) as clean:
+            h.model(**batch.inputs)
+        clean = dict(clean)
+        with torch.no_grad(), capture(h, [0]) as acts, ko.knockout(h, [ko.Block(src, tgt, [0])]):
+            h.model(**batch.inputs)
+        assert not torch.allclose(acts["resid.0"][0, first], clean["resid.0"][0, first])
+
+
+def test_gemma3_pooled_image_tokens_form_a_patch_grid(handles):
+    """Gemma 3 average-pools its tower's 8 × 8 patches 2 × 2 into 16 image tokens in raster order:
+    one token covers 28 px, samples are drawn on that 4 × 4 grid, and related/other-image edges work."""
+    from microscope.model import image_geometry, patch_grid
+
+    h = handles["gemma3"]
+    assert image_geometry(h.model) == (112, 28) and patch_grid(h.model) == 4
+    s = next(x for x in _samples(h, n=20) if x.referred_patches())
+    assert s.grid == 4
+    batch = microscope.prepare_samples(h, [s])
+    src, tgt = ko.edge_masks(h, batch, "related-image↛question", [s.referred_patches()])
+    image = batch.role_mask("image")[0].nonzero().flatten()
+    assert torch.equal(src[0].nonzero().flatten(), image[list(s.referred_patches())])

@@ -42,7 +42,8 @@ def test_roles_follow_ids_and_offsets(handles, name):
         assert names[-1] == "last" and names.count("last") == 1  # left padding: last column
         tmpl = [t for t, r in zip(tok.convert_ids_to_tokens(row), names) if r == "template"]
         first = tok(b.prompts[i])["input_ids"][0]
-        assert (tmpl[0] == tok.bos_token) == (first == tok.bos_token_id)  # BOS, where the model has one
+        writes_bos = name == "paligemma"  # its processor writes <bos> after the image tokens, into no prompt
+        assert (tmpl[0] == tok.bos_token) == (first == tok.bos_token_id or writes_bos)  # BOS, where the model has one
         # every piece of the prompt outside the question and the image placeholder is template
         tmpl_text = "".join(tok.decode(row[b.role_mask(["template", "last"])[i]]).split())
         for part in b.prompts[i].replace(s.question, h.processor.image_token).split(h.processor.image_token):
@@ -57,6 +58,12 @@ def test_roles_follow_ids_and_offsets(handles, name):
             assert "<|vision_start|>" in tmpl and "<|vision_end|>" in tmpl
         if name == "glm4v":
             assert "<|begin_of_image|>" in tmpl and "<|end_of_image|>" in tmpl
+        if name == "gemma3":  # the processor's \n\n<start_of_image> … <end_of_image>\n\n around the image tokens
+            assert "<start_of_image>" in tmpl and "<end_of_image>" in tmpl
+            assert torch.equal(b.inputs["token_type_ids"][i].bool(), b.role_mask("image")[i])
+        if name == "paligemma":  # image tokens first, then <bos> and the question; the processor's "\n" is last
+            assert names[:16] == ["image"] * 16 or names[0] == "pad"
+            assert tok.convert_ids_to_tokens(int(row[-1])) == "<0x0A>" and "labels" not in b.inputs
     out = h.model(**b.inputs)
     assert out.logits.shape[:2] == ids.shape
 
@@ -168,8 +175,8 @@ def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name
         ref = h.model(**b.inputs).logits
     emb, mask = acts["resid.-1"], b.inputs["attention_mask"]
     pos = positions(h, b.inputs)
-    T = emb.shape[1]
-    assert pos.shape == (3, 1, T) and not torch.equal(pos[1], pos[2])  # rows ≠ columns on the image
+    T, P = emb.shape[1], pos["position_ids"]
+    assert P.shape == (3, 1, T) and not torch.equal(P[1], P[2])  # rows ≠ columns on the image
     with torch.no_grad():
         same = h.model(inputs_embeds=emb, attention_mask=mask, **position_kwargs(pos, T, 1)).logits
         plain = h.model(inputs_embeds=emb, attention_mask=mask,

@@ -39,7 +39,7 @@ def test_scale_benchmark_runs_shrunk():
 def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_path):
     import json
 
-    from transformers import IdeficsConfig, LlamaConfig, PaliGemmaConfig, Qwen3VLConfig
+    from transformers import IdeficsConfig, LlamaConfig, Qwen3VLConfig, ShieldGemma2Config
 
     from microscope.errors import MicroscopeError
 
@@ -47,7 +47,7 @@ def test_unsupported_and_bidirectional_families_are_refused_with_a_reason(tmp_pa
         for f in ("model.safetensors", "processor_config.json", "tokenizer.json"):
             (d / f).write_text("{}")
 
-    for name, config, message in [("paligemma", PaliGemmaConfig, "bidirectionally"),
+    for name, config, message in [("shieldgemma2", ShieldGemma2Config, "'shieldgemma2'.*an image classifier"),
                                   ("idefics", IdeficsConfig, "'idefics'.*gated cross-attention blocks kept outside"),
                                   ("qwen3_vl", Qwen3VLConfig, "'qwen3_vl'.*DeepStack, vision layers"),
                                   ("text", LlamaConfig, "'llama'.*is a text-only model")]:

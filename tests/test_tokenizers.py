@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from PIL import Image
 
 import microscope
 from microscope import tracing as tr
@@ -24,15 +25,18 @@ REAL = [*TINY, *VARIANTS]
 #: the word-boundary marker of each family's tokenizer: SentencePiece ``▁``, byte-level BPE ``Ġ``
 SPACE = {"llava15": "▁", "llava_next": "▁", "llava_next_mistral": "▁", "idefics3": "Ġ", "qwen2_vl": "Ġ",
          "qwen2_5_vl": "Ġ", "llava_onevision": "Ġ", "vipllava": "▁", "llava_next_video": "▁", "internvl": "Ġ",
-         "smolvlm": "Ġ", "aya_vision": "Ġ", "glm4v": "Ġ", "mllama": "Ġ"}
+         "smolvlm": "Ġ", "aya_vision": "Ġ", "glm4v": "Ġ", "mllama": "Ġ", "gemma3": "▁", "paligemma": "▁"}
 #: the answer "red" as each model generates it after its chat template's generation prompt
 RED = {"llava15": "▁red", "llava_next": "▁red", "llava_next_mistral": "▁red",  # after "ASSISTANT:" / "[/INST]"
        "idefics3": "Ġred", "smolvlm": "Ġred",  # after "Assistant:"
        "vipllava": "▁red", "llava_next_video": "▁red",  # after "###Assistant:" / "ASSISTANT:"
        "qwen2_vl": "red", "qwen2_5_vl": "red", "llava_onevision": "red",  # after "<|im_start|>assistant\n"
        "internvl": "red", "aya_vision": "red",  # ... and after "<|CHATBOT_TOKEN|>"
-       "glm4v": "red",  # after "<|assistant|>\n"
+       "glm4v": "red", "gemma3": "red",  # after "<|assistant|>\n" / "<start_of_turn>model\n"
        "mllama": "red"}  # after "<|start_header_id|>assistant<|end_header_id|>\n\n"
+#: families without a chat template (the processor lays the prompt out): PaliGemma's answer follows its
+#: processor's "\n" in the same text (checked in test_answer_ids_follow_the_processors_own_layout)
+NO_TEMPLATE = ("paligemma",)
 #: the tokens a family's processor puts around the image tokens (template role, not image)
 WRAPPERS = {"idefics3": ["<fake_token_around_image>", "<global-img>"],
             "smolvlm": ["<fake_token_around_image>", "<global-img>"], "internvl": ["<img>", "</img>"],
@@ -145,11 +149,14 @@ def test_constraint_and_question_tokens_decode_to_their_words(real, name):
             split += len(r) > 1
             # inside the question a word starts at a word boundary ("▁red", "Ġred"); first in the
             # question it follows the template's newline or image token and has no boundary mark
-            assert first.startswith(SPACE[name]) != q.startswith(w), (q, w, first)
+            # (PaliGemma's question follows <bos>, where the substitute Mistral tokenizer starts a text
+            # with "▁" — Gemma's own adds no dummy prefix — so its first word is not checked)
+            if not (name in NO_TEMPLATE and q.startswith(w)):
+                assert first.startswith(SPACE[name]) != q.startswith(w), (q, w, first)
     assert split >= 4  # rhombus (x2), heptagon, parallelogram are several tokens in every vocabulary
 
 
-@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("name", [n for n in REAL if n not in NO_TEMPLATE])
 def test_answer_ids_are_what_the_model_generates_after_the_template(real, name):
     """The id answer_ids gives is the token that follows the generation prompt when the whole
     conversation (with the assistant's answer) goes through the processor — and it has the
@@ -169,6 +176,23 @@ def test_answer_ids_are_what_the_model_generates_after_the_template(real, name):
     assert tok.convert_ids_to_tokens(gold[0]) == RED[name]
     cap = variant_id(p, "red", "capitalised")
     assert tok.convert_ids_to_tokens(cap) == RED[name].replace("red", "Red")
+
+
+def test_answer_ids_follow_the_processors_own_layout(real):
+    """PaliGemma has no chat template: its processor writes image tokens, <bos>, the prompt and
+    "\n", and the answer is the first token after that "\n" in the same text (Gemma's tokenizer
+    adds no word-boundary mark there; the substitute tokenizer's separately tokenised training
+    suffix would, "▁red", which is why this is not checked through ``suffix=``)."""
+    from microscope.roles import lays_out_prompt
+
+    h = real["paligemma"]
+    p, tok = h.processor, h.processor.tokenizer
+    assert lays_out_prompt(p) and not lays_out_prompt(real["gemma3"].processor)
+    for a, g in zip(["red", "yes"], answer_ids(p, ["red", "yes"])):
+        laid = p.prepare_inputs_layout(images=[Image.new("RGB", (8, 8))], text=[p.image_token + "What?"])[1][0]
+        ids = tok(laid + a, add_special_tokens=False)["input_ids"]
+        nl = len(ids) - 1 - ids[::-1].index(tok.convert_tokens_to_ids("<0x0A>"))
+        assert ids[nl + 1] == g and tok.convert_ids_to_tokens(g) == a
 
 
 def test_replacement_uses_the_in_context_form_on_byte_level_bpe(real):

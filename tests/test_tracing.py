@@ -240,3 +240,55 @@ def test_the_clean_prefix_cache_changes_no_number(shapes_handle, corrupted):
     d = tr.corrupt(shapes_handle, c.sample, n_noise=2, seed=3)
     ref = tr.corrupt(shapes_handle, c.sample, n_noise=2, seed=3, sigma=tr.noise_sigma(shapes_handle, [c.sample]))
     assert torch.allclose(d.corrupted, ref.corrupted, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "paligemma"])
+def test_the_prefix_shortcut_on_bidirectional_families_equals_plain_forwards(handles, name):
+    """Where image tokens read later image tokens (Gemma 3) or the whole prompt is one
+    bidirectional prefix (PaliGemma), a corruption that starts inside the block changes earlier
+    positions: the shortcut starts at the block's start (PaliGemma: 0, no prefix), and every number
+    equals whole-prompt forwards of the corrupted inputs. After the block (Gemma 3's constraint
+    words) the shortcut is used, with the prompt's token_type_ids, and changes no number either."""
+    import dataclasses
+
+    from microscope.prefix import next_token_probs, positions
+
+    h = handles[name]
+    s = next(x for x in _samples(h, n=40) if x.referred_patches() and min(x.referred_patches()) > 0)
+    image = None
+    for target in ("related-image", "constraint"):
+        c = tr.corrupt(h, s, target=target, n_noise=3, scale=3.0, sigma=1.0, seed=1)
+        image = c.batch.role_mask("image")[0].nonzero().flatten()
+        touched = int(c.positions.nonzero().min())
+        if name == "paligemma":
+            assert c.first == 0 and c.prefix is None  # the whole prompt is bidirectional
+        elif target == "related-image":
+            assert touched > int(image.min()) and c.first == int(image.min())  # back to the image block's start
+        else:
+            assert c.first == touched > int(image.max()) and c.prefix is not None  # causal after the block
+        pos = positions(h, {k: v for k, v in c.batch.inputs.items()})
+        assert "token_type_ids" in pos
+        # the clean decoder input run from inputs_embeds (from the cached prefix where there is one) is
+        # the model's own forward: the block's token_type_ids reach it (without them the mask is causal)
+        clean = c.clean["resid.-1"][None]
+        with torch.no_grad():
+            ref = h.model(**c.batch.inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+            got = next_token_probs(h, clean[:, c.first:] if c.prefix else clean, c.prefix, pos).log()
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+        with torch.no_grad():  # p_corrupted: whole-prompt forwards, no cache
+            whole = next_token_probs(h, c.corrupted, None, pos)[:, c.answer_id].mean().item()
+        assert c.p_corrupted == pytest.approx(whole, abs=1e-6)
+        T = c.n_tokens
+        jobs = [(k, [lay], [t]) for k in ("resid", "attn") for lay in (0, 2) for t in range(c.first, T)]
+        a = tr.restore(c, jobs)
+        b = tr.restore(dataclasses.replace(c, prefix=None), jobs)
+        assert abs(a - b).max() < 1e-5
+    # an image token before the first corrupted one is changed by the corruption (it reads later image
+    # tokens): what the shortcut would have taken from the clean cache is not clean
+    if name == "gemma3":
+        c = tr.corrupt(h, s, target="related-image", n_noise=3, sigma=1.0, seed=1)
+        early = int(image.min())
+        assert not c.positions[early]
+        with torch.no_grad(), capture(h, [0]) as acts:
+            next_token_probs(h, c.corrupted, None, positions(h, dict(c.batch.inputs)))
+        assert (acts["resid.0"][:, early] - c.clean["resid.0"][early]).abs().max() > 1e-3

@@ -603,6 +603,113 @@ def build_mllama(path: Path, seed: int = 0) -> Path:
 
 
 # registered here, below the table above, since its builder is defined after it
-BUILDERS["mllama"] = build_mllama
-TINY.append("mllama")
+
+
+# ------------------------------------------------------------------- Gemma 3 and PaliGemma (bidirectional image tokens)
+
+#: Gemma 3 (google/gemma-3-*-it's template): ``<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n``
+#: ``<start_of_turn>model\n``, after the ``<bos>`` the tokenizer adds (the hub template writes ``{{ bos_token }}``
+#: itself, for ``apply_chat_template(tokenize=True)``, which adds no special tokens); its processor expands
+#: ``<start_of_image>`` into ``\n\n<start_of_image>`` + image tokens + ``<end_of_image>\n\n``
+GEMMA3_TEMPLATE = chat_template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n",
+                                "<start_of_turn>model\n", "", "<end_of_turn>\n")
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>"]
+GEMMA3_TOKENS = [*GEMMA_SPECIALS, "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                 "<image_soft_token>"]
+#: Gemma's sliding window in the tiny models: shorter than their prompts, so the local layers see only part of them
+GEMMA_WINDOW = 16
+
+
+def _gemma_bos(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    tok.add_bos_token = True  # Gemma's <bos>, not Mistral's <s>, starts every text (the post-processor is rebuilt)
+    return tok
+
+
+def gemma3_tokenizer() -> PreTrainedTokenizerFast:
+    """Mistral 7B's SentencePiece BPE with byte fallback — Gemma's own (also SentencePiece BPE with
+    byte fallback, 262k pieces) is not pinned here, and Mistral's is the closest committed one —
+    with Gemma 3's specials added and named as its processor reads them (``boi_token``,
+    ``eoi_token``, ``image_token``), ``<bos>`` added to every text."""
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    return _gemma_bos(_tokenizer("mistral", GEMMA3_TOKENS, names, bos_token="<bos>", eos_token="<eos>",
+                                 unk_token="<unk>", pad_token="<pad>"))
+
+
+def paligemma_tokenizer() -> PreTrainedTokenizerFast:
+    """Mistral 7B's SentencePiece BPE (the closest committed one to Gemma's, see
+    :func:`gemma3_tokenizer`) with Gemma's ``<pad>``, ``<eos>``, ``<bos>`` and PaliGemma's ``<image>``
+    added; PaliGemmaProcessor adds its ``<locNNNN>`` / ``<segNNN>`` tokens itself."""
+    return _gemma_bos(_tokenizer("mistral", [*GEMMA_SPECIALS, "<image>"], {"image_token": "<image>"},
+                                 bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"))
+
+
+def build_gemma3(path: Path, seed: int = 0) -> Path:
+    """Gemma 3 layout: SigLIP tower (112 px, 14 px patches: 8 × 8), its patches average-pooled 2 × 2
+    into 16 image tokens (``mm_tokens_per_image``), Gemma 3 decoder with sliding-window local
+    layers (window shorter than the prompt) and a global one, embeddings scaled by √hidden; image
+    tokens attend to each other bidirectionally (the processor's ``token_type_ids``)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = gemma3_tokenizer()
+    side = 2 * SIZE
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=side, patch_size=PATCH, vision_use_head=False)
+    text = Gemma3TextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=12,
+                            max_position_embeddings=MAX_POSITIONS, sliding_window=GEMMA_WINDOW,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                         "sliding_attention"], **_text_ids(tok))
+    n = (side // PATCH // 2) ** 2
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in {"image_token_index": "<image_soft_token>",
+                                                        "boi_token_index": "<start_of_image>",
+                                                        "eoi_token_index": "<end_of_image>"}.items()}
+    cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=n, **ids)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # transformers initialises the projection to zeros (a fresh model would not see its image)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.03)
+    ip = Gemma3ImageProcessorPil(size={"height": side, "width": side}, do_pan_and_scan=False,
+                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=n)
+    return _save(model, proc, path)
+
+
+def build_paligemma(path: Path, seed: int = 0, gemma2: bool = False) -> Path:
+    """PaliGemma layout: SigLIP tower (56 px: 4 × 4 = 16 image tokens), linear projector, Gemma
+    decoder (``gemma2``: PaliGemma 2's Gemma 2 decoder, with sliding-window layers and attention
+    and final-logit soft-capping; transformers runs it with eager attention only); no chat template —
+    its processor writes the image tokens, ``<bos>``, the prompt and ``\n``, and the whole prompt is
+    one bidirectional prefix (``token_type_ids`` 0)."""
+    from transformers import (
+        Gemma2Config,
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = paligemma_tokenizer()
+    n = (SIZE // PATCH) ** 2
+    ip = SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE})
+    ip.image_seq_length = n
+    proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds its <loc>/<seg> tokens to the vocabulary
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=SIZE, patch_size=PATCH, vision_use_head=False)
+    common = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=12, max_position_embeddings=MAX_POSITIONS, **_text_ids(tok))
+    text = (Gemma2Config(query_pre_attn_scalar=12, sliding_window=GEMMA_WINDOW, **common) if gemma2
+            else GemmaConfig(**common))
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=48, hidden_size=48,
+                          vocab_size=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(cfg).eval()
+    return _save(model, proc, path)
+
+
+BUILDERS.update({"mllama": build_mllama, "gemma3": build_gemma3, "paligemma": build_paligemma})
+TINY[:] = list(BUILDERS)
 MODELS[:] = TINY + FUSION
