@@ -448,3 +448,69 @@ def corruption_effects(effects: pd.DataFrame, drop: float = 0.1, title: str = "h
     ax.set_title(f"{title} (n = {d.sample_id.nunique()} samples)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+#: the three numbers of model editing (and the neighbours' share kept), in reading order
+EDIT_SCORES = ("efficacy", "generalization", "specificity", "neighbours")
+EDIT_COLORS = {"efficacy": "#0072B2", "generalization": "#009E73", "specificity": "#E69F00", "neighbours": "#CC79A7"}
+
+
+def edit_scores(summ: pd.DataFrame, by: str = "method", title: str = "model editing: the three numbers",
+                bars: dict[str, float] | None = None):
+    """Grouped bars: one group per value of ``by`` (rows of ``summ``, from
+    :func:`microscope.editing.summary`), one bar per score of :data:`EDIT_SCORES` present; ``bars``
+    draws a dotted target line per score (e.g. ``{"efficacy": 0.95}``), labelled in the legend."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    if summ.empty:
+        empty_panel(ax, summ, "edits")
+        return fig
+    scores = [s for s in EDIT_SCORES if s in summ and summ[s].notna().any()]
+    x = np.arange(len(summ))
+    w = 0.8 / max(1, len(scores))
+    for i, s in enumerate(scores):
+        ax.bar(x + (i - (len(scores) - 1) / 2) * w, summ[s], w, label=s, color=EDIT_COLORS[s])
+        if bars and s in bars:
+            ax.axhline(bars[s], color=EDIT_COLORS[s], ls=":", lw=1, label=f"{s} target {bars[s]:g}")
+    ax.set_xticks(x, [str(v) for v in summ[by]])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of questions")
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def edit_by_layer(by_layer: pd.DataFrame, traced: pd.DataFrame | None = None,
+                  title: str = "where edits work, beside where tracing finds the information"):
+    """Left: efficacy, generalization and specificity of an edit at each layer (solid: MLP
+    down-projection, dashed: attention output projection; rows of
+    :func:`microscope.editing.by_layer`). Right: the MLP indirect effect of causal tracing at the
+    edited token per layer, mean with 95% CI (``traced``, from
+    :func:`microscope.editing.traced_layer`)."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    if by_layer.empty:
+        empty_panel(ax, by_layer, "edits")
+    for site, ls in (("mlp", "-"), ("attn", "--")):
+        part = by_layer[by_layer.site == site].sort_values("layer")
+        for s in ("efficacy", "generalization", "specificity"):
+            if len(part):
+                ax.plot(part.layer, part[s], ls=ls, marker="o", ms=3, color=EDIT_COLORS[s], label=f"{s} ({site})")
+    ax.set_xlabel("edited layer")
+    ax.set_ylabel("share of questions")
+    ax.set_ylim(-0.02, 1.05)
+    ax.legend(fontsize="x-small", ncol=2)
+    ax.set_title("edit success")
+    if traced is None or traced.empty:
+        empty_panel(bx, pd.DataFrame() if traced is None else traced, "traced samples")
+    else:
+        t = traced.sort_values("layer")
+        bx.plot(t.layer, t.effect, marker="o", ms=3, color="#D55E00", label="MLP indirect effect")
+        bx.fill_between(t.layer, t.ci_low, t.ci_high, color="#D55E00", alpha=0.2, label="95% CI")
+        bx.axhline(0, color="#999999", lw=0.8)
+        bx.set_xlabel("restored layer (MLP, window 1)")
+        bx.set_ylabel("p(restored) − p(corrupted)")
+        bx.legend(fontsize="x-small")
+        bx.set_title("causal tracing at the edited token")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
