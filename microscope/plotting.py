@@ -388,7 +388,8 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
     and full red is the clean one — the scale is ±(p clean − p corrupted), never the map's own
     maximum, so a corruption that moves nothing gives a pale map rather than noise stretched to full
     colour; it is at least ±:data:`TRACE_MIN_SCALE`, and ``vmax`` fixes it instead. The colour bar
-    reads in both units: indirect effect (left) and p(answer) restored (right)."""
+    reads in both units: indirect effect (right) and, on the left, where p corrupted (white) and
+    p clean sit on it."""
     d = df[df.kind == kind]
     if d.empty:
         if ax is None:
@@ -430,15 +431,17 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
     n_cor = int(info.corrupted.sum())
     ax.set_title(f"{KIND_LABELS.get(kind, kind)} · p clean {s.p_clean:.2f} → corrupted {s.p_corrupted:.2f}"
                  + (f" · {n_cor} corrupted token{'s' * (n_cor > 1)} (*)" if n_cor else ""), fontsize=9)
-    bar = ax.figure.colorbar(im, ax=ax, shrink=0.8, pad=0.1)
+    bar = ax.figure.colorbar(im, ax=ax, shrink=0.8, pad=0.2)
     bar.set_label(f"indirect effect (scale ±{v:.2g})", fontsize=7)
-    bar.ax.yaxis.set_label_position("left")
-    bar.ax.yaxis.set_ticks_position("left")
-    pc = float(s.p_corrupted)
-    right = bar.ax.secondary_yaxis("right", functions=(lambda x: x + pc, lambda y: y - pc))
-    right.set_ylabel("p(answer) restored", fontsize=7)
-    right.tick_params(labelsize=6)
     bar.ax.tick_params(labelsize=6)
+    # left of the bar: where p corrupted (white) and p clean sit on it, ROME's reading
+    pc, pclean = float(s.p_corrupted), float(s.p_clean)
+    left = bar.ax.secondary_yaxis("left", functions=(lambda x: x + pc, lambda y: y - pc))
+    if abs(lost) < 0.05 * v:  # the corruption moves nothing: one tick
+        left.set_yticks([pc], [f"p corr. ≈\np clean {pc:.2f}"])
+    else:
+        left.set_yticks([pc, pclean], [f"p corr. {pc:.2f}", f"p clean {pclean:.2f}"])
+    left.tick_params(labelsize=6)
     return ax.figure
 
 
