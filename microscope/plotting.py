@@ -74,10 +74,26 @@ def line_by_layer(df: pd.DataFrame, y: str = "value", hue: str = "role", ax=None
     return ax.figure
 
 
-def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = ()):
+#: how :func:`image_with_patches` marks highlighted patches: ``truth`` shades them (the ground
+#: truth, e.g. patches the referred object covers), ``predicted`` hatches them (a method's top-k)
+HIGHLIGHT_STYLES = {
+    "truth": {"color": "#D55E00", "alpha": 0.25, "lw": 0},
+    "predicted": {"fill": False, "hatch": "////", "ec": "#0072B2", "lw": 0.8},
+}
+
+
+def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = (), highlight_label: str | None = None,
+                       style: str = "truth", legend: bool = True):
     """A Shapes-world image with its patch grid, object boxes and highlighted patches; the strip
     past the last whole patch (``image_size`` not a multiple of ``patch_size``), which the model
-    never sees, is greyed out."""
+    never sees, is greyed out.
+
+    What is drawn, and said in a legend below the image (``legend=False``: none): the box of each
+    object the question refers to (solid black; two for a two-object question), the box of every
+    other object (dashed grey), and the ``highlight`` patches in ``style`` (:data:`HIGHLIGHT_STYLES`:
+    ``"truth"`` shaded orange, ``"predicted"`` hatched blue) under ``highlight_label`` (default:
+    "highlighted patches")."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Polygon, Rectangle
 
     if ax is None:
@@ -91,9 +107,10 @@ def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = ()):
     if seen < size:
         ax.add_patch(Polygon([(seen, 0), (size, 0), (size, size), (0, size), (0, seen), (seen, seen)],
                              color="0.3", alpha=0.35, lw=0))
+    look = HIGHLIGHT_STYLES[style]
     for idx in highlight:
         r, c = divmod(idx, g)
-        ax.add_patch(Rectangle((c * p, r * p), p, p, color=ROLE_COLORS["constraint"], alpha=0.25, lw=0))
+        ax.add_patch(Rectangle((c * p, r * p), p, p, **look))
     for j, o in enumerate(sample.objects):
         x0, y0, x1, y1 = o.box
         ref = j in sample.referred
@@ -103,6 +120,17 @@ def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = ()):
     ax.set_yticks([])
     ax.grid(False)
     ax.set_title(f"{sample.question}\nanswer: {sample.answer}", fontsize=9)
+    if legend:
+        n_ref = len(sample.referred)
+        handles = [Line2D([], [], color="k", lw=1.6, label="box: object the question refers to" if n_ref == 1
+                          else f"boxes: the {n_ref} objects the question refers to" if n_ref else
+                          "box: referred object (none in this question)")]
+        if len(sample.objects) > n_ref:
+            handles.append(Line2D([], [], color="0.5", lw=0.8, ls="--", label="dashed box: other object"))
+        if len(highlight):
+            handles.append(Rectangle((0, 0), 1, 1, **look, label=highlight_label or "highlighted patches"))
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False,
+                  handlelength=1.6)
     return ax.figure
 
 
@@ -143,9 +171,25 @@ METRIC_LABELS = {
 MODALITY_COLORS = {"image": ROLE_COLORS["image"], "text": ROLE_COLORS["question"]}
 
 
-def metric_by_layer(df: pd.DataFrame, metric: str, ax=None, hue: str = "role", style: str = "model"):
+def geometry_legend_handles(ax) -> list:
+    """The legend of a geometry panel: the value lines drawn on ``ax`` (modality colour, model line
+    style), then what the band and the dotted line mean (proxies; nothing is added to ``ax``)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+    return handles + [Patch(color="0.5", alpha=0.25, lw=0, label="band: 95% split-half CI over samples"),
+                      Line2D([], [], color="0.3", lw=1, ls=(0, (1, 2)),
+                             label="dotted: baseline (linearity: permutation chance; PC1: 1/d; cosine: 0)")]
+
+
+def metric_by_layer(df: pd.DataFrame, metric: str, ax=None, hue: str = "role", style: str = "model",
+                    legend: bool | None = None):
     """One metric across layers: a line per modality (colour) and model (line style), the
-    bootstrap CI as a band and the baseline as a dotted line of the same colour."""
+    split-half CI as a band and the baseline as a dotted line of the same colour; with ``legend``
+    (default: when the figure is made here) a legend that says so."""
+    if legend is None:
+        legend = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3))
     d = df[df.metric == metric]
@@ -162,6 +206,8 @@ def metric_by_layer(df: pd.DataFrame, metric: str, ax=None, hue: str = "role", s
                 ax.plot(g.layer, g.baseline, ls=(0, (1, 2)), color=c, lw=1, alpha=0.8)
     ax.set_title(METRIC_LABELS.get(metric, metric))
     ax.set_xlabel("layer")
+    if legend:
+        ax.legend(handles=geometry_legend_handles(ax), fontsize=7)
     return ax.figure
 
 
@@ -181,9 +227,10 @@ def geometry_panel(df: pd.DataFrame, metrics: list[str] | None = None):
     metrics = metrics or [m for m in METRIC_LABELS if m in set(df.metric)]
     fig, axes = small_multiples(len(metrics), width=3.6)
     for ax, m in zip(axes, metrics):
-        metric_by_layer(df, m, ax=ax)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+        metric_by_layer(df, m, ax=ax, legend=False)
+    handles = geometry_legend_handles(axes[0])
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
@@ -201,16 +248,27 @@ def pca_scatter(df: pd.DataFrame, ax=None, title: str = ""):
     return ax.figure
 
 
-#: Okabe-Ito colours per knockout edge
+#: colours per knockout edge (Okabe-Ito, plus grey): no two edges share a hue, since the
+#: explore panel can draw all of them on one axis
 EDGE_COLORS = {
-    "image↛question": "#0072B2", "image↛last": "#56B4E9", "question↛last": "#E69F00", "last↛last": "#009E73",
-    "related-image↛question": "#D55E00", "other-image↛question": "#CC79A7", "image↛text": "#000000",
+    "image↛question": "#0072B2", "image↛last": "#CC79A7", "question↛last": "#E69F00", "last↛last": "#009E73",
+    "related-image↛question": "#D55E00", "other-image↛question": "#7F7F7F", "image↛text": "#000000",
+}
+#: and a marker per edge, so lines stay apart in grey-scale print
+EDGE_MARKERS = {
+    "image↛question": "o", "image↛last": "s", "question↛last": "^", "last↛last": "D",
+    "related-image↛question": "v", "other-image↛question": "P", "image↛text": "X",
 }
 
 
-def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, title: str = ""):
-    """Mean % change of p(answer) per window centre, one line per edge, 95% CI bands
-    (normal approximation over samples), zero drawn in; a table without rows says why."""
+def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, title: str = "",
+                    legend: bool | None = None):
+    """Mean % change of p(answer) per window centre, one line per edge (colour and marker of
+    :data:`EDGE_COLORS` / :data:`EDGE_MARKERS`), 95% CI bands (normal approximation over samples),
+    zero drawn in; with ``legend`` (default: when the figure is made here) a legend naming every
+    edge drawn and the band; a table without rows says why."""
+    if legend is None:
+        legend = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3))
     if df.empty:
@@ -224,14 +282,24 @@ def knockout_curves(df: pd.DataFrame, edges: list[str] | None = None, ax=None, t
             continue
         s = _mean_ci(g, "layer", "change")
         c = EDGE_COLORS.get(e)
-        ax.plot(s.layer, s["mean"], color=c, marker="o", ms=3, label=e)
+        ax.plot(s.layer, s["mean"], color=c, marker=EDGE_MARKERS.get(e, "o"), ms=3.5, label=e)
         ax.fill_between(s.layer, s["mean"] - s.half, s["mean"] + s.half, color=c, alpha=0.2, lw=0)
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xlabel(f"window centre layer (k = {int(df.window.iloc[0])})" if len(df) else "layer")
     ax.set_ylabel("change of p(answer), %")
     if title:
         ax.set_title(title)
+    if legend:
+        ax.legend(handles=knockout_legend_handles(ax), fontsize=7)
     return ax.figure
+
+
+def knockout_legend_handles(ax) -> list:
+    """The edges drawn on ``ax`` and a proxy saying what the bands are (nothing added to ``ax``)."""
+    from matplotlib.patches import Patch
+
+    lines = [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+    return lines + [Patch(color="0.5", alpha=0.25, lw=0, label="band: 95% CI over samples")]
 
 
 def knockout_by_category(df: pd.DataFrame, edges: list[str] | None = None, categories: list[str] | None = None):
@@ -245,8 +313,8 @@ def knockout_by_category(df: pd.DataFrame, edges: list[str] | None = None, categ
     fig, axes = small_multiples(len(categories), width=3.8, sharey=True)
     for ax, cat in zip(axes, categories):
         d = df[df.category == cat]
-        knockout_curves(d, edges, ax=ax, title=f"{cat} (n = {d.sample_id.nunique()})")
-    axes[0].legend(fontsize=7)
+        knockout_curves(d, edges, ax=ax, title=f"{cat} (n = {d.sample_id.nunique()})", legend=False)
+    axes[0].legend(handles=knockout_legend_handles(axes[0]), fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -263,14 +331,26 @@ def logit_lens_curve(df: pd.DataFrame, ax=None, title: str = "logit lens at the 
     colors = {"lower": "#0072B2", "capitalised": "#D55E00", "model": "#009E73"}
     for v, g in df.groupby("variant", sort=False):
         s = _mean_ci(g, "layer", "prob")
-        ax.plot(s.layer, s["mean"], marker="o", ms=3, color=colors.get(v), label=f"answer ({v})")
+        ax.plot(s.layer, s["mean"], marker="o", ms=3, color=colors.get(v), label=LENS_LABELS.get(v, f"answer ({v})"))
         ax.fill_between(s.layer, s["mean"] - s.half, s["mean"] + s.half, color=colors.get(v), alpha=0.2, lw=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("p(answer token)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
-    ax.legend()
+    from matplotlib.patches import Patch
+
+    lines = [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+    ax.legend(handles=lines + [Patch(color="0.5", alpha=0.25, lw=0, label="band: 95% CI over samples")],
+              fontsize=7)
     return ax.figure
+
+
+#: legend labels of the logit-lens variants (``lens.logit_lens``'s ``variant`` column)
+LENS_LABELS = {
+    "lower": "gold answer, lower-case (the token generated)",
+    "capitalised": "gold answer, capitalised (e.g. ▁Red)",
+    "model": "model's own greedy answer (no gold answer)",
+}
 
 
 KIND_LABELS = {"resid": "residual state", "mlp": "MLP output", "attn": "attention output"}
@@ -281,19 +361,42 @@ GROUP_COLORS = {
 }
 
 
+#: the smallest colour-scale half-width of :func:`trace_heatmap`: a corruption that lowers p(answer)
+#: by less than this is drawn on ±this, so its noise stays pale instead of filling the scale
+TRACE_MIN_SCALE = 0.1
+
+
+def corrupted_mask(d: pd.DataFrame) -> pd.Series:
+    """Which rows of a trace table (:func:`microscope.tracing.trace`) sit at a corrupted position,
+    from its ``target`` and each row's role / group (the rule :func:`microscope.tracing.corrupt`
+    uses): ``constraint`` → constraint tokens, ``image`` → every image token, ``related-image`` /
+    ``other-image`` → the image tokens of that group."""
+    target = d["target"].astype(str)
+    return (((target == "constraint") & (d.role == "constraint")) | ((target == "image") & (d.role == "image"))
+            | ((target == "related-image") & (d.group == "related image"))
+            | ((target == "other-image") & (d.group == "other image")))
+
+
 def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image: bool = True,
                   vmax: float | None = None):
-    """One sample's indirect effects as a layer × token heatmap (diverging, centred at 0), tokens
-    labelled and coloured by role. Image tokens before the first corrupted token have effect 0 by
-    causality; with ``collapse_image`` a run of them is drawn as one column. A table without rows of
-    ``kind`` says why."""
+    """One sample's indirect effects as a layer × token heatmap, tokens labelled and coloured by
+    role, the corrupted tokens marked with ``*`` and a bar under their columns. Image tokens before
+    the first corrupted token have effect 0 by causality; with ``collapse_image`` a run of them is
+    drawn as one column. A table without rows of ``kind`` says why.
+
+    The colour scale follows ROME (Meng et al. 2022): white is the corrupted probability (effect 0)
+    and full red is the clean one — the scale is ±(p clean − p corrupted), never the map's own
+    maximum, so a corruption that moves nothing gives a pale map rather than noise stretched to full
+    colour; it is at least ±:data:`TRACE_MIN_SCALE`, and ``vmax`` fixes it instead. The colour bar
+    reads in both units: indirect effect (right) and, on the left, where p corrupted (white) and
+    p clean sit on it."""
     d = df[df.kind == kind]
     if d.empty:
         if ax is None:
             _, ax = plt.subplots(figsize=(4, 2))
         return empty_panel(ax, df, f"{kind} rows")
     m = d.pivot_table(index="layer", columns="position", values="effect")
-    info = d.drop_duplicates("position").set_index("position").loc[m.columns]
+    info = d.assign(corrupted=corrupted_mask(d)).drop_duplicates("position").set_index("position").loc[m.columns]
     keep = list(m.columns)
     zero_img: list = []
     if collapse_image:
@@ -307,11 +410,16 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
         if len(zero_img) > 1 and p == zero_img[0]:
             labels.append(f"<image>×{len(zero_img)} (0)")
         else:
-            labels.append(str(info.loc[p, "token"]).replace("\n", "\\n"))
+            labels.append(str(info.loc[p, "token"]).replace("\n", "\\n") + ("*" if info.loc[p, "corrupted"] else ""))
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(keep) + 1.5), 0.35 * len(m) + 1.6))
-    v = vmax or max(1e-6, float(np.nanmax(np.abs(m.values))))
+    s = d.iloc[0]
+    lost = float(s.p_clean - s.p_corrupted)
+    v = vmax or max(TRACE_MIN_SCALE, abs(lost))
     im = ax.imshow(m.values, aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, origin="lower")
+    for j, p in enumerate(keep):  # a bar under each corrupted column
+        if info.loc[p, "corrupted"]:
+            ax.add_patch(plt.Rectangle((j - 0.5, -0.5), 1, -0.25, color="k", clip_on=False, lw=0))
     ax.set_yticks(range(len(m)))
     ax.set_yticklabels([str(x) for x in m.index])
     ax.set_xticks(range(len(keep)))
@@ -320,10 +428,20 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
         tick.set_color(ROLE_COLORS.get(info.loc[p, "role"], "black"))
     ax.set_ylabel("layer")
     ax.grid(False)
-    s = d.iloc[0]
-    ax.set_title(f"{KIND_LABELS.get(kind, kind)} · p clean {s.p_clean:.2f} → corrupted {s.p_corrupted:.2f}",
-                 fontsize=9)
-    ax.figure.colorbar(im, ax=ax, label="indirect effect", shrink=0.8)
+    n_cor = int(info.corrupted.sum())
+    ax.set_title(f"{KIND_LABELS.get(kind, kind)} · p clean {s.p_clean:.2f} → corrupted {s.p_corrupted:.2f}"
+                 + (f" · {n_cor} corrupted token{'s' * (n_cor > 1)} (*)" if n_cor else ""), fontsize=9)
+    bar = ax.figure.colorbar(im, ax=ax, shrink=0.8, pad=0.2)
+    bar.set_label(f"indirect effect (scale ±{v:.2g})", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    # left of the bar: where p corrupted (white) and p clean sit on it, ROME's reading
+    pc, pclean = float(s.p_corrupted), float(s.p_clean)
+    left = bar.ax.secondary_yaxis("left", functions=(lambda x: x + pc, lambda y: y - pc))
+    if abs(lost) < 0.05 * v:  # the corruption moves nothing: one tick
+        left.set_yticks([pc], [f"p corr. ≈\np clean {pc:.2f}"])
+    else:
+        left.set_yticks([pc, pclean], [f"p corr. {pc:.2f}", f"p clean {pclean:.2f}"])
+    left.tick_params(labelsize=6)
     return ax.figure
 
 
