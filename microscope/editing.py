@@ -60,7 +60,7 @@ import torch
 from microscope import validate
 from microscope.answers import gold_id
 from microscope.errors import MicroscopeError
-from microscope.prefix import next_token_probs, prefix_of
+from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
 from microscope.results import why_empty
@@ -165,6 +165,7 @@ class _Run:
     embeds: torch.Tensor
     prefix: object
     positions: object
+    start: int = 0
 
     def suffix_probs(self, handle) -> torch.Tensor:
         """Next-token distribution at the last position, recomputing only positions ``>= pos``
@@ -173,8 +174,8 @@ class _Run:
 
     @property
     def offset(self) -> int:
-        """Index of the key position within :attr:`embeds`."""
-        return 0 if self.prefix is not None else self.pos
+        """Index of the key position within :attr:`embeds` (which start at :attr:`start`)."""
+        return self.pos - self.start
 
 
 def _runs(handle, lin, reqs, answer_ids, position) -> list[_Run]:
@@ -194,21 +195,16 @@ def _runs(handle, lin, reqs, answer_ids, position) -> list[_Run]:
                  handle.adapter.layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
         try:
             with torch.no_grad():
-                o = handle.model(**inputs, use_cache=True, logits_to_keep=1)
+                o = handle.model(**inputs, use_cache=True, **clean_cache(handle), logits_to_keep=1)
         finally:
             for h in hooks:
                 h.remove()
-        prefix = prefix_of(o, p, keep=handle.adapter.cross_attention_layers)
-        embeds = seen["e"][:, p:] if prefix is not None else seen["e"]
-        out.append(_Run(inputs, p, ans, seen["k"].double(), seen["v"].double(), embeds, prefix,
-                        prompt_positions(handle, inputs)))
+        start = causal_start(handle, inputs, p)  # before a bidirectional block holding p, where there is one
+        prefix = prefix_of(o, start, keep=handle.adapter.cross_attention_layers)
+        start = start if prefix is not None else 0
+        out.append(_Run(inputs, p, ans, seen["k"].double(), seen["v"].double(), seen["e"][:, start:], prefix,
+                        prompt_positions(handle, inputs), start))
     return out
-
-
-def _nll(handle, run: _Run) -> torch.Tensor:
-    """``−log p(answer)`` at the last prompt position, the whole prompt recomputed."""
-    logits = handle.model(**run.inputs, use_cache=False, logits_to_keep=1).logits[0, -1].float()
-    return -logits.log_softmax(-1)[run.answer]
 
 
 def _target_deltas(handle, lin, runs: list[_Run], steps: int, lr: float, weight_decay: float, clamp: float
@@ -308,8 +304,15 @@ def rank_one_update(keys: torch.Tensor, deltas: torch.Tensor, cov: torch.Tensor)
     return D.T @ torch.linalg.solve(K @ CiK, CiK.T)        # Δ (Kᵀ C⁻¹ K)⁻¹ (C⁻¹K)ᵀ
 
 
-def _finetune(handle, lin, runs: list[_Run], steps: int, lr: float, epsilon: float) -> tuple[torch.Tensor, list]:
-    """Adam on ``W`` for ``Σ −log p(a_i)``, ``Ŵ − W`` clipped to ``[−ε, ε]`` after every step."""
+def _finetune(handle, lin, reqs: Sequence[Request], answer_ids: list[int], steps: int, lr: float, epsilon: float,
+              batch_size: int) -> tuple[torch.Tensor, list]:
+    """Adam on ``W`` for the mean ``−log p(a_i)``, ``Ŵ − W`` clipped to ``[−ε, ε]`` after every
+    step. ``W`` acts at every position, so each step recomputes whole prompts (batched)."""
+    batches = []
+    for i in range(0, len(reqs), batch_size):
+        b = prepare_samples(handle, [r.sample for r in reqs[i:i + batch_size]])
+        batches.append(({k: v.to(handle.device) for k, v in b.inputs.items()},
+                        torch.tensor(answer_ids[i:i + batch_size], device=handle.device)))
     w0 = lin.weight.detach().clone()
     w = torch.nn.Parameter(w0.clone())
     opt = torch.optim.Adam([w], lr=lr)
@@ -318,17 +321,18 @@ def _finetune(handle, lin, runs: list[_Run], steps: int, lr: float, epsilon: flo
     for p in params:
         p.requires_grad_(False)
     orig = lin.weight
-    losses = []
+    losses: list[float] = []
     try:
         lin.weight = w
         for _ in range(steps):
             opt.zero_grad()
             total = 0.0
-            for run in runs:
-                loss = _nll(handle, run)
-                loss.backward()
-                total += float(loss.detach())
-            losses.append(total / len(runs))
+            for inputs, ans in batches:
+                logits = handle.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+                nll = -logits.log_softmax(-1).gather(1, ans[:, None])[:, 0]
+                nll.sum().div(len(reqs)).backward()
+                total += float(nll.detach().sum())
+            losses.append(total / len(reqs))
             if losses[-1] < STOP:
                 break
             opt.step()
@@ -418,7 +422,7 @@ def edit(handle, reqs: Sequence[Request], layer: int, method: str = "multedit", 
     runs = _runs(handle, lin, list(reqs), ids, position)
     keys = torch.stack([r.key for r in runs])
     if method == "finetune":
-        delta, losses = _finetune(handle, lin, runs, int(hp["steps"]), hp["lr"], hp["epsilon"])
+        delta, losses = _finetune(handle, lin, list(reqs), ids, int(hp["steps"]), hp["lr"], hp["epsilon"], batch_size)
     else:
         deltas, losses = _target_deltas(handle, lin, runs, int(hp["steps"]), hp["lr"], hp["weight_decay"],
                                         hp["clamp"])
@@ -509,18 +513,19 @@ def evaluate(handle, e: Edit, efficacy: Sequence[Request], generalization: Seque
 def summary(scores: pd.DataFrame) -> dict:
     """``efficacy``, ``generalization`` (success rates), ``specificity`` / ``neighbours`` (share of
     unrelated / neighbouring answers unchanged), ``accuracy_before`` / ``accuracy_after`` on the
-    unrelated set (gold answers), ``kl`` (mean, nats) and the set sizes."""
+    unrelated set (gold answers), ``kl`` (mean, nats) and the set sizes; ``None`` for a set that was
+    not given (summary.json has no NaN)."""
     out: dict = {}
     for name in ("efficacy", "generalization", "specificity", "neighbours"):
         part = scores[scores["set"] == name]
-        out[name] = float(part["success"].mean()) if len(part) else float("nan")
+        out[name] = float(part["success"].mean()) if len(part) else None
         out[f"n_{name}"] = int(len(part))
     spec = scores[scores["set"] == "specificity"]
     gold = spec["answer"].astype(object)
     has = gold.notna()
-    out["accuracy_before"] = float((spec.loc[has, "pred_before"] == gold[has]).mean()) if has.any() else float("nan")
-    out["accuracy_after"] = float((spec.loc[has, "pred_after"] == gold[has]).mean()) if has.any() else float("nan")
-    out["kl"] = float(spec["kl"].mean()) if len(spec) else float("nan")
+    out["accuracy_before"] = float((spec.loc[has, "pred_before"] == gold[has]).mean()) if has.any() else None
+    out["accuracy_after"] = float((spec.loc[has, "pred_after"] == gold[has]).mean()) if has.any() else None
+    out["kl"] = float(spec["kl"].mean()) if len(spec) else None
     return out
 
 
@@ -625,15 +630,16 @@ def concept_sets(handle, concept: str, new: str, n_edit: int = 16, n_general: in
     return Sets(requests(flat[:n_edit], new), requests(flat[n_edit:n_edit + n_general], new), unrelated, near)
 
 
-def error_sets(handle, n: int = 2000, seed: int = 0, n_unrelated: int = 200, batch_size: int = 64) -> Sets:
-    """Error correction: the samples among ``n`` fresh ones that the model answers wrongly, each to
-    be answered with its gold answer (``requests``), and ``n_unrelated`` of the ones it answers
-    rightly (``unrelated``)."""
+def error_sets(handle, n: int = 2000, seed: int = 0, n_unrelated: int = 200, max_requests: int | None = None,
+               batch_size: int = 64) -> Sets:
+    """Error correction: the samples among ``n`` fresh ones that the model answers wrongly (the
+    first ``max_requests`` of them), each to be answered with its gold answer (``requests``), and
+    ``n_unrelated`` of the ones it answers rightly (``unrelated``)."""
     from microscope.data import load_samples
 
     samples = load_samples("shapes", n, seed, handle=handle)
     pred = _answer_probs(handle, samples, batch_size).argmax(-1)
     gold = torch.tensor([gold_id(handle.processor, s.answer) for s in samples])
-    wrong = [s for s, ok in zip(samples, (pred == gold).tolist()) if not ok]
+    wrong = [s for s, ok in zip(samples, (pred == gold).tolist()) if not ok][:max_requests]
     right = [s for s, ok in zip(samples, (pred == gold).tolist()) if ok]
     return Sets(requests(wrong, [s.answer for s in wrong]), [], right[:n_unrelated])

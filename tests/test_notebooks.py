@@ -58,7 +58,8 @@ def run(tmp_path_factory):
 def test_notebooks_are_stored_without_outputs_and_have_parameters():
     books = suite.notebooks()
     assert [b.name for b in books] == ["00_tour.ipynb", "01_extraction.ipynb", "02_geometry.ipynb",
-                                       "03_attention_knockout.ipynb", "04_information_tracing.ipynb"]
+                                       "03_attention_knockout.ipynb", "04_information_tracing.ipynb",
+                                       "05_model_editing.ipynb"]
     for b in books:
         nb = nbformat.read(b, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -180,6 +181,23 @@ def test_tracing_notebook_reports_corruptions_peak_layers_and_attribution_agains
     assert {"kind", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"} <= set(agg.columns)
     table = pd.read_parquet(root / "run" / "04_information_tracing" / "attribution_table.parquet")
     assert {"coverage", "truth", "owner", "restoration", "integrated gradients"} <= set(table.columns)
+
+
+def test_editing_notebook_reports_the_three_numbers_per_method_and_the_by_layer_figure(run):
+    import pandas as pd
+
+    root, summary = run
+    e = summary["notebooks"]["05_model_editing"]
+    assert e["concept"] == "cross" and e["new_answer"] == "circle" and e["n_requests"] == 4
+    assert 0 <= e["traced_layer"] < 6 and e["layer"] == e["traced_layer"]
+    assert set(e["methods"]) == {"multedit", "rank_one", "finetune"}
+    for m in e["methods"].values():
+        assert m["efficacy"] == 1.0  # 4 requests, optimised until p(new answer) ≈ 0.95
+        assert 0 <= m["generalization"] <= 1 and 0 <= m["specificity"] <= 1
+    by = pd.read_parquet(root / "run" / "05_model_editing" / "by_layer.parquet")
+    assert sorted(zip(by.site, by.layer)) == sorted((s, lay) for s in ("attn", "mlp") for lay in range(6))
+    figs = {p.name for p in (root / "figures").iterdir()}
+    assert {"05_edit_methods.pdf", "05_edit_by_layer.png"} <= figs
 
 
 def test_knockout_and_tracing_notebooks_run_on_a_gqa_layout(tmp_path, shapes_handle):
