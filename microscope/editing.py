@@ -80,7 +80,7 @@ STOP = 0.05
 #: concept edit of the test suite: 16 keys of cosine ≈ 0.99). Chosen on shapes-llava, recorded in
 #: docs/model-editing.md.
 DEFAULTS: dict[str, dict[str, float]] = {
-    "multedit": {"steps": 100, "lr": 0.3, "weight_decay": 1e-3, "clamp": 10.0, "ridge": 0.1},
+    "multedit": {"steps": 100, "lr": 0.3, "weight_decay": 1e-3, "clamp": 10.0, "ridge": 0.3},
     "rank_one": {"steps": 100, "lr": 0.3, "weight_decay": 1e-3, "clamp": 10.0},
     "finetune": {"steps": 100, "lr": 1e-3, "epsilon": 2e-2},
 }

@@ -97,14 +97,18 @@ def test_an_edit_of_size_zero_changes_nothing(shapes_handle):
 
 def test_concept_edit_meets_the_bars_at_the_traced_layer(shapes_handle, concept):
     """Efficacy ≥ 0.95, generalisation ≥ 0.85, unrelated answers kept ≥ 0.95 and unrelated accuracy
-    within 0.02 of the unedited model's, with MultEdit at the last position of layer 1."""
+    within 0.02 of the unedited model's, with MultEdit at the last position of the layer where
+    tracing finds the largest MLP indirect effect there (layer 0 on shapes-llava: effect 0.19 against
+    ≤ 0.035 in every later layer)."""
     h = shapes_handle
-    e = ed.edit(h, concept.requests, layer=1, method="multedit", position="last")
+    layer, traced = ed.traced_layer(h, [r.sample for r in concept.requests], "last", n_noise=4, seed=5)
+    assert layer == 0 and traced.effect[0] > 2 * traced.effect[1:].max(), traced
+    e = ed.edit(h, concept.requests, layer=layer, method="multedit", position="last")
     s = ed.summary(ed.evaluate(h, e, concept.requests, concept.generalization, concept.unrelated))
     assert s["efficacy"] >= 0.95 and s["generalization"] >= 0.85, s
     assert s["specificity"] >= 0.95 and s["accuracy_before"] - s["accuracy_after"] <= 0.02, s
     # the same edit with a tiny step budget is not an edit: the bars are not met by construction
-    weak = ed.edit(h, concept.requests, layer=1, method="multedit", position="last", steps=1, lr=1e-3)
+    weak = ed.edit(h, concept.requests, layer=layer, method="multedit", position="last", steps=1, lr=1e-3)
     assert ed.summary(ed.evaluate(h, weak, concept.requests))["efficacy"] < 0.5
 
 
@@ -112,8 +116,8 @@ def test_error_correction_fixes_most_wrong_answers_and_keeps_the_rest(shapes_han
     h = shapes_handle
     fix = ed.error_sets(h, n=1500, seed=21, n_unrelated=120)
     assert len(fix.requests) >= 5, "too few wrong answers to test error correction"
-    # 28 wrong answers of every kind at once; at layer 2 (at layer 1, where the concept edit works
-    # best, the shared last-position key moves 9 % of the right answers too)
+    # 28 wrong answers of every kind at once, at layer 2 (at layers 0 and 1 the shared last-position
+    # key moves 3 % of the right answers too: accuracy 1.000 -> 0.967)
     e = ed.edit(h, fix.requests, layer=2, method="multedit", position="last")
     s = ed.summary(ed.evaluate(h, e, fix.requests, (), fix.unrelated))
     assert s["efficacy"] >= 0.8 and s["accuracy_before"] - s["accuracy_after"] <= 0.02, s
