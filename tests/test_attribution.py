@@ -259,7 +259,7 @@ def test_integrated_gradients_are_complete_and_group_restoration_efficient(shape
     for sid, g in ig.groupby("sample_id"):
         x = next(v for v in s if v.id == sid)
         gold = at.answer_ids(h.processor, [x.answer])[0]
-        probs = ob._probs(h, [x, blank_like(x)])  # plain forwards on the real and the blank image
+        probs = ob.probs(h, [x, blank_like(x)])  # plain forwards on the real and the blank image
         diff = float(probs[0, gold] - probs[1, gold])
         assert g.score.sum() == pytest.approx(diff, abs=0.02)  # completeness
     sigma = tr.noise_sigma(h, s, "image")
