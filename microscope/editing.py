@@ -60,6 +60,7 @@ import torch
 from microscope import validate
 from microscope.answers import gold_id
 from microscope.errors import MicroscopeError
+from microscope.objects import probs
 from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
@@ -432,9 +433,9 @@ def edit(handle, reqs: Sequence[Request], layer: int, method: str = "multedit", 
             delta = rank_one_update(keys, deltas, key_covariance(handle, lin, list(covariance), batch_size))
     e = Edit(handle, lin, delta.to(torch.float64), method, int(layer), site, position, hp, losses=losses,
              seconds=time.perf_counter() - start)
-    before = _answer_probs(handle, [r.sample for r in reqs], batch_size)
+    before = probs(handle, [r.sample for r in reqs], batch_size)
     with e:
-        after = _answer_probs(handle, [r.sample for r in reqs], batch_size)
+        after = probs(handle, [r.sample for r in reqs], batch_size)
     tok = handle.processor.tokenizer
     pos = [r.pos for r in runs]
     e.report = pd.DataFrame({
@@ -452,18 +453,13 @@ def edit(handle, reqs: Sequence[Request], layer: int, method: str = "multedit", 
     return e
 
 
-def _answer_probs(handle, samples: Sequence, batch_size: int = 64) -> torch.Tensor:
-    from microscope.objects import probs
-    return probs(handle, samples, batch_size)
-
-
 SCORE_COLUMNS = ["set", "sample_id", "category", "answer", "target", "pred_before", "pred_after", "success",
                  "p_target_before", "p_target_after", "kl"]
 
 
 def evaluate(handle, e: Edit, efficacy: Sequence[Request], generalization: Sequence[Request] = (),
-             specificity: Sequence = (), neighbours: Sequence = (), batch_size: int = 64, progress: bool = False
-             ) -> pd.DataFrame:
+             specificity: Sequence = (), neighbours: Sequence = (), batch_size: int = 64, progress: bool = False,
+             unedited: dict | None = None) -> pd.DataFrame:
     """The three numbers model editing reports, one row per (set, sample) (:data:`SCORE_COLUMNS`):
 
     - ``efficacy`` / ``generalization`` requests: ``success`` when the edited model's greedy first
@@ -473,6 +469,9 @@ def evaluate(handle, e: Edit, efficacy: Sequence[Request], generalization: Seque
       concepts, e.g. the other shapes): ``success`` when the edited model's greedy
       answer equals the unedited model's; ``kl`` is ``KL(p_before ‖ p_after)`` of the next-token
       distributions (nats), and ``answer`` the gold answer, for accuracy before and after.
+
+    ``unedited``: a dict that keeps the unedited model's distributions per set across calls (the
+    same sets judged for several edits, as :func:`by_layer` does), so they are computed once.
 
     Summarise with :func:`summary`."""
     rows = []
@@ -484,9 +483,14 @@ def evaluate(handle, e: Edit, efficacy: Sequence[Request], generalization: Seque
         if not reqs:
             continue
         samples = [r.sample for r in reqs]
-        before = _answer_probs(handle, samples, batch_size)
+        key = (name, tuple(s.id for s in samples))
+        before = unedited.get(key) if unedited is not None else None
+        if before is None:
+            before = probs(handle, samples, batch_size)
+            if unedited is not None:
+                unedited[key] = before
         with e:
-            after = _answer_probs(handle, samples, batch_size)
+            after = probs(handle, samples, batch_size)
         pb, pa = before.argmax(-1), after.argmax(-1)
         if name in ("specificity", "neighbours"):
             target = pb
@@ -546,10 +550,11 @@ def by_layer(handle, reqs: Sequence[Request], generalization: Sequence[Request],
         layers, allow_embedding=False)
     sites = validate.names(sites, SITES, "sites")
     rows = []
+    unedited: dict = {}  # the unedited model's answers: the same at every layer and site
     for site in sites:
         for layer in tqdm(layers, desc=f"edit {site} by layer", disable=not progress):
             e = edit(handle, reqs, layer, method, site, position, covariance, **params)
-            s = summary(evaluate(handle, e, reqs, generalization, specificity))
+            s = summary(evaluate(handle, e, reqs, generalization, specificity, unedited=unedited))
             rows.append({"method": method, "site": site, "layer": layer, **s, "norm": e.norm,
                          "seconds": e.seconds})
     return pd.DataFrame(rows)
@@ -638,7 +643,7 @@ def error_sets(handle, n: int = 2000, seed: int = 0, n_unrelated: int = 200, max
     from microscope.data import load_samples
 
     samples = load_samples("shapes", n, seed, handle=handle)
-    pred = _answer_probs(handle, samples, batch_size).argmax(-1)
+    pred = probs(handle, samples, batch_size).argmax(-1)
     gold = torch.tensor([gold_id(handle.processor, s.answer) for s in samples])
     wrong = [s for s, ok in zip(samples, (pred == gold).tolist()) if not ok][:max_requests]
     right = [s for s, ok in zip(samples, (pred == gold).tolist()) if ok]
