@@ -111,6 +111,16 @@ def build_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(user_turn(question), add_generation_prompt=True)
 
 
+def adds_special_tokens(processor, prompt: str) -> bool:
+    """Whether tokenising ``prompt`` should add the tokenizer's special tokens: not when the prompt
+    already starts with its BOS token (a chat template that writes ``{{ bos_token }}``, as Gemma 3's
+    and Llama 3's do), or the ids would start with two. This is transformers' own rule for a
+    processor's ``apply_chat_template(tokenize=True)``; prompts without it (LLaVA's ``USER: …``,
+    a processor that lays out the prompt itself) get the tokenizer's BOS as usual."""
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    return not (bos and prompt.startswith(bos))
+
+
 def reserved_strings(processor) -> list[str]:
     """The strings a processor or its tokenizer gives a meaning of their own: the image/video
     placeholders (``processor.image_token`` …), the tokenizer's special tokens and its added tokens
@@ -171,7 +181,7 @@ def _spans_in_prompt(processor, image, prompt: str, row: torch.Tensor, att: torc
     expanded text map back to the prompt by undoing the length change of every replacement before
     it; tokens inside a replacement (what the processor wrote) are left out."""
     enc = processor(images=_per_prompt(processor, [image]), text=[prompt], return_offsets_mapping=True,
-                    return_text_replacement_offsets=True)
+                    return_text_replacement_offsets=True, add_special_tokens=adds_special_tokens(processor, prompt))
     ids, offsets = enc["input_ids"][0], enc["offset_mapping"][0]
     repl = enc.get("text_replacement_offsets")
     real = [j for j in range(len(row)) if att[j]]
@@ -210,11 +220,16 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
     for i, q in enumerate(questions):
         check_question(q, i, reserved)
     prompts = [build_prompt(processor, q) for q in questions]
+    special = {adds_special_tokens(processor, p) for p in prompts}
+    if len(special) != 1:
+        raise RuntimeError("internal: some of this model's prompts start with its BOS token and some do not")
+    special = special.pop()
     tok = processor.tokenizer
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        inputs = processor(images=_per_prompt(processor, imgs), text=prompts, return_tensors="pt", padding=True)
+        inputs = processor(images=_per_prompt(processor, imgs), text=prompts, return_tensors="pt", padding=True,
+                           add_special_tokens=special)
     finally:
         tok.padding_side = old_side
     inputs.pop("labels", None)  # PaliGemma's training targets (all -100 without a suffix): not a model input here
@@ -231,7 +246,7 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
         for a, b in spans:
             if not q0 <= a < b <= q0 + len(q):
                 raise ValueError(f"constraint span {(a - q0, b - q0)} is outside question {i} ({len(q)} chars)")
-        plain = tok(p, return_offsets_mapping=True)
+        plain = tok(p, return_offsets_mapping=True, add_special_tokens=special)
         p_ids = [t for t in plain["input_ids"]]
         offs = [o for t, o in zip(p_ids, plain["offset_mapping"]) if t not in skip]
         p_text = [t for t in p_ids if t not in skip]

@@ -67,7 +67,7 @@ from microscope.prefix import causal_start, clean_cache, next_token_probs, prefi
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WHY_EMPTY, WRONG, explain, why_empty
-from microscope.roles import ROLE_CODE, ROLES, Batch, prepare_samples
+from microscope.roles import ROLE_CODE, ROLES, Batch, adds_special_tokens, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
 TARGETS = ("constraint", "related-image", "other-image", "image")
@@ -174,7 +174,7 @@ def _related(handle, batch: Batch, sample) -> torch.Tensor | None:
 def _plain_tokens(tok, text: str, image_token_id: int) -> list[tuple[int, int, int]]:
     """``(id, start, end)`` of the prompt's tokens as :func:`microscope.roles.prepare` aligns them
     with the processor's ids (the same call; image placeholders dropped)."""
-    enc = tok(text, return_offsets_mapping=True)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=adds_special_tokens(tok, text))
     return [(int(i), int(a), int(b)) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
             if int(i) != image_token_id]
 

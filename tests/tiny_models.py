@@ -607,15 +607,13 @@ def build_mllama(path: Path, seed: int = 0) -> Path:
 
 # ------------------------------------------------------------------- Gemma 3 and PaliGemma (bidirectional image tokens)
 
-#: Gemma 3 (google/gemma-3-*-it's template): ``<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n``
-#: ``<start_of_turn>model\n``, after the ``<bos>`` the tokenizer adds (the hub template writes ``{{ bos_token }}``
-#: itself, for ``apply_chat_template(tokenize=True)``, which adds no special tokens); its processor expands
+#: Gemma 3 (google/gemma-3-*-it's template): ``<bos><start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n``
+#: ``<start_of_turn>model\n``. The template writes ``<bos>`` itself, and the tokenizer adds one to every text:
+#: a prompt that starts with the BOS token is tokenised without special tokens (as transformers'
+#: ``apply_chat_template(tokenize=True)`` does), or it would start ``<bos><bos>``. The processor expands
 #: ``<start_of_image>`` into ``\n\n<start_of_image>`` + image tokens + ``<end_of_image>\n\n``
 GEMMA3_TEMPLATE = chat_template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n",
-                                "<start_of_turn>model\n", "", "<end_of_turn>\n")
-GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>"]
-GEMMA3_TOKENS = [*GEMMA_SPECIALS, "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
-                 "<image_soft_token>"]
+                                "<start_of_turn>model\n", "", "<end_of_turn>\n", start="{{ bos_token }}")
 #: Gemma's sliding window in the tiny models: shorter than their prompts, so the local layers see only part of them
 GEMMA_WINDOW = 16
 
@@ -626,21 +624,19 @@ def _gemma_bos(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
 
 
 def gemma3_tokenizer() -> PreTrainedTokenizerFast:
-    """Mistral 7B's SentencePiece BPE with byte fallback — Gemma's own (also SentencePiece BPE with
-    byte fallback, 262k pieces) is not pinned here, and Mistral's is the closest committed one —
-    with Gemma 3's specials added and named as its processor reads them (``boi_token``,
-    ``eoi_token``, ``image_token``), ``<bos>`` added to every text."""
+    """Gemma 3's own tokenizer (SentencePiece BPE with byte fallback, 262,144 pieces; its turn and
+    image tokens already in the vocabulary), named as its processor reads them (``boi_token``,
+    ``eoi_token``, ``image_token``); it starts every text with ``<bos>``, as Gemma's does."""
     names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    return _gemma_bos(_tokenizer("mistral", GEMMA3_TOKENS, names, bos_token="<bos>", eos_token="<eos>",
-                                 unk_token="<unk>", pad_token="<pad>"))
+    return _gemma_bos(_tokenizer("gemma3", [], names, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                 pad_token="<pad>"))
 
 
 def paligemma_tokenizer() -> PreTrainedTokenizerFast:
-    """Mistral 7B's SentencePiece BPE (the closest committed one to Gemma's, see
-    :func:`gemma3_tokenizer`) with Gemma's ``<pad>``, ``<eos>``, ``<bos>`` and PaliGemma's ``<image>``
-    added; PaliGemmaProcessor adds its ``<locNNNN>`` / ``<segNNN>`` tokens itself."""
-    return _gemma_bos(_tokenizer("mistral", [*GEMMA_SPECIALS, "<image>"], {"image_token": "<image>"},
-                                 bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"))
+    """Gemma's own tokenizer (SentencePiece BPE with byte fallback, 256,000 pieces) with PaliGemma's
+    ``<image>`` added; PaliGemmaProcessor adds its ``<locNNNN>`` / ``<segNNN>`` tokens itself."""
+    return _gemma_bos(_tokenizer("gemma", ["<image>"], {"image_token": "<image>"}, bos_token="<bos>",
+                                 eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"))
 
 
 def build_gemma3(path: Path, seed: int = 0) -> Path:
@@ -712,4 +708,55 @@ def build_paligemma(path: Path, seed: int = 0, gemma2: bool = False) -> Path:
 
 BUILDERS.update({"mllama": build_mllama, "gemma3": build_gemma3, "paligemma": build_paligemma})
 TINY[:] = list(BUILDERS)
+MODELS[:] = TINY + FUSION
+
+
+
+#: Janus / Janus-Pro (deepseek-community's -hf format, no system prompt):
+#: ``<|User|>: <image_placeholder>\n{question}\n\n<|Assistant|>:`` (the processor wraps the image tokens in
+#: ``<begin_of_image>`` … ``<end_of_image>``)
+JANUS_TEMPLATE = chat_template("<|User|>: ", "<image_placeholder>\n", "\n\n", "<|Assistant|>:", " ",
+                               "<｜end▁of▁sentence｜>", start="<｜begin▁of▁sentence｜>")
+
+
+def janus_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's byte-level BPE (DeepSeek-LLM's own byte-level BPE, which Janus uses, is not pinned
+    here; Llama 3's is the closest committed one) with Janus's sentence, turn and image tokens added."""
+    names = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
+    added = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|User|>", "<|Assistant|>", "<image_placeholder>",
+             "<begin_of_image>", "<end_of_image>", "<｜▁pad▁｜>"]
+    return _tokenizer("llama3", added, names, bos_token="<｜begin▁of▁sentence｜>",
+                      eos_token="<｜end▁of▁sentence｜>", pad_token="<｜▁pad▁｜>")
+
+
+def build_janus(path: Path, seed: int = 0) -> Path:
+    """Janus layout (understanding path): SigLIP-style tower (56 px, 14 px patches: 16 image tokens),
+    a 2-layer MLP aligner, Llama decoder; image tokens wrapped in ``<begin_of_image>`` …
+    ``<end_of_image>``. The VQ image generator it also carries is tiny and unused."""
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    tok = janus_tokenizer()
+    n = (SIZE // PATCH) ** 2
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
+                               patch_size=PATCH, projection_dim=48, mlp_ratio=2.0, num_image_tokens=n)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32,
+                          channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=48, image_token_embed_dim=48)
+    cfg = JanusConfig(text_config=_llama(tok), vision_config=vision, vq_config=vq,
+                      image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"), tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(cfg).eval()
+    ip = JanusImageProcessorPil(size={"height": SIZE, "width": SIZE})
+    proc = JanusProcessor(image_processor=ip, tokenizer=tok, chat_template=JANUS_TEMPLATE, num_image_tokens=n)
+    return _save(model, proc, path)
+
+
+BUILDERS["janus"] = build_janus
+TINY[:] = list(BUILDERS)
+#: families whose tokenizer merges the question's last characters with the template text after it into
+#: one token (Janus: its ``\n\n`` after the user turn, and a byte-level BPE has ``?\n\n`` as one token):
+#: that token straddles question and template, so it has the template role and the question-role
+#: tokens decode to the question without those characters
+QUESTION_TAIL = {"janus": "?"}
 MODELS[:] = TINY + FUSION
