@@ -8,6 +8,7 @@ resumable directory that merges into the table a single process returns.
     store = dist.extract(h, samples, "runs/acts")     # the same store a single process writes
     df = dist.run(ko.sweep, h, samples, parts="runs/sweep")     # the same table, on every rank
     df = dist.run(tr.trace_dataset, h, samples, parts="runs/trace", seed=2)
+    scores = dist.evaluate(h, edit, sets.requests, sets.generalization, sets.unrelated, parts="runs/edit")
 
     python -m microscope run notebooks/03_attention_knockout.ipynb --nproc 4   # a notebook, the same way
 
@@ -343,21 +344,84 @@ def _identity(fn_name: str, handle, samples: Sequence, kw: dict, part_size: int)
 
 def _run_parts(fn, handle, samples, path: Path, part_size: int, kw: dict, w: World, progress: bool,
                on_part, seeded: bool, quiet: bool) -> pd.DataFrame:
-    from microscope.progress import tqdm
-
     name = f"{fn.__module__}.{fn.__qualname__}"
     store = Parts(path, _identity(name, handle, samples, kw, part_size))
     n = len(samples)
     n_parts = math.ceil(n / part_size)
-    todo = [j for j in assignment(n_parts, w) if store.problem(j) is not None]
-    for j in tqdm(todo, desc=f"{fn.__name__} rank {w.rank}/{w.size}", disable=not progress, mininterval=5):
+
+    def compute(j: int) -> pd.DataFrame:
         a = j * part_size
         args = {**kw, **({"seed": kw["seed"] + a} if seeded else {}), **({"progress": False} if quiet else {})}
-        store.write(j, fn(handle, samples[a:a + part_size], **args))
+        return fn(handle, samples[a:a + part_size], **args)
+
+    _compute(store, n_parts, compute, w, f"{fn.__name__} rank {w.rank}/{w.size}", progress, on_part)
+    return store.merge(n_parts, n)
+
+
+def _compute(store: Parts, n_parts: int, compute: Callable[[int], pd.DataFrame], w: World, desc: str,
+             progress: bool, on_part) -> None:
+    """Compute and write this rank's parts that are not done, then wait for every rank."""
+    from microscope.progress import tqdm
+
+    todo = [j for j in assignment(n_parts, w) if store.problem(j) is not None]
+    for j in tqdm(todo, desc=desc, disable=not progress, mininterval=5):
+        store.write(j, compute(j))
         if on_part is not None:
             on_part(j)
     barrier()
-    return store.merge(n_parts, n)
+
+
+def evaluate(handle, e, efficacy: Sequence, generalization: Sequence = (), specificity: Sequence = (),
+             neighbours: Sequence = (), *, parts: str | Path | None = None, batch_size: int = 64,
+             part_size: int | None = None, progress: bool = True,
+             on_part: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """:func:`microscope.editing.evaluate` over all ranks (every rank holds the same edit ``e``,
+    computed deterministically by :func:`microscope.editing.edit`, or loaded). Each set is cut into
+    parts of ``part_size`` (a multiple of ``batch_size``, default equal) items, so every batch is the
+    one a single process forms; the merged table equals ``editing.evaluate(...)``'s. The identity
+    of the parts directory includes the edit's method, layer, site and the SHA-256 of its weight
+    change."""
+    from microscope import editing, validate
+    from microscope.extract import sample_hash
+
+    w = init()
+    sets = {"efficacy": list(efficacy), "generalization": list(generalization), "specificity": list(specificity),
+            "neighbours": list(neighbours)}
+    batch_size = validate.positive_int(batch_size, "batch_size")
+    if parts is None:
+        if w.size > 1:
+            raise MicroscopeError(f"a run over {w.size} processes needs parts=DIR, a directory every rank can reach")
+        return editing.evaluate(handle, e, **sets, batch_size=batch_size)
+    part_size = batch_size if part_size is None else validate.positive_int(part_size, "part_size")
+    if part_size % batch_size:
+        raise ValueError(f"evaluate batches samples (batch_size={batch_size}): part_size={part_size} must be a "
+                         "multiple of it, so every batch is the one a single process forms")
+    jobs = [(name, a) for name, items in sets.items() for a in range(0, len(items), part_size)]
+    if not jobs:
+        return editing.evaluate(handle, e, **sets, batch_size=batch_size)
+
+    def item(x) -> list:
+        s = getattr(x, "sample", x)
+        return [s.id, sample_hash(s), getattr(x, "answer", None) if hasattr(x, "sample") else None]
+
+    delta = e.delta.detach().cpu().contiguous()
+    identity = {"function": "microscope.editing.evaluate",
+                "edit": {"method": e.method, "layer": e.layer, "site": e.site, "position": e.position,
+                         "delta": f"{delta.dtype}{tuple(delta.shape)}:" + hashlib.sha256(
+                             delta.view(torch.uint8).numpy().tobytes()).hexdigest()},
+                "sets": {k: [item(x) for x in v] for k, v in sets.items()}, "batch_size": batch_size,
+                "part_size": part_size, "model": handle.name, "config_hash": handle.config_hash,
+                "weights_hash": handle.weights_hash, "processor_hash": handle.processor_hash}
+    store = Parts(parts, identity)
+
+    def compute(j: int) -> pd.DataFrame:
+        name, a = jobs[j]
+        chunk = {k: [] for k in sets}
+        chunk[name] = sets[name][a:a + part_size]
+        return editing.evaluate(handle, e, **chunk, batch_size=batch_size)
+
+    _compute(store, len(jobs), compute, w, f"evaluate rank {w.rank}/{w.size}", progress, on_part)
+    return store.merge(len(jobs), sum(map(len, sets.values())))
 
 
 def extract(handle, samples: Sequence, out_dir: str | Path, **kwargs) -> ActivationStore:
