@@ -201,3 +201,24 @@ def test_many_processes_without_a_launcher_are_refused(shapes_handle, monkeypatc
         monkeypatch.setenv("WORLD_SIZE", "1")
         monkeypatch.setenv("RANK", "0")
         assert dist.load_kwargs() == {}
+
+
+def test_edit_evaluation_splits_on_batch_boundaries(shapes_handle, tmp_path):
+    from microscope import editing as ed
+
+    h = shapes_handle
+    e = ed.zero(h, 1)
+    e.delta = 0.3 * torch.randn(e.delta.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = shapes.generate(12, seed=13)
+    sets = (ed.requests(s[:5], "circle"), ed.requests(s[5:8], "red"), s[8:12])
+    ref = ed.evaluate(h, e, *sets, batch_size=2)
+    assert (ref.kl > 1e-4).all()  # the edit moves every answer distribution: a real comparison
+    calls = []
+    got = dist.evaluate(h, e, *sets, parts=tmp_path / "e", batch_size=2, on_part=calls.append)
+    assert calls == list(range(7))  # efficacy 3 parts, generalization 2, specificity 2
+    pd.testing.assert_frame_equal(got, ref, check_exact=True)
+    e.delta = 2 * e.delta  # another edit: its parts are not adopted
+    with pytest.raises(StoreMismatchError, match="edit"):
+        dist.evaluate(h, e, *sets, parts=tmp_path / "e", batch_size=2)
+    with pytest.raises(ValueError, match="multiple of it"):
+        dist.evaluate(h, e, *sets, parts=tmp_path / "f", batch_size=2, part_size=3)
