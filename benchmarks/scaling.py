@@ -69,8 +69,10 @@ def throughput(task: str, n: int, workers: list[int]) -> None:
     for k in workers:
         with tempfile.TemporaryDirectory() as d:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}",
-                   __file__, "--worker", task, "--n", str(n), "--out", d]
-            subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+                   __file__, "worker", task, str(n), d]  # positional: torchrun parses options itself
+            p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"torchrun with {k} worker(s) failed:\n{p.stderr[-3000:]}")
             r = json.loads((Path(d) / "result.json").read_text())
         rate = n / r["seconds"]
         base = base or rate
@@ -111,7 +113,8 @@ def plan(n: int, n_samples: int, tflops: float) -> None:
 
     def count(_m, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values") or kwargs.get("past_key_value")
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                     None)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         counts["forwards"] += 1
         counts["tokens"] += x.shape[0] * x.shape[1]
@@ -154,12 +157,11 @@ def main() -> None:
     ap.add_argument("--plan", action="store_true", help="work per sample at LLaVA-1.5-7B geometry, GPU-hours")
     ap.add_argument("--samples", type=int, default=5500, help="--plan: samples of the full sweep")
     ap.add_argument("--tflops", type=float, default=400.0, help="--plan: sustained dense TFLOP/s of one GPU")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    if sys.argv[1:2] == ["worker"]:  # one rank, launched by throughput()
+        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return
     a = ap.parse_args()
-    if a.worker:
-        worker(a.worker, a.n, a.out)
-    elif a.plan:
+    if a.plan:
         plan(a.n or 4, a.samples, a.tflops)
     else:
         throughput(a.task, a.n or 48, a.workers)
