@@ -47,7 +47,7 @@ def worker(task: str, n: int, out: str) -> None:
     samples = shapes.generate(n, seed=0)
     parts = Path(out) / "parts"
     dist.barrier()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     if task == "sweep":
         df = dist.run(ko.sweep, h, samples, parts=parts, part_size=4, only_correct=False, progress=False)
     elif task == "trace":
@@ -55,10 +55,10 @@ def worker(task: str, n: int, out: str) -> None:
                       only_correct=False, progress=False)
     else:
         df = dist.extract(h, samples, parts, batch_size=4, progress=False).tokens()
+    cpu = time.process_time() - cpu
     dist.barrier()
     secs = time.perf_counter() - t
-    if w.rank == 0:
-        (Path(out) / "result.json").write_text(json.dumps({"seconds": secs, "rows": len(df), "world": w.size}))
+    (Path(out) / f"result-{w.rank}.json").write_text(json.dumps({"seconds": secs, "cpu": cpu, "rows": len(df)}))
 
 
 def throughput(task: str, n: int, workers: list[int]) -> None:
@@ -73,11 +73,12 @@ def throughput(task: str, n: int, workers: list[int]) -> None:
             p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             if p.returncode:
                 raise SystemExit(f"torchrun with {k} worker(s) failed:\n{p.stderr[-3000:]}")
-            r = json.loads((Path(d) / "result.json").read_text())
-        rate = n / r["seconds"]
+            rs = [json.loads((Path(d) / f"result-{i}.json").read_text()) for i in range(k)]
+        rate = n / rs[0]["seconds"]
         base = base or rate
-        print(f"  {k} worker(s): {r['seconds']:7.1f}s  {rate:6.2f} samples/s  speed-up {rate / base:4.2f}  "
-              f"efficiency {rate / (k * base):4.2f}  ({r['rows']} rows)")
+        cpu = ", ".join(f"{r['cpu']:.1f}" for r in rs)
+        print(f"  {k} worker(s): {rs[0]['seconds']:7.1f}s  {rate:6.2f} samples/s  speed-up {rate / base:4.2f}  "
+              f"efficiency {rate / (k * base):4.2f}  (CPU seconds per rank: {cpu}; {rs[0]['rows']} rows)")
 
 
 def plan(n: int, n_samples: int, tflops: float) -> None:
