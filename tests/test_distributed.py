@@ -222,3 +222,18 @@ def test_edit_evaluation_splits_on_batch_boundaries(shapes_handle, tmp_path):
         dist.evaluate(h, e, *sets, parts=tmp_path / "e", batch_size=2)
     with pytest.raises(ValueError, match="multiple of it"):
         dist.evaluate(h, e, *sets, parts=tmp_path / "f", batch_size=2, part_size=3)
+
+
+def test_extract_computes_only_the_shards_asked_for(shapes_handle, tmp_path):
+    h, s = shapes_handle, shapes.generate(5, seed=14)
+    store = extract(h, s, tmp_path, layers=[0], batch_size=2, progress=False, shards=[2, 0])
+    assert store.shards == [0, 2] and not store.complete
+    with pytest.raises(ValueError, match=r"shards must lie in 0\.\.2"):
+        extract(h, s, tmp_path, layers=[0], batch_size=2, progress=False, shards=[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shard 1 missing between written ones is another rank's, not damage
+        done = []
+        extract(h, s, tmp_path, layers=[0], batch_size=2, progress=False, shards=[1], on_shard=done.append)
+    assert done == [1]
+    full = extract(h, s, tmp_path / "one", layers=[0], batch_size=2, progress=False)
+    assert torch.equal(ActivationStore(tmp_path).load(0)[0], full.load(0)[0])
