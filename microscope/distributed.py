@@ -336,7 +336,11 @@ def _part_size(fn: Callable, kw: dict, part_size: int | None) -> int:
 def _identity(fn_name: str, handle, samples: Sequence, kw: dict, part_size: int) -> dict:
     from microscope.extract import sample_hash
 
-    return {"function": fn_name, "arguments": json.loads(json.dumps(kw, sort_keys=True, default=repr)),
+    text = json.dumps(kw, sort_keys=True, default=repr)
+    if " at 0x" in text:  # a repr with a memory address differs between processes
+        raise MicroscopeError(f"{fn_name}: an argument has no stable text form ({_short(text)}), so the ranks cannot "
+                              "agree on the run's identity: pass plain values (numbers, strings, lists, dicts)")
+    return {"function": fn_name, "arguments": json.loads(text),
             "model": handle.name, "config_hash": handle.config_hash, "weights_hash": handle.weights_hash,
             "processor_hash": handle.processor_hash, "sample_ids": [s.id for s in samples],
             "sample_hashes": [sample_hash(s) for s in samples], "part_size": part_size}

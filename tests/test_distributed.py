@@ -117,19 +117,19 @@ def test_cli_runs_a_notebook_over_two_processes(shapes_handle, tmp_path):
     out = tmp_path / "nb"
     cmd = [sys.executable, "-m", "microscope", "run", str(ROOT / "notebooks" / "03_attention_knockout.ipynb"),
            "--nproc", "2", "--out", str(out), "--figures", str(tmp_path / "fig"), "--small",
-           "-p", "n_samples", "12", "-p", "lens_samples", "4", "-p", "reference_n", "200"]
+           "-p", "n_samples", "9", "-p", "lens_samples", "2", "-p", "reference_n", "50"]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert (out / "03_attention_knockout.ipynb").is_file() and (out / ".ranks" / "rank-1").is_dir()
     meta = json.loads((out / "parts" / "meta.json").read_text())
-    assert meta["function"] == "microscope.knockout.sweep" and len(meta["sample_ids"]) == 12
-    assert len(list((out / "parts").glob("part-*.json"))) == 2  # one part per rank
+    assert meta["function"] == "microscope.knockout.sweep" and len(meta["sample_ids"]) == 9
+    assert len(list((out / "parts").glob("part-*.json"))) == 2  # one part per rank (8 + 1 samples)
     got = pd.read_parquet(out / "knockout.parquet")
     h = shapes_handle
-    ref = ko.sweep(h, load_samples("shapes", 12, 1, handle=h), progress=False)  # the notebook's defaults
+    ref = ko.sweep(h, load_samples("shapes", 9, 1, handle=h), progress=False)  # the notebook's defaults
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_samples"] == 12
+    assert summary["n_samples"] == 9
 
 
 def test_cli_refuses_a_notebook_without_parts_dir(tmp_path):
@@ -170,6 +170,8 @@ def test_single_process_with_parts_resumes_and_refuses_another_run(shapes_handle
         dist.run(ko.sweep, h, s, parts=tmp_path, part_size=2, edges=["question↛last"], progress=False)
     with pytest.raises(StoreMismatchError, match="sample_ids"):
         dist.run(ko.sweep, h, s[:4], parts=tmp_path, part_size=2, edges=["image↛last"], progress=False)
+    with pytest.raises(MicroscopeError, match="no stable text form"):
+        dist.run(ko.sweep, h, s, parts=tmp_path / "x", edges=[object()])
 
 
 def test_seeded_and_batched_functions_split_exactly(shapes_handle, tmp_path):
