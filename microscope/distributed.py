@@ -17,12 +17,14 @@ resumable directory that merges into the table a single process returns.
 cut depends on the data and ``part_size`` only, never on the number of processes, so a run can be
 resumed with another number of processes. Every analysis run here computes each sample on its own
 (the knockout sweep and tracing batch the rows *of one sample*); functions that batch samples
-together (:func:`~microscope.attribution.attention_contributions`, :func:`~microscope.knockout.predict`)
-get parts that are whole multiples of their ``batch_size``, so every batch is the one a single process forms. Randomness
-is per sample in this suite (``seed + k`` for the ``k``-th sample), so a part starting at sample
-``a`` runs with ``seed + a``; a noise scale ``sigma`` the function would estimate from its samples is
-estimated once from all of them (:func:`~microscope.tracing.noise_sigma`, as the single process
-does) and handed to every part. Result: the merged table equals the single-process one
+together (:func:`~microscope.attribution.attention_contributions`, :func:`~microscope.knockout.predict`,
+:func:`~microscope.lens.logit_lens`, and :func:`evaluate`) get parts that are whole multiples of their
+``batch_size``, so every batch is the one a single process forms. Randomness is per sample in this
+suite (``seed + k`` for the ``k``-th sample), so a part starting at sample ``a`` runs with
+``seed + a``; a noise scale (``sigma``, ``sigma_text``, ``sigma_image``) the function would estimate
+from its samples is estimated once from all of them (:func:`~microscope.tracing.noise_sigma`, as the
+single process does) and handed to every part; a function not known to do so is refused until the
+scale is passed. Result: the merged table equals the single-process one
 (``DataFrame.equals``, attrs included), and extracted tensors are bit-identical.
 
 **Parts directory.** ``meta.json`` (the run's identity: function, arguments, model config, weights
@@ -262,21 +264,35 @@ def _short(v) -> str:
 def _batched() -> dict[Callable, str]:
     """Functions that batch *samples* together, and their batch-size argument."""
     from microscope import attribution, knockout
+    from microscope.lens import logit_lens
 
-    return {attribution.attention_contributions: "batch_size", knockout.predict: "batch_size"}
+    return {attribution.attention_contributions: "batch_size", knockout.predict: "batch_size",
+            logit_lens: "batch_size"}
 
 
-def _sigma_modality(fn: Callable, kw: dict) -> str | None:
-    """The modality whose noise scale ``fn`` would estimate from its samples (``None``: none)."""
+def _sigmas(fn: Callable, kw: dict) -> dict[str, str]:
+    """The noise scales ``fn`` would estimate from its samples: ``{argument: modality}``."""
     from microscope import attribution, tracing
 
-    if kw.get("sigma") is not None:
-        return None
     if fn is tracing.trace_dataset:
-        return None if kw["corruption"] != "noise" else "image" if "image" in kw["target"] else "text"
+        noise = kw["corruption"] == "noise" and kw.get("sigma") is None
+        return {"sigma": "image" if "image" in kw["target"] else "text"} if noise else {}
     if fn in (attribution.restoration_scores, attribution.group_restoration_scores):
-        return "image"
-    return None
+        return {"sigma": "image"} if kw.get("sigma") is None else {}
+    if fn is tracing.corruption_effects:
+        noise = [t for _, k, t, _ in kw["corruptions"] if k == "noise"]
+        out = {}
+        if kw.get("sigma_text") is None and "constraint" in noise:
+            out["sigma_text"] = "text"
+        if kw.get("sigma_image") is None and any(t != "constraint" for t in noise) and not kw["_cross"]:
+            out["sigma_image"] = "image"
+        return out
+    unresolved = [k for k in kw if k.startswith("sigma") and kw[k] is None]
+    if unresolved:
+        raise MicroscopeError(f"{fn.__name__} estimates {', '.join(unresolved)} from its samples, which a part would "
+                              "do from its own samples only: pass it explicitly (microscope.tracing.noise_sigma("
+                              "handle, samples, 'text' or 'image') over all samples)")
+    return {}
 
 
 def run(fn: Callable[..., pd.DataFrame], handle, samples: Sequence, *, parts: str | Path | None = None,
@@ -310,11 +326,11 @@ def run(fn: Callable[..., pd.DataFrame], handle, samples: Sequence, *, parts: st
     kw = {k: p.default for k, p in sig.parameters.items()
           if p.default is not inspect.Parameter.empty and k != "progress"}
     kw.update(kwargs)
-    modality = _sigma_modality(fn, kw)
-    if modality is not None:  # what fn would estimate from all its samples, once for every part
-        from microscope.tracing import noise_sigma
+    from microscope.crossattn import has_cross_attention
+    from microscope.tracing import noise_sigma
 
-        kw["sigma"] = noise_sigma(handle, samples, modality)
+    for name, modality in _sigmas(fn, {**kw, "_cross": has_cross_attention(handle)}).items():
+        kw[name] = noise_sigma(handle, samples, modality)  # what fn estimates from all its samples, once
     part_size = _part_size(fn, kw, part_size)
     return _run_parts(fn, handle, samples, Path(parts), part_size, kw, w, progress, on_part,
                       "seed" in sig.parameters, "progress" in sig.parameters)

@@ -182,6 +182,9 @@ def test_seeded_and_batched_functions_split_exactly(shapes_handle, tmp_path):
     got = dist.run(at.restoration_scores, h, s, parts=tmp_path / "r", part_size=2, n_noise=2, seed=5, progress=False)
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
     assert got.attrs == ref.attrs
+    ref = tr.corruption_effects(h, s, n_noise=2, seed=3, progress=False)  # sigma_text and sigma_image
+    got = dist.run(tr.corruption_effects, h, s, parts=tmp_path / "c", part_size=2, n_noise=2, seed=3)
+    pd.testing.assert_frame_equal(got, ref, check_exact=True)
     ref = ko.predict(h, s, batch_size=2, progress=False)
     got = dist.run(ko.predict, h, s, parts=tmp_path / "p", batch_size=2, progress=False)
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
