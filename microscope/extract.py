@@ -102,12 +102,16 @@ def capture(handle, layers: Sequence[int], sites: Sequence[str] = ("resid",)) ->
 def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = None,
             roles: Sequence[str] | None = None, sites: Sequence[str] = ("resid",),
             batch_size: int = 16, dtype: str = "float32", progress: bool = True,
-            on_shard: Callable[[int], None] | None = None) -> ActivationStore:
+            on_shard: Callable[[int], None] | None = None, shards: Sequence[int] | None = None
+            ) -> ActivationStore:
     """Extract activations of ``samples`` into the store at ``out_dir`` (resuming if present).
 
     ``layers``: decoder layers (``-1`` = embedding output); default all plus ``-1``.
     ``roles``: roles of the tokens to keep (default every non-pad token).
     ``on_shard(k)`` is called after shard ``k`` is written (progress reporting, tests).
+    ``shards``: compute only these shards (default all); the others are left to other processes
+    writing into the same store (:func:`microscope.distributed.extract`). ``[]`` only creates or
+    checks the store.
     """
     a = handle.adapter
     layers = validate.layers(list(range(-1, a.n_layers)) if layers is None else layers, a.n_layers)
@@ -131,9 +135,16 @@ def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = N
     }
     store = ActivationStore.create_or_resume(out_dir, meta)
     keep_codes = torch.tensor(role_codes(roles))
+    if shards is None:
+        own = range(n_shards)
+    else:
+        own = sorted({int(k) for k in shards})
+        if any(k < 0 or k >= n_shards for k in own):
+            raise ValueError(f"shards must lie in 0..{n_shards - 1} ({len(samples)} samples in batches of "
+                             f"{batch_size}), got {list(shards)}")
     todo = []
-    last_recorded = max((k for k in range(n_shards) if store.shard_path(k, "json").is_file()), default=-1)
-    for k in range(n_shards):
+    last_recorded = max((k for k in own if store.shard_path(k, "json").is_file()), default=-1)
+    for k in own:
         problem = store.shard_problem(k)
         if problem is None:
             continue
