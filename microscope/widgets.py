@@ -105,6 +105,18 @@ def _widget(c: Control):
 # --------------------------------------------------------------------------------------------- explorer
 
 
+def png(fig):
+    """``fig`` as a PNG image for ``display`` (at the screen resolution ``figure.dpi``, cropped to
+    its artists), whatever matplotlib backend the kernel runs."""
+    import io
+
+    from IPython.display import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=plt.rcParams["figure.dpi"], bbox_inches="tight")
+    return Image(data=buf.getvalue(), format="png")
+
+
 @dataclass
 class Explorer:
     """Controls and a draw function ``draw(explorer, **values) -> Figure``.
@@ -171,7 +183,7 @@ class Explorer:
 
         if not interactive:
             fig = self.figure()
-            display(fig)
+            display(png(fig))
             plt.close(fig)
             return fig
         import ipywidgets as w
@@ -198,7 +210,7 @@ class Explorer:
                 with out:
                     out.clear_output(wait=True)
                     fig = self.draw(self, **self.values())
-                    display(fig)
+                    display(png(fig))
                     plt.close(fig)
             finally:
                 self._busy = False
