@@ -482,13 +482,17 @@ def trace_explorer(traces: dict, trace: Callable[[str, str], pd.DataFrame], load
             a.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="k", lw=2))
             cell = trace_cell(d, kind, layer, position)
             s = load(sample)
-            image_with_patches(s, ax=b, legend=False)
-            eff = patch_effects(d, kind, layer, getattr(s, "grid", 0))
+            drawable = all(hasattr(s, a) for a in ("grid", "patch_size", "objects", "image_size"))  # Shapes world
+            if drawable:
+                image_with_patches(s, ax=b, legend=False)
+            else:  # no patch grid to draw on (e.g. a GQA image): the numbers only
+                b.axis("off")
+            eff = patch_effects(d, kind, layer, s.grid) if drawable else None
             if eff is not None:
                 p, g = s.patch_size, s.grid
                 v = max(1e-6, float(np.abs(eff).max()))
                 b.imshow(eff, extent=(0, g * p, g * p, 0), cmap="RdBu_r", vmin=-v, vmax=v, alpha=0.55)
-            b.set_title(f"{s.question}\nrestore {kind} at layer {layer}, token {cell['token']!r}:\n"
+            b.set_title(f"{getattr(s, 'question', sample)}\nrestore {kind} at layer {layer}, token {cell['token']!r}:\n"
                         f"p {cell['p_corrupted']:.3f} → {cell['p_restored']:.3f} (clean {cell['p_clean']:.3f})"
                         + ("" if eff is None else "\noverlay: effect of each image token here"), fontsize=8)
         else:

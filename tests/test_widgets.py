@@ -258,3 +258,12 @@ def test_trace_explorer_token_menu_follows_the_sample():
     assert ex.values()["position"] == 5 and "'t5'" in fig.axes[1].get_title()
     ex.figure(position=2)
     assert ex.figure(sample="s") and ex.values()["position"] == 2  # still offered: kept
+
+
+def test_trace_explorer_without_a_patch_grid_reports_the_cell_only():
+    class Plain:  # a sample with no Shapes-world image (e.g. GQA)
+        question = "what is it?"
+
+    ex = W.trace_explorer({("noise", "s"): _trace()}, lambda sid, cor: None, lambda sid: Plain(), ["s"], "s")
+    fig = ex.figure(layer=1, position=5)
+    assert "p 0.200 → 0.380 (clean 0.900)" in fig.axes[1].get_title() and not fig.axes[1].get_images()
