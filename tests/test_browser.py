@@ -11,7 +11,8 @@ can. Screenshots and the page text of a failure are kept in a folder the failure
 Widget checks in the browser: 01_extraction, 02_geometry (on 01's store), 03_attention_knockout, about a
 minute each on two cores; the disabled-extension check runs a one-cell notebook with an explorer on a
 small table (no model: seconds). 00, 04 and 05 (a minute or two each more) are covered headlessly
-by ``test_notebooks.py`` and the explorers' data logic by ``test_widgets.py``.
+by ``test_notebooks.py`` and the explorers' data logic by ``test_widgets.py``; ``MICROSCOPE_BROWSER_ALL=1``
+drives all six notebooks in the browser.
 Skipped, saying so, when Chromium or chromedriver is not installed (``.ci/run`` installs them).
 """
 
@@ -47,7 +48,9 @@ pytestmark = [
 NOT_RENDERED = ("Error displaying widget", "interactive(children=", "VBox(children=", "HBox(children=",
                 "Output(outputs=")
 #: the notebooks driven in the browser, in order (02 reads 01's store from the run folder)
-IN_BROWSER = ["01_extraction", "02_geometry", "03_attention_knockout"]
+#: (``MICROSCOPE_BROWSER_ALL=1``: all six, about 9 minutes on two cores)
+IN_BROWSER = ([p.stem for p in suite.notebooks()] if os.environ.get("MICROSCOPE_BROWSER_ALL") == "1"
+              else ["01_extraction", "02_geometry", "03_attention_knockout"])
 #: the notebook run with the widget extension disabled: one explorer on a small knockout table
 WITHOUT_WIDGETS = """import pandas as pd
 from microscope.widgets import knockout_explorer
