@@ -377,6 +377,22 @@ def corrupted_mask(d: pd.DataFrame) -> pd.Series:
             | ((target == "other-image") & (d.group == "other image")))
 
 
+def trace_columns(d: pd.DataFrame, collapse_image: bool = True) -> tuple[list[int], list[int]]:
+    """The columns :func:`trace_heatmap` draws for one kind's rows ``d`` of a trace table:
+    ``(kept, collapsed)``, the positions drawn, in order, and the image positions whose effect is
+    0 at every layer (before the first corrupted token) that, with ``collapse_image`` and more than
+    one of them, share one column, the first of them (empty otherwise)."""
+    m = d.pivot_table(index="layer", columns="position", values="effect")
+    role = d.drop_duplicates("position").set_index("position").role
+    keep = list(m.columns)
+    if not collapse_image:
+        return keep, []
+    zero_img = [p for p in keep if role[p] == "image" and (m[p].abs() < 1e-12).all()]
+    if len(zero_img) <= 1:
+        return keep, []
+    return [p for p in keep if p not in zero_img[1:]], zero_img
+
+
 def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image: bool = True,
                   vmax: float | None = None):
     """One sample's indirect effects as a layer × token heatmap, tokens labelled and coloured by
@@ -397,12 +413,7 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
         return empty_panel(ax, df, f"{kind} rows")
     m = d.pivot_table(index="layer", columns="position", values="effect")
     info = d.assign(corrupted=corrupted_mask(d)).drop_duplicates("position").set_index("position").loc[m.columns]
-    keep = list(m.columns)
-    zero_img: list = []
-    if collapse_image:
-        zero_img = [p for p in keep if info.loc[p, "role"] == "image" and (m[p].abs() < 1e-12).all()]
-        if len(zero_img) > 1:
-            keep = [p for p in keep if p not in zero_img[1:]]
+    keep, zero_img = trace_columns(d, collapse_image)
     m = m[keep]
     info = info.loc[keep]
     labels = []
