@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: env test figures lint benchmark clean
+.PHONY: env browser test figures lint benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
-test: env
-	$(BIN)/python -m pytest -q
+# tests/test_browser.py drives JupyterLab in headless Chromium (Debian's chromium and chromium-driver)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	    SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+test: env browser
+	$(BIN)/python -m pytest -q --ignore=tests/test_notebooks.py
+	@echo "the notebooks under papermill on every model type: two kernels at a time, one thread each"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests/test_notebooks.py
 	@echo "geometry once more on other kernels: torch's baseline CPU code, MKL's compatible path, OpenBLAS's oldest x86-64 kernels, one thread"
 	MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" tests/test_geometry.py

@@ -528,7 +528,9 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     ``n_splits`` splits of the *samples* the tokens come from (tokens of one image are not
     independent draws); ``n_samples`` is how many samples the modality's tokens come from.
     ``n_splits=0`` skips the intervals (NaN); so does a half too small for the estimator (with a
-    warning naming the metric).
+    warning naming the metric). A metric undefined on a layer's tokens — every token the same vector
+    (Mllama's one ``<|image|>`` embedding per prompt at the embedding layer), fewer distinct points than
+    the estimator needs — is NaN there, with a warning giving the reason.
     """
     from microscope.progress import tqdm
 
@@ -549,7 +551,7 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     idx = {m: present.index.to_numpy()[i] for m, i in idx.items()}
     samples = {m: tokens["sample_index"].to_numpy()[ix] for m, ix in idx.items()}  # resampling unit
     n_samples = {m: len(np.unique(v)) for m, v in samples.items()}
-    unbanded: set[tuple[str, str]] = set()
+    unbanded: set[tuple[str, ...]] = set()
     rows = []
     pairs = {lay: all_layers[all_layers.index(lay) + 1] if all_layers.index(lay) + 1 < len(all_layers) else None
              for lay in layers}
@@ -572,9 +574,16 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
                 if name.startswith("linearity") and y is None:
                     continue
                 fn, args = _metric(name, x, y)
-                value = fn(*args)
+                try:
+                    value = fn(*args)
+                except ValueError as e:  # undefined here (identical tokens, too few distinct points): NaN, said once
+                    value = np.nan
+                    if (name, m, "value") not in unbanded:
+                        unbanded.add((name, m, "value"))
+                        warnings.warn(f"geometry.profile: {name} of the {m} tokens is undefined at layer {lay} ({e}); "
+                                      "its value is NaN there", stacklevel=2)
                 lo, hi = np.nan, np.nan
-                if n_splits:
+                if n_splits and not np.isnan(value):
                     try:
                         lo, hi = confidence_interval(fn, *args, groups=samples[m], n_splits=n_splits, seed=seed,
                                                      estimate=value)
@@ -586,7 +595,8 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
                                           "more samples for bands", stacklevel=2)
                 rows.append({"model": store.meta["model"], "layer": lay, "role": m, "metric": name,
                              "value": value, "ci_low": lo, "ci_high": hi, "n": len(ix),
-                             "n_samples": n_samples[m], "baseline": _baseline(name, x, y, seed)})
+                             "n_samples": n_samples[m],
+                             "baseline": np.nan if np.isnan(value) else _baseline(name, x, y, seed)})
     return pd.DataFrame(rows)
 
 

@@ -384,3 +384,17 @@ def test_profile_without_enough_samples_for_a_band_says_so(handles, tmp_path):
     assert mle.value.notna().all() and mle.ci_low.isna().any()  # no band where a half has <= k points
     pc1 = df[df.metric == "anisotropy_pc1"]
     assert (pc1.ci_low <= pc1.value).all() and (pc1.value <= pc1.ci_high).all()
+
+
+def test_profile_gives_nan_with_the_reason_where_a_metric_is_undefined(handles, tmp_path):
+    """Mllama's prompt holds one ``<|image|>`` token per image, whose embedding-layer state is the same
+    learned vector in every sample: there the image tokens' metrics are undefined, NaN with a warning
+    saying why; every other layer and modality is measured as usual."""
+    store = extract(handles["mllama"], shapes.generate(12, seed=1), tmp_path / "s", batch_size=12, progress=False)
+    with pytest.warns(UserWarning, match=r"anisotropy_pc1 of the image tokens is undefined at layer -1 \(all 12"):
+        df = G.profile(store, metrics=["linearity", "anisotropy_pc1", "anisotropy_cosine"], n_splits=3,
+                       progress=False)
+    at = df.set_index(["layer", "role", "metric"]).value
+    assert np.isnan(at[(-1, "image", "linearity")]) and np.isnan(at[(-1, "image", "anisotropy_pc1")])
+    assert at[(-1, "image", "anisotropy_cosine")] > 0.999  # identical vectors: cosine 1, still defined
+    assert df[(df.layer != -1) | (df.role != "image")].value.notna().all()

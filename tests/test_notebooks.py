@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from microscope import suite
-from tests.tiny_models import FUSION, MODELS
+from tests.tiny_models import FUSION, MODELS, TINY
 
 #: what a headless run must not print, none of it caused by the user: transformers' deprecation
 #: notices (its FutureWarning and its logged one), torch's warning on wrapping a read-only numpy
@@ -46,6 +46,11 @@ def output_log(path: Path) -> Iterator[None]:
                 os.close(old)
 
 
+#: the tests that read the suite's one run: kept on one worker when the notebooks run in parallel
+#: (``make test``: ``pytest -n 2 --dist loadgroup``), so the suite runs once
+SUITE = pytest.mark.xdist_group("suite")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The whole suite at small parameters; what it printed is in ``root / "suite.log"``."""
@@ -72,6 +77,7 @@ def _outputs(path: Path) -> list[dict]:
     return [o for c in nbformat.read(path, as_version=4).cells for o in c.get("outputs", [])]
 
 
+@SUITE
 def test_suite_writes_executed_notebooks_figures_and_summary(run):
     root, summary = run
     books = suite.notebooks()
@@ -93,6 +99,7 @@ def test_suite_writes_executed_notebooks_figures_and_summary(run):
         assert {f"{name}.pdf", f"{name}.png"} <= figs
 
 
+@SUITE
 def test_tour_and_extraction_headline_numbers(run):
     root, summary = run
     tour = summary["notebooks"]["00_tour"]
@@ -106,6 +113,7 @@ def test_tour_and_extraction_headline_numbers(run):
     assert (root / "run" / "01_extraction" / "norms.parquet").is_file()
 
 
+@SUITE
 def test_geometry_notebook_reuses_the_store_and_reports_per_modality_means(run):
     root, summary = run
     geo = summary["notebooks"]["02_geometry"]
@@ -122,6 +130,7 @@ def test_geometry_notebook_reuses_the_store_and_reports_per_modality_means(run):
     assert {"02_geometry_panel.pdf", "02_geometry_pca.png"} <= figs
 
 
+@SUITE
 def test_knockout_notebook_reports_accuracies_and_largest_drops(run):
     root, summary = run
     ko = summary["notebooks"]["03_attention_knockout"]
@@ -144,6 +153,7 @@ def test_knockout_notebook_reports_accuracies_and_largest_drops(run):
     assert {"03_knockout_by_category.pdf", "03_knockout_related_vs_other.png", "03_logit_lens.pdf"} <= figs
 
 
+@SUITE
 def test_tracing_notebook_reports_corruptions_peak_layers_and_attribution_against_ground_truth(run):
     root, summary = run
     t = summary["notebooks"]["04_information_tracing"]
@@ -183,6 +193,7 @@ def test_tracing_notebook_reports_corruptions_peak_layers_and_attribution_agains
     assert {"coverage", "truth", "owner", "restoration", "integrated gradients"} <= set(table.columns)
 
 
+@SUITE
 def test_editing_notebook_reports_the_three_numbers_per_method_and_the_by_layer_figure(run):
     import pandas as pd
 
@@ -226,20 +237,26 @@ def test_knockout_and_tracing_notebooks_run_on_a_gqa_layout(tmp_path, shapes_han
     assert tr["n_traced"] >= 1 and tr["p_corrupted"] < tr["p_clean"]
 
 
-# One family per distinct image layout: fixed grid (LLaVA-1.5), any-resolution crops with newline tokens
-# (LLaVA-NeXT), image splitting with row/column markers (Idefics3), native grid with M-RoPE (Qwen2-VL),
-# and a custom fusion given as ``module:function`` (OmniFusion example). Their siblings (Qwen2.5-VL,
-# LLaVA-OneVision, Bunny) share those code paths; every analysis the notebooks call is tested on all of
-# them in test_roles, test_extract, test_knockout and test_tracing. Each notebook costs a kernel start.
-NOTEBOOK_FAMILIES = ["llava15", "llava_next", "idefics3", "qwen2_vl", "omnifusion"]
+# Every notebook runs on every model type the suite supports (tests/tiny_models.py) and on a custom fusion
+# given as ``module:function`` (the OmniFusion example). One family per distinct image layout runs at the
+# notebooks' small parameters — fixed grid (LLaVA-1.5), any-resolution crops with newline tokens
+# (LLaVA-NeXT), image splitting with row/column markers (Idefics3), native grid with M-RoPE (Qwen2-VL), the
+# custom fusion; the others at smaller sample counts still (BREADTH_PARAMS): every code path the notebooks
+# take on them runs, at a fraction of the time (each notebook costs a kernel start and a model load).
+LAYOUT_FAMILIES = ["llava15", "llava_next", "idefics3", "qwen2_vl", "omnifusion"]
+NOTEBOOK_FAMILIES = LAYOUT_FAMILIES + [n for n in TINY if n not in LAYOUT_FAMILIES]
 assert set(NOTEBOOK_FAMILIES) <= set(MODELS)
+#: per notebook, the parameters of the families outside LAYOUT_FAMILIES (min()-ed with the small ones)
+BREADTH_PARAMS = {"01": {"n_samples": 12}, "03": {"n_samples": 12, "reference_n": 300, "lens_samples": 6},
+                  "04": {"n_samples": 4, "n_attribution": 4},
+                  "05": {"n_errors": 24, "n_unrelated": 8, "steps": 10, "layers": [0, 3]}}
 CELL_TIMEOUT = 600  # seconds per cell: a hung kernel fails the test instead of stalling the run
 
 
 @pytest.mark.parametrize("name", NOTEBOOK_FAMILIES)
-def test_every_notebook_runs_on_other_model_layouts(tmp_path, tiny_dirs, name, monkeypatch):
-    """The whole suite through papermill parameters on one tiny random-weight family of each image
-    layout (see NOTEBOOK_FAMILIES; random weights answer at chance: every sample is kept)."""
+def test_every_notebook_runs_on_every_model_type(tmp_path, tiny_dirs, name, monkeypatch):
+    """The whole suite through papermill parameters on each tiny random-weight family (random weights
+    answer at chance: every sample is kept)."""
     import papermill as pm
 
     root = str(Path(__file__).resolve().parents[1])  # the kernels import tests.fusion_example from here
@@ -247,16 +264,19 @@ def test_every_notebook_runs_on_other_model_layouts(tmp_path, tiny_dirs, name, m
     monkeypatch.setenv("MICROSCOPE_FACTORIES", "tests.fusion_example")  # the kernels may call its functions
     model = f"tests.fusion_example:{name}" if name in FUSION else str(tiny_dirs[name])
     run = tmp_path / "run"
+    layout = name in LAYOUT_FAMILIES
     for nb in suite.notebooks():
         params = {"model": model, "out_dir": str(run / nb.stem), "figures_dir": str(tmp_path / "fig"),
                   "small": True, "run_dir": str(run), "interactive": False}
         if nb.stem.startswith(("03", "04")):
             params["only_correct"] = False
+        if not layout:
+            params.update(BREADTH_PARAMS.get(nb.stem[:2], {}))
         pm.execute_notebook(str(nb), str(tmp_path / nb.name), cwd=str(suite.NOTEBOOKS), progress_bar=False,
                             parameters=params, execution_timeout=CELL_TIMEOUT)
     ext = json.loads((run / "01_extraction" / "summary.json").read_text())
-    assert ext["n_samples"] == 24 and ext["layers"] == list(range(-1, 4))
+    assert ext["n_samples"] == (24 if layout else 12) and ext["layers"] == list(range(-1, 4))
     ko = json.loads((run / "03_attention_knockout" / "summary.json").read_text())
-    assert ko["n_correct"] == 36 and ko["window"] == 3  # all kept; 4 layers -> k = 3
+    assert ko["n_correct"] == (36 if layout else 12) and ko["window"] == 3  # all kept; 4 layers -> k = 3
     tr = json.loads((run / "04_information_tracing" / "summary.json").read_text())
     assert set(tr["peak_layer"]) <= {"resid", "mlp", "attn"} and tr["n_traced"] >= 1
