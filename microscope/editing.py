@@ -545,7 +545,8 @@ def by_layer(handle, reqs: Sequence[Request], generalization: Sequence[Request],
              **params) -> pd.DataFrame:
     """:func:`edit` + :func:`summary` at each layer × site: one row per (site, layer) with
     ``method, site, layer, efficacy, generalization, specificity, accuracy_before, accuracy_after,
-    kl, norm, seconds``."""
+    kl, norm, seconds``. A (layer, site) the decoder layer does not have is left out (Mllama's
+    cross-attention layers have no ``attn``: :meth:`~microscope.model.Adapter.has_site`)."""
     layers = list(range(handle.adapter.n_layers)) if layers is None else handle.adapter.check_layers(
         layers, allow_embedding=False)
     sites = validate.names(sites, SITES, "sites")
@@ -553,6 +554,8 @@ def by_layer(handle, reqs: Sequence[Request], generalization: Sequence[Request],
     unedited: dict = {}  # the unedited model's answers: the same at every layer and site
     for site in sites:
         for layer in tqdm(layers, desc=f"edit {site} by layer", disable=not progress):
+            if not handle.adapter.has_site(layer, site):
+                continue
             e = edit(handle, reqs, layer, method, site, position, covariance, **params)
             s = summary(evaluate(handle, e, reqs, generalization, specificity, unedited=unedited))
             rows.append({"method": method, "site": site, "layer": layer, **s, "norm": e.norm,

@@ -278,3 +278,18 @@ def test_what_needs_patch_tokens_is_refused_naming_mllama(h):
     # object tests on redrawn images need no patch positions: they run
     obj = ob.object_tests(h, _samples(h, n=2), spaces=["pixels"], only_correct=False, progress=False)
     assert len(obj) and set(obj.space) == {"pixels"} and obj.effect.notna().all()
+
+
+def test_editing_by_layer_leaves_out_the_sites_a_layer_does_not_have(h):
+    """The by-layer editing sweep edits the MLP of every layer and the self-attention of the
+    self-attention layers only: a cross-attention layer has no ``attn`` site to edit."""
+    from microscope import editing as ed
+    from microscope.data import shapes
+
+    samples = shapes.generate(6, seed=3)
+    reqs = ed.requests(samples[:2], "circle")
+    by = ed.by_layer(h, reqs, reqs, samples[2:], method="multedit", position="last", progress=False, steps=2)
+    got = {(r.site, r.layer) for r in by.itertuples()}
+    assert got == {("mlp", 0), ("mlp", 1), ("mlp", 2), ("mlp", 3), ("attn", 0), ("attn", 2)}
+    with pytest.raises(MicroscopeError, match="cannot edit layer 3's attn"):
+        ed.edit(h, reqs, 3, "multedit", "attn", "last", steps=2)
