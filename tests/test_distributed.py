@@ -4,6 +4,7 @@ losing or recomputing a finished part; the CLI runs a notebook over 2 processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,6 +32,18 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTH
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The single-process references run on one thread, as every rank does (``ENV``): float32 sums
+    split over another number of threads round differently (measured: 1e-6 in ``p_blocked``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def torchrun(nproc: int, *args, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / "tests" / "distributed_job.py"), *map(str, args)]
@@ -45,9 +58,10 @@ def reference(shapes_handle, tmp_path_factory):
     """The job's three analyses in this one process, without microscope.distributed."""
     h, s = shapes_handle, job.samples()
     root = tmp_path_factory.mktemp("single")
-    store = extract(h, s, root / "store", progress=False, **job.EXTRACT)
-    sweep = ko.sweep(h, s, progress=False, **{k: v for k, v in job.SWEEP.items() if k != "part_size"})
-    trace = tr.trace_dataset(h, s, progress=False, **{k: v for k, v in job.TRACE.items() if k != "part_size"})
+    with one_thread():
+        store = extract(h, s, root / "store", progress=False, **job.EXTRACT)
+        sweep = ko.sweep(h, s, progress=False, **{k: v for k, v in job.SWEEP.items() if k != "part_size"})
+        trace = tr.trace_dataset(h, s, progress=False, **{k: v for k, v in job.TRACE.items() if k != "part_size"})
     assert len(sweep) and len(trace) and sweep.sample_id.nunique() >= 3  # enough to split
     return {"store": store, "sweep": sweep, "trace": trace}
 
@@ -126,7 +140,8 @@ def test_cli_runs_a_notebook_over_two_processes(shapes_handle, tmp_path):
     assert len(list((out / "parts").glob("part-*.json"))) == 2  # one part per rank (8 + 1 samples)
     got = pd.read_parquet(out / "knockout.parquet")
     h = shapes_handle
-    ref = ko.sweep(h, load_samples("shapes", 9, 1, handle=h), progress=False)  # the notebook's defaults
+    with one_thread():
+        ref = ko.sweep(h, load_samples("shapes", 9, 1, handle=h), progress=False)  # the notebook's defaults
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_samples"] == 9

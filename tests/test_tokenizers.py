@@ -190,8 +190,8 @@ def test_answer_ids_are_what_the_model_generates_after_the_template(real, name):
 def test_answer_ids_follow_the_processors_own_layout(real):
     """PaliGemma has no chat template: its processor writes image tokens, <bos>, the prompt and
     "\n", and the answer is the first token after that "\n" in the same text (Gemma's tokenizer
-    adds no word-boundary mark there; the substitute tokenizer's separately tokenised training
-    suffix would, "▁red", which is why this is not checked through ``suffix=``)."""
+    adds no word-boundary mark there, "red"; a separately tokenised training suffix would, "▁red",
+    which is why this is not checked through ``suffix=``)."""
     from microscope.roles import lays_out_prompt
 
     h = real["paligemma"]
@@ -200,7 +200,7 @@ def test_answer_ids_follow_the_processors_own_layout(real):
     for a, g in zip(["red", "yes"], answer_ids(p, ["red", "yes"])):
         laid = p.prepare_inputs_layout(images=[Image.new("RGB", (8, 8))], text=[p.image_token + "What?"])[1][0]
         ids = tok(laid + a, add_special_tokens=False)["input_ids"]
-        nl = len(ids) - 1 - ids[::-1].index(tok.convert_tokens_to_ids("<0x0A>"))
+        nl = len(ids) - 1 - ids[::-1].index(tok.convert_tokens_to_ids("\n"))  # Gemma's own "\n" piece
         assert ids[nl + 1] == g and tok.convert_ids_to_tokens(g) == a
 
 
