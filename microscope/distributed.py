@@ -66,7 +66,7 @@ import pandas as pd
 import torch
 
 from microscope.errors import MicroscopeError
-from microscope.store import ActivationStore, StoreMismatchError, _atomic_write, file_sha256
+from microscope.store import ActivationStore, StoreMismatchError, _atomic_write, file_sha256, read_meta, short
 
 #: samples per part when the function does not batch samples together
 PART_SIZE = 8
@@ -172,17 +172,13 @@ class Parts:
         self.meta = {**identity, "identity": _digest(identity)}
         self.path.mkdir(parents=True, exist_ok=True)
         f = self.path / "meta.json"
-        if f.is_file():
-            try:
-                old = json.loads(f.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise StoreMismatchError(f"{f} is not readable JSON ({e}); nothing was overwritten: pass another "
-                                         "parts directory, or delete it to start over") from e
+        old = read_meta(f, "pass another parts directory, or delete it to start over")
+        if old is not None:
             diff = [k for k in identity if old.get(k) != identity[k]]
             if diff:
                 raise StoreMismatchError(
                     f"{self.path} holds parts of another run (differs in {', '.join(diff)}: "
-                    f"{'; '.join(f'{k}: {_short(old.get(k))} there, {_short(identity[k])} now' for k in diff)}); "
+                    f"{'; '.join(f'{k}: {short(old.get(k))} there, {short(identity[k])} now' for k in diff)}); "
                     "nothing was overwritten: pass another parts directory, or delete it to start over")
         else:  # every rank may get here and writes the same bytes, each through its own temporary file
             tmp = f.with_name(f"meta.json.{uuid.uuid4().hex}.tmp")
@@ -253,11 +249,6 @@ def _jsonable(v):
 
 def _digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()[:32]
-
-
-def _short(v) -> str:
-    s = json.dumps(v, default=repr)
-    return s if len(s) < 60 else s[:57] + "..."
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -354,7 +345,7 @@ def _identity(fn_name: str, handle, samples: Sequence, kw: dict, part_size: int)
 
     text = json.dumps(kw, sort_keys=True, default=repr)
     if " at 0x" in text:  # a repr with a memory address differs between processes
-        raise MicroscopeError(f"{fn_name}: an argument has no stable text form ({_short(text)}), so the ranks cannot "
+        raise MicroscopeError(f"{fn_name}: an argument has no stable text form ({short(text)}), so the ranks cannot "
                               "agree on the run's identity: pass plain values (numbers, strings, lists, dicts)")
     return {"function": fn_name, "arguments": json.loads(text),
             "model": handle.name, "config_hash": handle.config_hash, "weights_hash": handle.weights_hash,

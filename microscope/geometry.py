@@ -551,7 +551,7 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     idx = {m: present.index.to_numpy()[i] for m, i in idx.items()}
     samples = {m: tokens["sample_index"].to_numpy()[ix] for m, ix in idx.items()}  # resampling unit
     n_samples = {m: len(np.unique(v)) for m, v in samples.items()}
-    unbanded: set[tuple[str, ...]] = set()
+    warned: set[tuple[str, ...]] = set()  # (metric, modality, what): each said once
     rows = []
     pairs = {lay: all_layers[all_layers.index(lay) + 1] if all_layers.index(lay) + 1 < len(all_layers) else None
              for lay in layers}
@@ -578,8 +578,8 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
                     value = fn(*args)
                 except ValueError as e:  # undefined here (identical tokens, too few distinct points): NaN, said once
                     value = np.nan
-                    if (name, m, "value") not in unbanded:
-                        unbanded.add((name, m, "value"))
+                    if (name, m, "value") not in warned:
+                        warned.add((name, m, "value"))
                         warnings.warn(f"geometry.profile: {name} of the {m} tokens is undefined at layer {lay} ({e}); "
                                       "its value is NaN there", stacklevel=2)
                 lo, hi = np.nan, np.nan
@@ -588,8 +588,8 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
                         lo, hi = confidence_interval(fn, *args, groups=samples[m], n_splits=n_splits, seed=seed,
                                                      estimate=value)
                     except ValueError as e:  # a half too small for this estimator: no band, said once
-                        if (name, m) not in unbanded:
-                            unbanded.add((name, m))
+                        if (name, m, "band") not in warned:
+                            warned.add((name, m, "band"))
                             warnings.warn(f"geometry.profile: no confidence band for {name} on {m} tokens: half "
                                           f"of the {n_samples[m]} samples is too few ({e}); extract "
                                           "more samples for bands", stacklevel=2)

@@ -114,12 +114,8 @@ class ActivationStore:
         meta = {**meta, "format": FORMAT, "identity": identity_digest(meta)}
         path.mkdir(parents=True, exist_ok=True)
         f = path / META
-        if f.is_file():
-            try:
-                old = json.loads(f.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise StoreMismatchError(f"{f} is not readable JSON ({e}); nothing was overwritten: pass another "
-                                         "out_dir, or delete the directory to start over") from e
+        old = read_meta(f, "pass another out_dir, or delete the directory to start over")
+        if old is not None:
             if old.get("format") != FORMAT:
                 raise StoreMismatchError(
                     f"{path} was written by an older microscope without shard checksums; it cannot be resumed "
@@ -340,12 +336,24 @@ def _differences(old: dict, new: dict) -> list[str]:
                        "image) than the stored one, although the ids match (e.g. other generate options such as "
                        "categories or max_objects, or other files)")
         else:
-            out.append(f"{_WHAT.get(k, k)}: store has {_short(a)}, this run {_short(b)}")
+            out.append(f"{_WHAT.get(k, k)}: store has {short(a)}, this run {short(b)}")
     return out
 
 
-def _short(v) -> str:
-    s = json.dumps(v)
+def read_meta(f: Path, fix: str) -> dict | None:
+    """The JSON record ``f`` of a directory being resumed, ``None`` when there is none yet; a record
+    that is not readable JSON is refused (:class:`StoreMismatchError`) with ``fix``, nothing overwritten."""
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreMismatchError(f"{f} is not readable JSON ({e}); nothing was overwritten: {fix}") from e
+
+
+def short(v) -> str:
+    """``v`` as JSON (``repr`` for what JSON cannot hold), cut to 60 characters for a message."""
+    s = json.dumps(v, default=repr)
     return s if len(s) < 60 else s[:57] + "..."
 
 
