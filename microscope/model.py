@@ -675,10 +675,10 @@ def _from_factory(spec: str, device, dtype, allow_factory: bool = False) -> Hand
 def _resolve(name_or_path: str) -> Checkpoint:
     """The checkpoint directory of a bundled name, a local directory or a cached hub id, with the
     fix its errors will suggest (the bundled model's file check applies to bundled names only)."""
-    from microscope.zoo import BUNDLED, REBUILD, model_dir
+    from microscope.zoo import BUNDLED, model_dir, rebuild
 
     if name_or_path in BUNDLED:
-        return Checkpoint(model_dir(name_or_path), REBUILD)
+        return Checkpoint(model_dir(name_or_path), rebuild(name_or_path))
     path = Path(name_or_path).expanduser()
     if name_or_path.startswith((".", "~", "/")) or path.is_dir():
         if not path.is_dir():
@@ -786,6 +786,17 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
 
     ckpt = _resolve(str(name_or_path))
     path = ckpt.path
+    from microscope.zoo import shapes_omnifusion
+
+    if shapes_omnifusion.is_fusion_dir(path):  # a microscope fusion directory (shapes-omnifusion's format)
+        if device_map is not None:
+            raise MicroscopeError(f"{path} is a microscope fusion model: load it on one device (device=...), "
+                                  "not with device_map")
+        h = shapes_omnifusion.load_dir(path, ckpt.fix, name=str(name_or_path),
+                                       attn_implementation=attn_implementation)
+        if device is not None or dtype not in (None, "auto"):
+            h.model.to(device=device, dtype=None if dtype == "auto" else dtype)
+        return h
     try:
         config, config_error = AutoConfig.from_pretrained(path, local_files_only=True), None
     except Exception as e:

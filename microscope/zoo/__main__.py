@@ -1,6 +1,7 @@
 """Command line of the model zoo.
 
     python -m microscope.zoo train shapes-llava --out DIR [--seed S] [--steps N ...]
+    python -m microscope.zoo train shapes-omnifusion --out DIR [--seed S] [--steps N ...]
     python -m microscope.zoo evaluate shapes-llava [--model-dir DIR] --n N --seed S
 
 ``train`` runs the training recipe (:mod:`microscope.zoo.training`) and writes the
@@ -18,7 +19,7 @@ import time
 
 from microscope.errors import MicroscopeError
 
-MODELS = ("shapes-llava",)
+MODELS = ("shapes-llava", "shapes-omnifusion")
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                          if getattr(args, f.name, None) is not None}
-            info = train(args.out, Recipe(**overrides), log=lambda s: print(s, flush=True))
+            info = train(args.out, Recipe(**overrides), log=lambda s: print(s, flush=True), style=args.model)
             write_model_card(args.out, info)
             return 0
         from microscope.model import load
