@@ -32,7 +32,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
             return False
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
-    types = {"int": int, "float": float, "bool": flag}
+    types = {"int": int, "float": float, "bool": flag, "str": str}
     for f in dataclasses.fields(Recipe):
         t = types.get(str(f.type))
         if t is not None:

@@ -154,8 +154,8 @@ def handle(decoder: LlamaForCausalLM, encoder: OmniEncoder, tokenizer, image_siz
     fm = fuse(decoder, tokenizer, encode_images=encoder.eval(),
               preprocess=lambda images: ip(images, return_tensors="pt")["pixel_values"],
               n_image_tokens=(image_size // patch_size) ** 2, template=TEMPLATE, post_embed=encoder.post_embed,
-              image_size=image_size, patch_size=patch_size, name=name)
-    fm.processor.image_boundary_tokens = (BEGIN_IMAGE, END_IMAGE)
+              image_size=image_size, patch_size=patch_size, image_boundary_tokens=(BEGIN_IMAGE, END_IMAGE),
+              name=name)
     return fm
 
 

@@ -76,9 +76,13 @@ class Recipe:
     #: vectors, decoder frozen) before instruction tuning
     align_steps: int = 200
     #: shapes-omnifusion only: self-supervised pre-training of the convolutional encoder
-    conv_steps: int = 800
+    conv_steps: int = 150
     conv_lr: float = 2e-3
     conv_mask: float = 0.25
+    #: a trained shapes-llava (bundled name or directory) whose CLIP tower is taken instead of
+    #: running :func:`train_vision` again; it must come from this recipe's vision fields and seed
+    #: (the stage is deterministic, so the tower is the one it would compute). Empty: train it.
+    vision_from: str = ""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -329,6 +333,30 @@ def train_vision(model, processor, r: Recipe, log: Callable[[str], None]) -> dic
     return {"vision_patch_accuracy": acc}
 
 
+def take_vision(model, r: Recipe, log: Callable[[str], None]) -> dict:
+    """Stage 1 by copy: the CLIP tower of the trained shapes-llava ``r.vision_from``, checked to
+    come from the same vision recipe fields and seed as ``r``."""
+    from safetensors.torch import load_file
+
+    from microscope.zoo import model_dir
+
+    src = model_dir(r.vision_from)
+    info = json.loads((src / "training_log.json").read_text())
+    keys = ("seed", "vision_samples", "vision_steps", "vision_batch", "vision_lr", "weight_decay", "clip")
+    diff = {k: (info["recipe"].get(k), getattr(r, k)) for k in keys if info["recipe"].get(k) != getattr(r, k)}
+    if diff:
+        raise ValueError(f"vision_from={r.vision_from!r} was trained with other vision settings {diff} "
+                         "(theirs, this recipe's): its tower is not this recipe's; train it instead (vision_from='')")
+    state = {k.split("vision_tower.", 1)[1]: v for k, v in load_file(str(src / "model.safetensors")).items()
+             if "vision_tower." in k}  # saved as "vision_tower.*" or "model.vision_tower.*"
+    model.model.vision_tower.load_state_dict(state)
+    model.model.vision_tower.eval()
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    log(f"vision tower taken from {src} (same vision recipe and seed {r.seed})")
+    return {"vision_patch_accuracy": info["vision_patch_accuracy"], "vision_from": str(r.vision_from)}
+
+
 def _schedule(opt, steps: int, warmup: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -565,7 +593,7 @@ def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], No
     t0 = time.time()
     processor = build_processor()
     model = build_model(processor, seed=r.seed)
-    v = train_vision(model, processor, r, log)
+    v = take_vision(model, r, log) if r.vision_from else train_vision(model, processor, r, log)
     extra: dict = {}
     if style == "shapes-llava":
         fusion = llava_fusion(model, processor)
