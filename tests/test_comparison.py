@@ -100,3 +100,32 @@ def test_compare_parameter_takes_a_list_of_models():
         suite.check_parameters(nb, {"compare": {"a": 1}}, declared)
     with pytest.raises(ValueError, match="not a valid list literal"):  # unbalanced: not split into names
         as_list("[a, b", "compare")
+
+
+def test_notebook_compares_any_two_model_directories(tmp_path):
+    """Notebook 02 with ``compare`` = two directories (a LLaVA and a saved OmniFusion-style model
+    with random weights): overlay figures and verdicts, from the live profiles alone."""
+    import json
+
+    import papermill as pm
+
+    from microscope.zoo import model_dir
+    from microscope.zoo import shapes_omnifusion as omni
+    from tests.test_omnifusion import random_omnifusion
+
+    other = omni.save(random_omnifusion(seed=3), tmp_path / "omni_random")
+    run, fig = tmp_path / "run", tmp_path / "fig"
+    pm.execute_notebook(str(suite.NOTEBOOKS / "02_geometry.ipynb"), str(tmp_path / "02.ipynb"),
+                        cwd=str(suite.NOTEBOOKS), progress_bar=False, execution_timeout=600,
+                        parameters={"model": "shapes-llava", "out_dir": str(run), "figures_dir": str(fig),
+                                    "small": True, "run_dir": str(run), "interactive": False,
+                                    "compare": f"[{model_dir('shapes-llava')}, {other}]"})
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["compare"] == [str(model_dir("shapes-llava")), str(other)]
+    assert set(summary["findings"]) == {"higher_id", "lower_anisotropy", "consistent_layers"}
+    table = pd.read_parquet(run / "compare_verdicts.parquet")
+    # no seed tables for "omni_random": one live profile per model, so nothing is separable
+    assert set(table.verdict) == {"inseparable"} and table.note.str.contains("not measured").all()
+    prof = pd.read_parquet(run / "compare_geometry.parquet")
+    assert set(prof.model) == set(summary["compare"]) and prof.ci_low.notna().any()
+    assert {f"02_compare_{m}.png" for m in METRICS} <= {p.name for p in fig.iterdir()}
