@@ -2,7 +2,7 @@
 
     python -m microscope.zoo train shapes-llava --out DIR [--seed S] [--steps N ...]
     python -m microscope.zoo train shapes-omnifusion --out DIR [--seed S] [--steps N ...]
-    python -m microscope.zoo evaluate shapes-llava [--model-dir DIR] --n N --seed S
+    python -m microscope.zoo evaluate shapes-llava [--model-dir DIR] --n N --seed S [--card]
     python -m microscope.zoo seeds --seeds 0 1 2 [--work runs/seeds] [--tables DIR]
 
 ``train`` runs the training recipe (:mod:`microscope.zoo.training`) and writes the
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n", type=int, default=2000, help="number of fresh samples")
     ev.add_argument("--seed", type=int, default=7, help="generator seed (< 1000: never trained on)")
     ev.add_argument("--batch", type=int, default=64)
+    ev.add_argument("--card", action="store_true",
+                    help="also rewrite the model directory's MODEL_CARD.md with this report (needs training_log.json)")
     sd = sub.add_parser("seeds", help="train extra seeds of both styles and write their geometry tables")
     sd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sd.add_argument("--styles", nargs="+", default=list(MODELS), choices=MODELS)
@@ -93,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
                           progress=sys.stderr.isatty())
         report["seconds"] = round(time.time() - t, 1)
         print(json.dumps(report, indent=1))
+        if args.card:
+            from pathlib import Path
+
+            from microscope.zoo import model_dir
+            from microscope.zoo.model_card import write_model_card
+
+            where = model_dir(str(args.model_dir or args.model))
+            log_file = Path(where) / "training_log.json"
+            if not log_file.is_file():
+                print(f"error: --card needs {log_file} (written by train)", file=sys.stderr)
+                return 2
+            print(f"wrote {write_model_card(where, json.loads(log_file.read_text()), report)}", file=sys.stderr)
         return 0
     except MicroscopeError as e:
         print(f"error: {e}", file=sys.stderr)
