@@ -79,9 +79,13 @@ def test_seed_tables_round_trip(tmp_path):
         C.write_seed_table(pd.concat([a, a.assign(seed=2)]), tmp_path)
 
 
-def test_committed_seed_tables_cover_both_styles_at_every_layer():
+def test_committed_seed_tables_cover_every_shipped_style_at_every_layer():
+    from microscope.zoo import BUNDLED
+
     seeds = C.read_seed_tables()
-    assert {"shapes-llava", "shapes-omnifusion"} <= set(seeds["style"])
+    shipped = {name for name, path in BUNDLED.items() if (path / "model.safetensors").is_file()}
+    assert "shapes-llava" in shipped
+    assert {(s, 0) for s in shipped} <= set(zip(seeds["style"], seeds["seed"]))  # seed 0: the shipped weights
     for (style, seed), g in seeds.groupby(["style", "seed"]):
         assert set(g.layer) == set(range(-1, 6)), (style, seed)
         assert set(g.metric) == set(METRICS), (style, seed)
