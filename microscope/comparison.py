@@ -63,6 +63,23 @@ FINDINGS: tuple[Finding, ...] = (
 )
 
 
+#: the bundled pair, LLaVA-style first
+BUNDLED_PAIR = ("shapes-llava", "shapes-omnifusion")
+
+
+def bundled_pair() -> tuple[list[str], str]:
+    """``(models, note)``: :data:`BUNDLED_PAIR` when both models' weights are installed, else
+    ``[]`` and a note naming what is missing and how to make it."""
+    from microscope.zoo import BUNDLED
+
+    missing = [m for m in BUNDLED_PAIR if not (BUNDLED[m] / "model.safetensors").is_file()]
+    if missing:
+        return [], (f"{', '.join(missing)} is not installed ({', '.join(str(BUNDLED[m]) for m in missing)} has no "
+                     f"weights): the fusion comparison is skipped; train it with `python -m microscope.zoo train "
+                     f"{missing[0]} --out {BUNDLED[missing[0]]} --vision-from shapes-llava`")
+    return list(BUNDLED_PAIR), ""
+
+
 def statistic(profile: pd.DataFrame, metric: str, kind: str, role: str = "image") -> float:
     """Mean (``kind="mean"``) or standard deviation (``"sd"``, ddof 1) over decoder layers ``>= 0``
     of ``metric`` on ``role`` tokens of one profile (rows of one model and seed)."""
