@@ -19,13 +19,13 @@ from microscope.errors import ModelNotFoundError
 from microscope.knockout import edge_masks
 from microscope.roles import ROLE_CODE
 from microscope.tracing import token_groups
-from microscope.zoo import model_dir
+from microscope.zoo import BUNDLED, model_dir
 from microscope.zoo import shapes_omnifusion as omni
 from microscope.zoo.shapes_llava import ARCH, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the bundled weights' tests need them installed (train: see the reason)
-SHIPPED = pytest.mark.skipif(not (model_dir("shapes-llava").parent / "shapes-omnifusion" / "model.safetensors").is_file(),
+SHIPPED = pytest.mark.skipif(not (BUNDLED["shapes-omnifusion"] / "model.safetensors").is_file(),
                              reason="shapes-omnifusion's weights are not installed: python -m microscope.zoo train "
                                     "shapes-omnifusion --out microscope/zoo/weights/shapes-omnifusion "
                                     "--vision-from shapes-llava")
