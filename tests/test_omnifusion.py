@@ -84,6 +84,31 @@ def test_begin_end_of_image_tokens_have_their_own_role(rand, shapes_handle):
     assert groups.count("image_boundary") == 2
 
 
+def test_image_to_text_knockout_also_cuts_the_path_through_the_end_of_image_marker(rand):
+    """<EOI> reads the image; if only the text were blocked from the image, the last position would
+    still see it through <EOI>. image↛text blocks the markers too: the answer no longer depends on
+    the image."""
+    from microscope import knockout as ko
+
+    s = shapes.generate(2, seed=5)
+    q = s[0].question
+    b = microscope.prepare(rand, [s[0].image, s[1].image], [q, q])
+    layers = range(rand.adapter.n_layers)
+
+    def last(blocks):
+        with torch.no_grad(), ko.knockout(rand, blocks):
+            return rand.model(**b.inputs).logits[:, -1]
+
+    base = last([])
+    assert (base[0] - base[1]).abs().max() > 1e-3
+    src = b.role_mask("image")
+    text_only = b.role_mask(["template", "question", "constraint", "last"])
+    leaky = last([ko.Block(src, text_only, layers)])
+    assert (leaky[0] - leaky[1]).abs().max() > 1e-4  # through <EOI>
+    blocked = last([ko.edge_block(rand, b, "image↛text", layers)])
+    assert (blocked[0] - blocked[1]).abs().max() < 1e-5
+
+
 def test_markers_are_the_learned_vectors_and_inference_matches_training(rand):
     from microscope.zoo.training import omnifusion_fusion
 
