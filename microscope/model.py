@@ -705,6 +705,28 @@ def _resolve(name_or_path: str) -> Checkpoint:
     )
 
 
+def _fusion_reader(path: Path) -> Callable | None:
+    """The reader of a microscope fusion directory (:data:`microscope.zoo.FUSION_READERS`, by the
+    value of ``config.json``'s ``"microscope_fusion"``), ``None`` for any other directory; an
+    unknown value is a :class:`ModelNotFoundError` naming the known ones."""
+    import importlib
+    import json
+
+    from microscope.zoo import FUSION_KEY, FUSION_READERS
+
+    try:
+        kind = json.loads((path / "config.json").read_text()).get(FUSION_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None  # judged by the ordinary checks
+    if kind is None:
+        return None
+    if kind not in FUSION_READERS:
+        raise ModelNotFoundError(f"{path}/config.json names fusion style {kind!r}; this version reads "
+                                 f"{sorted(FUSION_READERS)}: re-save it with a matching microscope")
+    mod, fn = FUSION_READERS[kind].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
 def _check_supported(config, path: Path) -> str:
     """The transformers class name for ``config``'s model type (transformers' image-text-to-text
     auto mapping); a reasoned refusal for families whose attention or image input the suite does
@@ -786,14 +808,12 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
 
     ckpt = _resolve(str(name_or_path))
     path = ckpt.path
-    from microscope.zoo import shapes_omnifusion
-
-    if shapes_omnifusion.is_fusion_dir(path):  # a microscope fusion directory (shapes-omnifusion's format)
+    reader = _fusion_reader(path)
+    if reader is not None:  # a microscope fusion directory (shapes-omnifusion's format)
         if device_map is not None:
             raise MicroscopeError(f"{path} is a microscope fusion model: load it on one device (device=...), "
                                   "not with device_map")
-        h = shapes_omnifusion.load_dir(path, ckpt.fix, name=str(name_or_path),
-                                       attn_implementation=attn_implementation)
+        h = reader(path, ckpt.fix, name=str(name_or_path), attn_implementation=attn_implementation)
         if device is not None or dtype not in (None, "auto"):
             h.model.to(device=device, dtype=None if dtype == "auto" else dtype)
         return h

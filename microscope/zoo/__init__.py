@@ -17,6 +17,12 @@ from microscope.errors import ModelNotFoundError
 WEIGHTS = Path(__file__).parent / "weights"
 BUNDLED: dict[str, Path] = {"shapes-llava": WEIGHTS / "shapes-llava",
                             "shapes-omnifusion": WEIGHTS / "shapes-omnifusion"}
+#: readers of microscope fusion directories (``config.json`` key ``"microscope_fusion"``), by that key's
+#: value, as ``"module:function"`` — ``function(path, fix, name=, attn_implementation=)`` returns a Handle.
+#: :func:`microscope.load` imports the reader by name, like a model factory: the fusion modules import
+#: :mod:`microscope.model` (for ``Handle``), which must not import them.
+FUSION_READERS: dict[str, str] = {"omnifusion": "microscope.zoo.shapes_omnifusion:load_dir"}
+FUSION_KEY = "microscope_fusion"
 #: the files every bundled model ships (user checkpoints are checked by :mod:`microscope.checkpoint`)
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
 #: the fix for a bundled model whose files are missing or corrupt

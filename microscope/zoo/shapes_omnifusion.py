@@ -37,7 +37,8 @@ from microscope.errors import ModelNotFoundError
 #: tokens written around the image: OmniFusion's start/end-of-image markers
 BEGIN_IMAGE, END_IMAGE = "<SOI>", "<EOI>"
 TEMPLATE = "USER: " + BEGIN_IMAGE + "{image}" + END_IMAGE + "\n{question} ASSISTANT:"
-#: ``config.json`` key that marks a microscope fusion directory, and this style's value
+#: ``config.json`` key that marks a microscope fusion directory (:data:`microscope.zoo.FUSION_READERS`),
+#: and this style's value
 KIND_KEY, KIND = "microscope_fusion", "omnifusion"
 #: sizes of the convolutional encoder and the adapter
 CONV: dict[str, int] = {"width": 96, "hidden": 64}
