@@ -357,7 +357,7 @@ KIND_LABELS = {"resid": "residual state", "mlp": "MLP output", "attn": "attentio
 GROUP_COLORS = {
     "first constraint": "#F0B27A", "middle constraint": "#E69F00", "last constraint": "#D55E00",
     "other question": "#CC79A7", "related image": "#0072B2", "other image": "#56B4E9", "template": "#999999",
-    "last": "#009E73", "image_boundary": "#000000",
+    "last": "#009E73", "image_boundary": "#6A3D9A",
 }
 
 
