@@ -98,7 +98,11 @@ def _omnifusion_head(info: dict) -> list[str]:
         "## Recipe",
         "",
         f"1. Encoders. CLIP tower: shapes-llava's vision pre-training ({r['vision_steps']} steps × "
-        f"{r['vision_batch']} images, same seed; patch accuracy {info['vision_patch_accuracy']:.3f}). CNN: "
+        f"{r['vision_batch']} images, same seed; patch accuracy {info['vision_patch_accuracy']:.3f}"
+        + (f"; its weights taken from the trained `{info['vision_from']}`, whose training log shows the same "
+           "vision settings and seed, instead of recomputing the deterministic stage"
+           if info.get("vision_from") else "")
+        + "). CNN: "
         f"{r['conv_steps']} steps × {r['vision_batch']} of the same images, AdamW lr {r['conv_lr']}; "
         f"{r['conv_mask']:.0%} of the input patches masked, every patch's 4×4 RGB thumbnail reconstructed "
         f"by a linear head (final MSE {info.get('conv_reconstruction_mse', float('nan')):.3f}). Both frozen "
@@ -118,7 +122,9 @@ def _omnifusion_head(info: dict) -> list[str]:
         f"(encoders {sec['vision']:.0f} s, alignment + instruction tuning {sec['decoder']:.0f} s), "
         f"torch {info['torch']}.",
         "",
-        "Reproduce: `python -m microscope.zoo train shapes-omnifusion --out DIR`.",
+        "Reproduce: `python -m microscope.zoo train shapes-omnifusion --out DIR"
+        + (f" --vision-from {info['vision_from']}" if info.get("vision_from") else "") + "`, then "
+        "`python -m microscope.zoo evaluate shapes-omnifusion --model-dir DIR --n 2000 --seed 7 --card`.",
         "",
     ]
 
