@@ -207,3 +207,30 @@ def test_training_script_end_to_end(tmp_path):
     assert 0.0 <= json.loads(r.stdout)["overall"] <= 1.0
     assert b"<SOI>" in (a / "tokenizer.json").read_bytes()
     assert ROLE_CODE["image_boundary"] == len(ROLE_CODE) - 1
+
+
+def test_seeds_command_trains_both_styles_and_writes_their_tables(tmp_path):
+    """``python -m microscope.zoo seeds`` (what ``make seeds`` runs) at a tiny recipe: shapes-llava
+    of the seed first, then shapes-omnifusion with that seed's CLIP tower; one table per model."""
+    from microscope import comparison as C
+
+    out = _cli("seeds", "--seeds", "1", "--work", str(tmp_path / "w"), "--tables", str(tmp_path / "t"),
+               *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = json.loads((tmp_path / "w" / "shapes-omnifusion-seed1" / "training_log.json").read_text())
+    assert log["recipe"]["seed"] == 1 and log["vision_from"].endswith("shapes-llava-seed1")
+    llava = load_file_tower(tmp_path / "w" / "shapes-llava-seed1")
+    omni_tower = microscope.load(str(tmp_path / "w" / "shapes-omnifusion-seed1")).model.encode_images.tower.state_dict()
+    assert all(torch.equal(llava[k], omni_tower[k]) for k in omni_tower)
+    tables = C.read_seed_tables(tmp_path / "t")
+    assert set(zip(tables["style"], tables["seed"])) == {("shapes-llava", 1), ("shapes-omnifusion", 1)}
+    first = (tmp_path / "t" / "shapes-omnifusion-seed1.csv").read_text().splitlines()[0]
+    assert first.startswith("# made by: python -m microscope.zoo seeds --seeds 1") and "--steps 4" in first
+
+
+def load_file_tower(path: Path) -> dict:
+    """The CLIP tower's weights of a saved shapes-llava directory."""
+    from safetensors.torch import load_file
+
+    return {k.split("vision_tower.", 1)[1]: v for k, v in load_file(str(path / "model.safetensors")).items()
+            if "vision_tower." in k}

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--styles", nargs="+", default=list(MODELS), choices=MODELS)
     sd.add_argument("--work", default="runs/seeds", help="where the extra seeds' weights are trained")
     sd.add_argument("--tables", default=None, help="table folder (default: the package's seed_profiles)")
+    _recipe_args(sd)  # overrides for experiments; the committed tables use the defaults
     args = ap.parse_args(argv)
 
     try:
@@ -121,8 +122,10 @@ def _seeds(args) -> int:
     from microscope.zoo.model_card import write_model_card
     from microscope.zoo.training import Recipe, train
 
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+                 if getattr(args, f.name, None) is not None and f.name not in ("seed", "vision_from")}
     command = "python -m microscope.zoo seeds --seeds " + " ".join(map(str, args.seeds)) + \
-        " --styles " + " ".join(args.styles)
+        " --styles " + " ".join(args.styles) + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
     work = Path(args.work)
     for seed in args.seeds:
         for style in sorted(args.styles, key=MODELS.index):  # shapes-llava first: its tower is reused
@@ -134,7 +137,8 @@ def _seeds(args) -> int:
                     t = time.time()
                     extra = {"vision_from": str(work / f"shapes-llava-seed{seed}")} \
                         if style == "shapes-omnifusion" else {}
-                    info = train(where, Recipe(seed=seed, **extra), log=lambda s: print(s, flush=True), style=style)
+                    info = train(where, Recipe(seed=seed, **overrides, **extra), log=lambda s: print(s, flush=True),
+                                 style=style)
                     write_model_card(where, info)
                     print(f"[seeds] {style} seed {seed} trained in {time.time() - t:.0f}s", flush=True)
             df = seed_profile(load(str(where)), style, seed)
