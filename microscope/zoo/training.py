@@ -74,7 +74,7 @@ class Recipe:
     threads: int = 2
     #: shapes-omnifusion only: steps of OmniFusion's alignment stage (adapter and begin/end-of-image
     #: vectors, decoder frozen) before instruction tuning
-    align_steps: int = 200
+    align_steps: int = 100
     #: shapes-omnifusion only: self-supervised pre-training of the convolutional encoder
     conv_steps: int = 150
     conv_lr: float = 2e-3
