@@ -1,12 +1,14 @@
 # mllm-microscope — every target builds the environment it needs first.
 #   make figures   run the whole notebook suite on the embedded model (figures/ + runs/latest/)
 #   make test      run all tests
+#   make seeds     train seeds 1, 2 of shapes-llava and shapes-omnifusion (runs/seeds/) and write every
+#                  seed's geometry profile table to microscope/zoo/seed_profiles/ (commit those)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: env browser test figures lint benchmark clean
+.PHONY: env browser test figures seeds lint benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +35,9 @@ test: env browser
 
 figures: env
 	$(BIN)/python -m microscope.suite --out runs/latest --figures figures
+
+seeds: env
+	$(BIN)/python -m microscope.zoo seeds --seeds 0 1 2 --work runs/seeds
 
 lint: env
 	$(BIN)/ruff check microscope tests benchmarks

@@ -19,7 +19,8 @@ causal LM. The suite needs three things from such a model:
 
 The fused input is ``x_t = E[ids_t]`` for text positions and ``x_t = f(image)_k`` for the k-th
 image position (row-major over the batch, one image per prompt); ``post_embed(model, ids, x)``
-may rewrite it further (OmniFusion's learned ⟨SOI⟩/⟨EOI⟩ vectors). The placeholder id need not
+may rewrite it further (OmniFusion's learned ⟨SOI⟩/⟨EOI⟩ vectors; name those marker tokens in
+``image_boundary_tokens`` and they get the role ``image_boundary``). The placeholder id need not
 exist in the decoder's vocabulary: its rows are overwritten before the decoder sees them.
 
 Notebooks take such a model as ``model="package.module:function"`` — a function that builds and
@@ -48,7 +49,7 @@ class FusionProcessor:
     """
 
     def __init__(self, tokenizer, preprocess: Callable, n_image_tokens: int, image_token: str = "<image>",
-                 template: str = DEFAULT_TEMPLATE):
+                 template: str = DEFAULT_TEMPLATE, image_boundary_tokens: Sequence[str] = ()):
         if template.count("{image}") != 1 or template.count("{question}") != 1:
             raise ValueError(f"template must contain {{image}} and {{question}} once each, got {template!r}")
         if not isinstance(n_image_tokens, int) or n_image_tokens < 1:
@@ -63,6 +64,12 @@ class FusionProcessor:
         self.image_token = image_token
         self.image_token_id = int(ids[0])
         self.template = template
+        for t in image_boundary_tokens:
+            if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1 or t not in template:
+                raise ValueError(f"image boundary token {t!r} must be one token of this tokenizer and appear in the "
+                                 f"template {template!r}")
+        #: begin/end-of-image marker tokens (role ``image_boundary``, :mod:`microscope.roles`)
+        self.image_boundary_tokens = tuple(image_boundary_tokens)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, **_) -> str:
         """The prompt of one user turn (an image and text): ``template`` filled in."""
@@ -158,13 +165,16 @@ def _decoder_parts(decoder: PreTrainedModel) -> tuple[torch.nn.ModuleList, torch
 
 def fuse(decoder: PreTrainedModel, tokenizer, encode_images: Callable, preprocess: Callable, n_image_tokens: int,
          *, image_token: str = "<image>", template: str = DEFAULT_TEMPLATE, post_embed: Callable | None = None,
-         image_size: int | None = None, patch_size: int | None = None, name: str = "fusion") -> Handle:
+         image_size: int | None = None, patch_size: int | None = None, image_boundary_tokens: Sequence[str] = (),
+         name: str = "fusion") -> Handle:
     """A :class:`~microscope.model.Handle` for a custom-fusion model (see the module doc).
 
     ``preprocess(images) -> pixel_values``: PIL images to the encoder's input tensor (an HF image
     processor works). ``image_size``/``patch_size``: give them when the ``n_image_tokens`` vectors
     are one per patch of a fixed ``(image_size / patch_size)²`` grid in raster order; the
-    related/other-image knockout edges and corruption targets then work too.
+    related/other-image knockout edges and corruption targets then work too. ``image_boundary_tokens``:
+    begin/end-of-image marker tokens of ``template`` (OmniFusion's ``<SOI>``, ``<EOI>``), which
+    get the role ``image_boundary`` instead of ``template``.
     """
     if not isinstance(decoder, PreTrainedModel):
         raise MicroscopeError(f"decoder must be a transformers PreTrainedModel (a causal LM), got "
@@ -178,7 +188,7 @@ def fuse(decoder: PreTrainedModel, tokenizer, encode_images: Callable, preproces
     if image_size is not None and (image_size // patch_size) ** 2 != n_image_tokens:
         raise ValueError(f"a {image_size // patch_size}² patch grid is not {n_image_tokens} image tokens")
     layers, norm = _decoder_parts(decoder)
-    processor = FusionProcessor(tokenizer, preprocess, n_image_tokens, image_token, template)
+    processor = FusionProcessor(tokenizer, preprocess, n_image_tokens, image_token, template, image_boundary_tokens)
     model = FusionModel(decoder, encode_images, processor.image_token_id, post_embed, image_size, patch_size).eval()
     adapter = Adapter(embed=decoder.get_input_embeddings(), layers=layers, final_norm=norm,
                       unembed=decoder.get_output_embeddings(), image_token_id=processor.image_token_id)

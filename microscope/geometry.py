@@ -481,7 +481,8 @@ def balanced_indices(groups: Sequence[str], n: int | None = None, seed: int = 0)
 
 # ----------------------------------------------------------------------------- over a store
 
-#: token roles pooled into each modality; ``template`` (BOS, chat-template words) is left out
+#: token roles pooled into each modality; ``template`` (BOS, chat-template words) and
+#: ``image_boundary`` (two marker tokens per image) are left out
 MODALITIES: dict[str, tuple[str, ...]] = {
     "image": ("image",),
     "text": ("question", "constraint", "last"),

@@ -69,7 +69,9 @@ from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
-TEXT = ("template", "question", "constraint", "last")
+#: every position that is neither image nor padding: as a knockout target, ``image↛text`` also keeps
+#: the image from OmniFusion's begin/end-of-image markers, which the text would otherwise read it through
+TEXT = ("template", "image_boundary", "question", "constraint", "last")
 #: the edges of Zhang et al. (CVPR 2025) swept by default, plus image↛text (image blocked from
 #: every text position: what remains is the question-only prediction)
 EDGES: dict[str, tuple[str, str]] = {

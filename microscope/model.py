@@ -675,10 +675,10 @@ def _from_factory(spec: str, device, dtype, allow_factory: bool = False) -> Hand
 def _resolve(name_or_path: str) -> Checkpoint:
     """The checkpoint directory of a bundled name, a local directory or a cached hub id, with the
     fix its errors will suggest (the bundled model's file check applies to bundled names only)."""
-    from microscope.zoo import BUNDLED, REBUILD, model_dir
+    from microscope.zoo import BUNDLED, model_dir, rebuild
 
     if name_or_path in BUNDLED:
-        return Checkpoint(model_dir(name_or_path), REBUILD)
+        return Checkpoint(model_dir(name_or_path), rebuild(name_or_path))
     path = Path(name_or_path).expanduser()
     if name_or_path.startswith((".", "~", "/")) or path.is_dir():
         if not path.is_dir():
@@ -703,6 +703,28 @@ def _resolve(name_or_path: str) -> Checkpoint:
         f"unknown model {name_or_path!r}: pass a bundled name ({', '.join(BUNDLED)}), a local "
         "directory written by save_pretrained, or a hub id (org/name) already in the HF cache"
     )
+
+
+def _fusion_reader(path: Path) -> Callable | None:
+    """The reader of a microscope fusion directory (:data:`microscope.zoo.FUSION_READERS`, by the
+    value of ``config.json``'s ``"microscope_fusion"``), ``None`` for any other directory; an
+    unknown value is a :class:`ModelNotFoundError` naming the known ones."""
+    import importlib
+    import json
+
+    from microscope.zoo import FUSION_KEY, FUSION_READERS
+
+    try:
+        kind = json.loads((path / "config.json").read_text()).get(FUSION_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None  # judged by the ordinary checks
+    if kind is None:
+        return None
+    if kind not in FUSION_READERS:
+        raise ModelNotFoundError(f"{path}/config.json names fusion style {kind!r}; this version reads "
+                                 f"{sorted(FUSION_READERS)}: re-save it with a matching microscope")
+    mod, fn = FUSION_READERS[kind].split(":")
+    return getattr(importlib.import_module(mod), fn)
 
 
 def _check_supported(config, path: Path) -> str:
@@ -786,6 +808,15 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
 
     ckpt = _resolve(str(name_or_path))
     path = ckpt.path
+    reader = _fusion_reader(path)
+    if reader is not None:  # a microscope fusion directory (shapes-omnifusion's format)
+        if device_map is not None:
+            raise MicroscopeError(f"{path} is a microscope fusion model: load it on one device (device=...), "
+                                  "not with device_map")
+        h = reader(path, ckpt.fix, name=str(name_or_path), attn_implementation=attn_implementation)
+        if device is not None or dtype not in (None, "auto"):
+            h.model.to(device=device, dtype=None if dtype == "auto" else dtype)
+        return h
     try:
         config, config_error = AutoConfig.from_pretrained(path, local_files_only=True), None
     except Exception as e:

@@ -17,7 +17,7 @@ STYLE = Path(__file__).parent / "style" / "microscope.mplstyle"
 #: Okabe-Ito colours per token role
 ROLE_COLORS = {
     "image": "#0072B2", "question": "#E69F00", "constraint": "#D55E00", "template": "#999999",
-    "last": "#009E73", "pad": "#FFFFFF",
+    "last": "#009E73", "pad": "#FFFFFF", "image_boundary": "#56B4E9",
 }
 
 
@@ -357,7 +357,7 @@ KIND_LABELS = {"resid": "residual state", "mlp": "MLP output", "attn": "attentio
 GROUP_COLORS = {
     "first constraint": "#F0B27A", "middle constraint": "#E69F00", "last constraint": "#D55E00",
     "other question": "#CC79A7", "related image": "#0072B2", "other image": "#56B4E9", "template": "#999999",
-    "last": "#009E73",
+    "last": "#009E73", "image_boundary": "#6A3D9A",
 }
 
 
@@ -643,3 +643,58 @@ def edit_by_layer(by_layer: pd.DataFrame, traced: pd.DataFrame | None = None,
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+#: colours of the compared models, in ``compare`` order (Okabe-Ito blue, vermillion, green, purple)
+COMPARE_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7")
+MODALITY_STYLES = {"image": "-", "text": "--"}
+
+
+def compare_metric(df: pd.DataFrame, metric: str, seeds: pd.DataFrame | None = None, ax=None,
+                   models: list[str] | None = None):
+    """Overlay of one geometry metric across layers for several models (a figure of its own).
+
+    ``df``: profiles (:func:`microscope.geometry.profile`) with a ``model`` column; each model has
+    a colour, each modality a line style (image solid, text dashed), the 95 % split-half CI over
+    samples as a band and the baseline as a dotted line. ``seeds``: per-seed profile tables
+    (:func:`microscope.comparison.read_seed_tables`) whose ``style`` equals a model's name; each
+    training seed is drawn as a thin line of the model's colour — the between-seed spread."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.2, 3.6))
+    d = df[df.metric == metric]
+    models = models or list(dict.fromkeys(d.model))
+    seeded = False
+    for j, name in enumerate(models):
+        c = COMPARE_COLORS[j % len(COMPARE_COLORS)]
+        for mod, ls in MODALITY_STYLES.items():
+            g = d[(d.model == name) & (d.role == mod)].sort_values("layer")
+            if g.empty:
+                continue
+            ax.plot(g.layer, g.value, ls=ls, color=c, marker="o" if mod == "image" else "s", ms=3.5, lw=1.8, zorder=3)
+            if g.ci_low.notna().any():
+                ax.fill_between(g.layer, g.ci_low, g.ci_high, color=c, alpha=0.18, lw=0)
+            if g.baseline.notna().any() and j == 0:
+                ax.plot(g.layer, g.baseline, ls=(0, (1, 2)), color="0.35", lw=1)
+            if seeds is not None and len(seeds):
+                s = seeds[(seeds["style"] == Path(str(name)).name) & (seeds.role == mod) & (seeds.metric == metric)]
+                for _, gs in s.groupby("seed"):
+                    gs = gs.sort_values("layer")
+                    ax.plot(gs.layer, gs.value, ls=ls, color=c, lw=0.8, alpha=0.55, zorder=2)
+                    seeded = True
+    ax.set_title(METRIC_LABELS.get(metric, metric))
+    ax.set_xlabel("layer (−1: embedding output)")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    handles = [Line2D([], [], color=COMPARE_COLORS[j % len(COMPARE_COLORS)], lw=2, label=Path(str(m)).name)
+               for j, m in enumerate(models)]
+    handles += [Line2D([], [], color="0.2", ls=ls, label=f"{mod} tokens") for mod, ls in MODALITY_STYLES.items()]
+    handles += [Patch(color="0.5", alpha=0.25, lw=0, label="band: 95% split-half CI over samples")]
+    if seeded:
+        handles += [Line2D([], [], color="0.2", lw=0.8, alpha=0.6, label="thin: one training seed each")]
+    if d.baseline.notna().any():
+        handles += [Line2D([], [], color="0.35", lw=1, ls=(0, (1, 2)), label="dotted: baseline")]
+    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
+    ax.figure.tight_layout()
+    return ax.figure

@@ -9,7 +9,11 @@ Roles: ``image`` where ``input_ids == image_token_id`` (LLaVA-NeXT's image-newli
 tokens included: its processor gives them the image token id too); ``question`` for tokens whose
 characters lie in the question; ``constraint`` for question tokens overlapping a constraint span;
 ``template`` for everything else the chat template adds (BOS, ``USER:``, ``ASSISTANT:``);
-``last`` for the final prompt position; ``pad`` for padding. Nothing counts tokens: the
+``last`` for the final prompt position; ``pad`` for padding; ``image_boundary`` for the
+begin/end-of-image marker tokens a processor declares in ``image_boundary_tokens``
+(OmniFusion's ``<SOI>``/``<EOI>``, whose input vectors are learned with the image side and read
+the image before the text does; see :func:`microscope.fusion.fuse`) — other families' markers
+stay ``template``. Nothing counts tokens: the
 processor's ids are aligned with an offset-mapped tokenisation of the same prompt.
 """
 
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROLES: tuple[str, ...] = ("pad", "template", "image", "question", "constraint", "last")
+ROLES: tuple[str, ...] = ("pad", "template", "image", "question", "constraint", "last", "image_boundary")
 ROLE_CODE: dict[str, int] = {r: i for i, r in enumerate(ROLES)}
 MAX_IMAGE_SIDE = 8192
 
@@ -159,6 +163,20 @@ def _placeholder_ids(processor) -> set[int]:
     return set(ids) if len(ids) == 1 else set()
 
 
+def boundary_ids(processor) -> set[int]:
+    """Ids of the begin/end-of-image marker tokens ``processor.image_boundary_tokens`` declares
+    (each must be one token), empty when it declares none."""
+    names = getattr(processor, "image_boundary_tokens", None) or ()
+    tok = processor.tokenizer
+    out = set()
+    for name in names:
+        ids = tok(name, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"image boundary token {name!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        out.add(int(ids[0]))
+    return out
+
+
 def _per_prompt(processor, images: list) -> list:
     """Images as a transformers processor reads one image per prompt, ``[[im0], [im1], …]``: every
     processor splits a flat list by the prompts' image tokens except SmolVLM's, which takes a flat
@@ -237,6 +255,7 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
     att = inputs["attention_mask"]
     img_id = handle.adapter.image_token_id
     skip = {img_id, *_placeholder_ids(processor)}
+    boundary = torch.tensor(sorted(boundary_ids(processor)), dtype=torch.long)
     roles = torch.full(ids.shape, ROLE_CODE["pad"], dtype=torch.long)
     for i, (p, q) in enumerate(zip(prompts, questions)):
         q0 = p.find(q)
@@ -276,6 +295,7 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
                 code = ROLE_CODE["template"]
             roles[i, j] = code
         roles[i][(row == img_id) & att[i].bool()] = ROLE_CODE["image"]
+        roles[i][torch.isin(row, boundary) & att[i].bool()] = ROLE_CODE["image_boundary"]
         last = int(att[i].nonzero().max())
         roles[i, last] = ROLE_CODE["last"]
     return Batch(inputs=inputs, roles=roles, prompts=prompts,

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 #: parameters whose default is ``None``: what else they accept (others with a ``None`` default: anything)
 OPTIONAL = {"layers": "layers", "window": int, "n_tokens": int, "edges": list, "categories": list,
-            "store_dir": str, "compare_store_dir": str, "parts_dir": str}
+            "store_dir": str, "compare_store_dir": str, "parts_dir": str, "compare": list}
 #: names IPython puts in a kernel's namespace (not parameters)
 _KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 

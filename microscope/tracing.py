@@ -74,7 +74,7 @@ TARGETS = ("constraint", "related-image", "other-image", "image")
 KINDS = SITES  # resid, mlp, attn
 #: token groups of the dataset-level aggregation, in display order
 GROUPS = ("first constraint", "middle constraint", "last constraint", "other question", "related image",
-          "other image", "template", "last")
+          "other image", "image_boundary", "template", "last")
 
 
 def default_window(n_layers: int) -> int:

@@ -85,11 +85,16 @@ def scale(value, name: str = "scale") -> float:
 
 def as_list(value, name: str) -> list:
     """``value`` as a list: a list/tuple/other iterable as is; a string that is a list literal
-    (``'[0, 3]'``, as papermill's ``-p`` passes it) parsed; any other string or scalar as one item."""
+    (``'[0, 3]'``, as papermill's ``-p`` passes it) parsed — a bracketed list of bare names or paths
+    (``'[runs/a, runs/b]'``) as those strings; any other string or scalar as one item."""
     if isinstance(value, str):
         s = value.strip()
         if s and s[0] in "[(":
             parsed = _literal(s)
+            if parsed is None and s[-1:] == "]" and s[0] == "[":  # [DIR_A, DIR_B]: bare names or paths
+                items = [x.strip().strip("'\"") for x in s[1:-1].split(",")]
+                if all(items):
+                    parsed = items
             if not isinstance(parsed, (list, tuple)):
                 raise ValueError(f"{name}={value!r} looks like a list but is not a valid list literal; "
                                  f"write it as e.g. {name}=[0, 3] (papermill: -y '{name}: [0, 3]')")

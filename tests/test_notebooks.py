@@ -128,6 +128,22 @@ def test_geometry_notebook_reuses_the_store_and_reports_per_modality_means(run):
     assert not (root / "run" / "02_geometry" / "store").exists()
     figs = {p.name for p in (root / "figures").iterdir()}
     assert {"02_geometry_panel.pdf", "02_geometry_pca.png"} <= figs
+    # the fusion comparison of the bundled pair: one overlay figure per metric, a verdict per finding
+    from microscope.comparison import bundled_pair
+
+    pair, why_not = bundled_pair()
+    if not pair:  # shapes-omnifusion not installed: skipped, and the notebook said why
+        assert geo["compare"] == [] and geo["findings"] == {}, why_not
+        return
+    assert geo["compare"] == ["shapes-llava", "shapes-omnifusion"]
+    assert {f"02_compare_{m}.pdf" for m in means} <= figs
+    assert set(geo["findings"]) == {"higher_id", "lower_anisotropy", "consistent_layers"}
+    assert set(geo["findings"].values()) <= {"reproduced", "reversed", "inseparable"}
+    import pandas as pd
+
+    table = pd.read_parquet(root / "run" / "02_geometry" / "compare_verdicts.parquet")
+    assert len(table) == 6 and set(table.verdict) <= {"reproduced", "reversed", "inseparable"}
+    assert table.mean_a.notna().all() and table.mean_b.notna().all()
 
 
 @SUITE
@@ -272,6 +288,8 @@ def test_every_notebook_runs_on_every_model_type(tmp_path, tiny_dirs, name, monk
             params["only_correct"] = False
         if not layout:
             params.update(BREADTH_PARAMS.get(nb.stem[:2], {}))
+        if nb.stem.startswith("02"):
+            params["compare"] = []  # the bundled pair's comparison runs in the suite test; not per family
         pm.execute_notebook(str(nb), str(tmp_path / nb.name), cwd=str(suite.NOTEBOOKS), progress_bar=False,
                             parameters=params, execution_timeout=CELL_TIMEOUT)
     ext = json.loads((run / "01_extraction" / "summary.json").read_text())

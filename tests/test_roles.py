@@ -121,7 +121,7 @@ def test_role_and_layer_validation(handles):
         b.role_mask("answer")
     with pytest.raises(ValueError, match="layer 6 is out of range: this model has 6 decoder layers"):
         h.adapter.check_layers([0, 6])
-    assert set(ROLES) == {"pad", "template", "image", "question", "constraint", "last"}
+    assert set(ROLES) == {"pad", "template", "image", "question", "constraint", "last", "image_boundary"}
 
 
 def test_load_errors_are_clear(tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-"""Bundled models: ``shapes-llava``, a LLaVA trained on the Shapes world.
+"""Bundled models trained on the Shapes world: ``shapes-llava`` (a LLaVA) and
+``shapes-omnifusion`` (the same decoder, data and steps with OmniFusion-style fusion: two image
+encoders, an adapter and learned begin/end-of-image vectors; a :mod:`microscope.fusion` model).
 
 ``model_dir(name)`` is where a bundled model's ``save_pretrained`` files live;
 :func:`microscope.load` loads it (with the same ``from_pretrained`` calls as a hub checkpoint,
@@ -13,11 +15,23 @@ from pathlib import Path
 from microscope.errors import ModelNotFoundError
 
 WEIGHTS = Path(__file__).parent / "weights"
-BUNDLED: dict[str, Path] = {"shapes-llava": WEIGHTS / "shapes-llava"}
+BUNDLED: dict[str, Path] = {"shapes-llava": WEIGHTS / "shapes-llava",
+                            "shapes-omnifusion": WEIGHTS / "shapes-omnifusion"}
+#: readers of microscope fusion directories (``config.json`` key ``"microscope_fusion"``), by that key's
+#: value, as ``"module:function"`` — ``function(path, fix, name=, attn_implementation=)`` returns a Handle.
+#: :func:`microscope.load` imports the reader by name, like a model factory: the fusion modules import
+#: :mod:`microscope.model` (for ``Handle``), which must not import them.
+FUSION_READERS: dict[str, str] = {"omnifusion": "microscope.zoo.shapes_omnifusion:load_dir"}
+FUSION_KEY = "microscope_fusion"
 #: the files every bundled model ships (user checkpoints are checked by :mod:`microscope.checkpoint`)
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
 #: the fix for a bundled model whose files are missing or corrupt
 REBUILD = "re-create it with `python -m microscope.zoo train shapes-llava --out DIR` or reinstall the package"
+
+
+def rebuild(name: str) -> str:
+    """The fix for bundled model ``name`` whose files are missing or corrupt."""
+    return REBUILD.replace("shapes-llava", name)
 
 
 def model_dir(name_or_dir: str | Path) -> Path:
@@ -41,5 +55,5 @@ def model_dir(name_or_dir: str | Path) -> Path:
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise ModelNotFoundError(f"bundled model {key} in {path} is incomplete (missing {', '.join(missing)}): "
-                                 f"{REBUILD}")
+                                 f"{rebuild(key)}")
     return path

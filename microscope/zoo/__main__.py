@@ -1,11 +1,18 @@
 """Command line of the model zoo.
 
     python -m microscope.zoo train shapes-llava --out DIR [--seed S] [--steps N ...]
-    python -m microscope.zoo evaluate shapes-llava [--model-dir DIR] --n N --seed S
+    python -m microscope.zoo train shapes-omnifusion --out DIR [--seed S] [--steps N ...]
+    python -m microscope.zoo evaluate shapes-llava [--model-dir DIR] --n N --seed S [--card]
+    python -m microscope.zoo seeds --seeds 0 1 2 [--work runs/seeds] [--tables DIR]
 
 ``train`` runs the training recipe (:mod:`microscope.zoo.training`) and writes the
 ``save_pretrained`` files, ``training_log.json`` and ``MODEL_CARD.md`` to ``--out``;
-``evaluate`` prints the accuracy report (:func:`microscope.zoo.evaluation.evaluate`) as JSON.
+``evaluate`` prints the accuracy report (:func:`microscope.zoo.evaluation.evaluate`) as JSON;
+``seeds`` trains both fusion styles with each extra seed (seed 0 is the shipped pair, not
+retrained; a finished run in ``--work`` is reused) and writes each model's geometry profile table
+(:func:`microscope.comparison.seed_profile`) to ``--tables`` — what ``make seeds`` runs. The
+shapes-omnifusion of seed ``k`` takes its CLIP tower from the shapes-llava of seed ``k`` (the same
+vision stage), so shapes-llava is trained first.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import time
 
 from microscope.errors import MicroscopeError
 
-MODELS = ("shapes-llava",)
+MODELS = ("shapes-llava", "shapes-omnifusion")
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +38,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
             return False
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
-    types = {"int": int, "float": float, "bool": flag}
+    types = {"int": int, "float": float, "bool": flag, "str": str}
     for f in dataclasses.fields(Recipe):
         t = types.get(str(f.type))
         if t is not None:
@@ -53,16 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n", type=int, default=2000, help="number of fresh samples")
     ev.add_argument("--seed", type=int, default=7, help="generator seed (< 1000: never trained on)")
     ev.add_argument("--batch", type=int, default=64)
+    ev.add_argument("--card", action="store_true",
+                    help="also rewrite the model directory's MODEL_CARD.md with this report (needs training_log.json)")
+    sd = sub.add_parser("seeds", help="train extra seeds of both styles and write their geometry tables")
+    sd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    sd.add_argument("--styles", nargs="+", default=list(MODELS), choices=MODELS)
+    sd.add_argument("--work", default="runs/seeds", help="where the extra seeds' weights are trained")
+    sd.add_argument("--tables", default=None, help="table folder (default: the package's seed_profiles)")
+    _recipe_args(sd)  # overrides for experiments; the committed tables use the defaults
     args = ap.parse_args(argv)
 
     try:
+        if args.cmd == "seeds":
+            return _seeds(args)
         if args.cmd == "train":
             from microscope.zoo.model_card import write_model_card
             from microscope.zoo.training import Recipe, train
 
             overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                          if getattr(args, f.name, None) is not None}
-            info = train(args.out, Recipe(**overrides), log=lambda s: print(s, flush=True))
+            info = train(args.out, Recipe(**overrides), log=lambda s: print(s, flush=True), style=args.model)
             write_model_card(args.out, info)
             return 0
         from microscope.model import load
@@ -79,10 +96,55 @@ def main(argv: list[str] | None = None) -> int:
                           progress=sys.stderr.isatty())
         report["seconds"] = round(time.time() - t, 1)
         print(json.dumps(report, indent=1))
+        if args.card:
+            from pathlib import Path
+
+            from microscope.zoo import model_dir
+            from microscope.zoo.model_card import write_model_card
+
+            where = model_dir(str(args.model_dir or args.model))
+            log_file = Path(where) / "training_log.json"
+            if not log_file.is_file():
+                print(f"error: --card needs {log_file} (written by train)", file=sys.stderr)
+                return 2
+            print(f"wrote {write_model_card(where, json.loads(log_file.read_text()), report)}", file=sys.stderr)
         return 0
     except MicroscopeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _seeds(args) -> int:
+    from pathlib import Path
+
+    from microscope.comparison import SEED_TABLES, seed_profile, write_seed_table
+    from microscope.model import load
+    from microscope.zoo.model_card import write_model_card
+    from microscope.zoo.training import Recipe, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+                 if getattr(args, f.name, None) is not None and f.name not in ("seed", "vision_from")}
+    command = "python -m microscope.zoo seeds --seeds " + " ".join(map(str, args.seeds)) + \
+        " --styles " + " ".join(args.styles) + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    work = Path(args.work)
+    for seed in args.seeds:
+        for style in sorted(args.styles, key=MODELS.index):  # shapes-llava first: its tower is reused
+            if seed == 0:
+                where = style
+            else:
+                where = work / f"{style}-seed{seed}"
+                if not (where / "training_log.json").is_file():
+                    t = time.time()
+                    extra = {"vision_from": str(work / f"shapes-llava-seed{seed}")} \
+                        if style == "shapes-omnifusion" else {}
+                    info = train(where, Recipe(seed=seed, **overrides, **extra), log=lambda s: print(s, flush=True),
+                                 style=style)
+                    write_model_card(where, info)
+                    print(f"[seeds] {style} seed {seed} trained in {time.time() - t:.0f}s", flush=True)
+            df = seed_profile(load(str(where)), style, seed)
+            path = write_seed_table(df, args.tables or SEED_TABLES, command)
+            print(f"[seeds] {style} seed {seed}: {len(df)} rows -> {path}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

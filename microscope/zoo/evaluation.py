@@ -20,7 +20,7 @@ import torch
 from microscope.answers import answer_ids
 from microscope.data import shapes
 from microscope.progress import tqdm
-from microscope.zoo.shapes_llava import prompt
+from microscope.roles import build_prompt
 
 
 def predict(model, processor, images: Sequence, questions: Sequence[str], batch: int = 64,
@@ -31,7 +31,7 @@ def predict(model, processor, images: Sequence, questions: Sequence[str], batch:
     it = range(0, len(questions), batch)
     for i in tqdm(it, desc="evaluate", disable=not progress, mininterval=5):
         enc = processor(images=list(images[i:i + batch]),
-                        text=[prompt(q) for q in questions[i:i + batch]],
+                        text=[build_prompt(processor, q) for q in questions[i:i + batch]],
                         return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             logits = model(**enc).logits[:, -1].float()
@@ -93,8 +93,9 @@ def evaluate(model, processor, n: int = 2000, seed: int = 7, batch: int = 64,
     """
     if n < 6:
         raise ValueError(f"n must be at least 6 (one sample per category), got {n}")
-    size = model.config.vision_config.image_size
-    patch = model.config.vision_config.patch_size
+    from microscope.model import image_geometry
+
+    size, patch = image_geometry(model)
     samples = shapes.generate(n, seed, image_size=size, patch_size=patch)
     ref = shapes.generate(reference_n, seed + 104_729, image_size=size, patch_size=patch)
     real = evaluate_samples(model, processor, samples, batch=batch, progress=progress)

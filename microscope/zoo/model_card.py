@@ -8,11 +8,15 @@ from pathlib import Path
 
 def write_model_card(out: str | Path, info: dict, report: dict | None = None) -> Path:
     """Write ``MODEL_CARD.md`` from the training log ``info`` and an optional accuracy report."""
-    out = Path(out)
+    if info.get("style", "shapes-llava") == "shapes-omnifusion":
+        return _write(out, info, report, _omnifusion_head(info))
+    return _write(out, info, report, _llava_head(info))
+
+
+def _llava_head(info: dict) -> list[str]:
     a, r = info["arch"], info["recipe"]
     sec = info["seconds"]
-    hist = info["decoder_history"]
-    lines = [
+    return [
         "# shapes-llava",
         "",
         "A small `LlavaForConditionalGeneration` trained by mllm-microscope on the Shapes world",
@@ -58,13 +62,83 @@ def write_model_card(out: str | Path, info: dict, report: dict | None = None) ->
         "",
         "Reproduce: `python -m microscope.zoo train shapes-llava --out DIR`.",
         "",
-        "## Measured accuracy",
+    ]
+
+
+def _omnifusion_head(info: dict) -> list[str]:
+    a, r = info["arch"], info["recipe"]
+    sec = info["seconds"]
+    return [
+        "# shapes-omnifusion",
+        "",
+        "shapes-llava's controlled twin with OmniFusion-style fusion, trained by mllm-microscope on the",
+        "Shapes world (`microscope.data.shapes`). Same decoder configuration and initialisation seed,",
+        "tokenizer (plus the two marker tokens), training scenes, conversations, batches, step budget",
+        "and schedule as shapes-llava; only the way the image enters the decoder differs. It is a",
+        "`microscope.fusion` model: `microscope.load(\"shapes-omnifusion\")` returns its Handle",
+        "(`microscope.zoo.shapes_omnifusion.load_dir` reads this directory).",
+        "",
+        "## Config",
+        "",
+        f"- image {a['image_size']} px, patch {a['patch_size']} px: "
+        f"{(a['image_size'] // a['patch_size']) ** 2} image tokens, between learned begin/end-of-image vectors",
+        f"- encoder 1: shapes-llava's CLIP tower (3 layers, hidden {a['vision_hidden']}; last hidden state, CLS "
+        "dropped), trained exactly as shapes-llava's (same seed, same per-patch read-out supervision)",
+        "- encoder 2: a CNN (4×4/4, 2×2/2, 2×2/2 convolutions to one 96-d vector per 16-px patch, then a 3×3 "
+        "context convolution), trained self-supervised: masked-patch reconstruction, no labels",
+        "- adapter: the two encoders' per-patch features concatenated (96 + 96), then Linear(192, 192), GELU, "
+        "Linear(192, 192) into the decoder's width",
+        "- `<SOI>` and `<EOI>`: their input vectors are learned parameters of the image side (written over "
+        "the token embedding), role `image_boundary` in the suite",
+        f"- decoder: Llama (`LlamaForCausalLM`), {a['text_layers']} layers, hidden {a['text_hidden']}, "
+        f"{a['text_heads']} heads, MLP {a['text_intermediate']}, initialised as shapes-llava's (two extra "
+        "vocabulary rows for the markers)",
+        "- prompt: `USER: <SOI><image><EOI>\\n{question} ASSISTANT:`; answers are one word then `</s>`",
+        "",
+        "## Recipe",
+        "",
+        f"1. Encoders. CLIP tower: shapes-llava's vision pre-training ({r['vision_steps']} steps × "
+        f"{r['vision_batch']} images, same seed; patch accuracy {info['vision_patch_accuracy']:.3f}"
+        + (f"; its weights taken from the trained `{info['vision_from']}`, whose training log shows the same "
+           "vision settings and seed, instead of recomputing the deterministic stage"
+           if info.get("vision_from") else "")
+        + "). CNN: "
+        f"{r['conv_steps']} steps × {r['vision_batch']} of the same images, AdamW lr {r['conv_lr']}; "
+        f"{r['conv_mask']:.0%} of the input patches masked, every patch's 4×4 RGB thumbnail reconstructed "
+        f"by a linear head (final MSE {info.get('conv_reconstruction_mse', float('nan')):.3f}). Both frozen "
+        "afterwards.",
+        f"2. Alignment (OmniFusion's first stage): {r['align_steps']} steps × {r['batch']} conversations, "
+        "only the adapter and the begin/end-of-image vectors train (decoder frozen), answer loss plus the "
+        "adapter read-out loss.",
+        f"3. Instruction tuning: exactly shapes-llava's stage 2 — {r['steps']} steps × {r['batch']} "
+        f"conversations of up to {r['turns']} turns from the same {r['pool_samples']} generated scenes, the "
+        f"same batches (generator seed), curriculum {list(r['curriculum'])}, AdamW lr {r['lr']} (warm-up "
+        f"{r['warmup']}, cosine), clip {r['clip']}, weight decay {r['weight_decay']}; the adapter, the "
+        "markers and the decoder train, encoders frozen. Loss on answer and `</s>` tokens, plus "
+        f"{r['projector_readout']} × the read-out loss of shapes-llava applied to the adapter: its first 16 "
+        "output dimensions must reproduce the CLIP tower's 16 read-out dimensions (MSE / 4).",
+        f"- seed {r['seed']}; training seeds of the generator are >= 1000, evaluation seeds < 1000.",
+        f"- training time: {sec['total'] / 60:.1f} min on {info['threads']} CPU threads "
+        f"(encoders {sec['vision']:.0f} s, alignment + instruction tuning {sec['decoder']:.0f} s), "
+        f"torch {info['torch']}.",
+        "",
+        "Reproduce: `python -m microscope.zoo train shapes-omnifusion --out DIR"
+        + (f" --vision-from {info['vision_from']}" if info.get("vision_from") else "") + "`, then "
+        "`python -m microscope.zoo evaluate shapes-omnifusion --model-dir DIR --n 2000 --seed 7 --card`.",
         "",
     ]
+
+
+def _write(out: str | Path, info: dict, report: dict | None, lines: list[str]) -> Path:
+    out = Path(out)
+    r = info["recipe"]
+    hist = info["decoder_history"]
+    name = info.get("style", "shapes-llava")
+    lines = lines + ["## Measured accuracy", ""]
     if report:
         lines += [
             f"On {report['n']} fresh samples (generator seed {report['seed']}), "
-            "`python -m microscope.zoo evaluate shapes-llava --n "
+            f"`python -m microscope.zoo evaluate {name} --n "
             f"{report['n']} --seed {report['seed']}`:",
             "",
             "| category | accuracy | blank image | question-only prior |",
@@ -80,7 +154,7 @@ def write_model_card(out: str | Path, info: dict, report: dict | None = None) ->
         lines.append("Validation during training (600 samples, generator seed 1099): " +
                      ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in ("step", "loss")))
     lines += ["", "## Training curve", "", "```", json.dumps(hist[-6:], indent=None)[:3000], "```", ""]
-    if r.get("projector_readout"):
+    if r.get("projector_readout") and name == "shapes-llava":
         lines += [
             "## Why the projector read-out loss",
             "",

@@ -72,6 +72,17 @@ class Recipe:
     eval_every: int = 200
     eval_samples: int = 400
     threads: int = 2
+    #: shapes-omnifusion only: steps of OmniFusion's alignment stage (adapter and begin/end-of-image
+    #: vectors, decoder frozen) before instruction tuning
+    align_steps: int = 100
+    #: shapes-omnifusion only: self-supervised pre-training of the convolutional encoder
+    conv_steps: int = 150
+    conv_lr: float = 2e-3
+    conv_mask: float = 0.25
+    #: a trained shapes-llava (bundled name or directory) whose CLIP tower is taken instead of
+    #: running :func:`train_vision` again; it must come from this recipe's vision fields and seed
+    #: (the stage is deterministic, so the tower is the one it would compute). Empty: train it.
+    vision_from: str = ""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -120,13 +131,18 @@ def vision_features(model, pix: torch.Tensor, batch: int = 512) -> torch.Tensor:
     return torch.cat(out)
 
 
-def encode_text(processor, questions: list[str], answers: list[str] | None, length: int
-                ) -> torch.Tensor:
-    """Left-padded ids of ``prompt(question) + ' answer</s>'`` with the image expanded."""
+def llava_prompt(question: str) -> str:
+    """shapes-llava's prompt text with the image placeholder expanded to one token per patch."""
+    return prompt(question).replace("<image>", "<image>" * n_image_tokens())
+
+
+def encode_text(processor, questions: list[str], answers: list[str] | None, length: int,
+                expand: Callable[[str], str] = llava_prompt) -> torch.Tensor:
+    """Left-padded ids of ``expand(question) + ' answer</s>'`` (the prompt, image expanded)."""
     tok = processor.tokenizer
     ids = torch.full((len(questions), length), tok.pad_token_id, dtype=torch.long)
     for i, q in enumerate(questions):
-        row = tok(prompt(q).replace("<image>", "<image>" * n_image_tokens()))["input_ids"]
+        row = tok(expand(q))["input_ids"]
         if answers is not None:
             row = row + tok(answers[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         if len(row) > length:
@@ -140,8 +156,8 @@ def n_image_tokens() -> int:
     return (ARCH["image_size"] // ARCH["patch_size"]) ** 2
 
 
-def encode_conversation(processor, turns: list[tuple[str, str, str]], length: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_conversation(processor, turns: list[tuple[str, str, str]], length: int,
+                        expand: Callable[[str], str] = llava_prompt) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and labels of a LLaVA-1.5 multi-turn conversation about one image.
 
     ``USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...``; labels are the ids
@@ -151,8 +167,7 @@ def encode_conversation(processor, turns: list[tuple[str, str, str]], length: in
     ids: list[int] = []
     labels: list[int] = []
     for k, (q, a, _) in enumerate(turns):
-        text = prompt(q).replace("<image>", "<image>" * n_image_tokens()) if k == 0 else \
-            f"USER: {q} ASSISTANT:"
+        text = expand(q) if k == 0 else f"USER: {q} ASSISTANT:"
         piece = tok(text, add_special_tokens=k == 0)["input_ids"]
         ans = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids += piece + ans
@@ -179,17 +194,91 @@ def decoder_logits(model, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tenso
     return model.lm_head(hidden)
 
 
+def readout_loss(project: Callable[[torch.Tensor], torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
+    """MSE between ``project(feats)``'s first ``k`` dimensions and the features' read-out
+    dimensions (:data:`READOUT`, ``k`` of them, the CLIP tower's), divided by ``POS_SCALE``."""
+    k = max(sl.stop for sl in READOUT.values())
+    return F.mse_loss(project(feats)[..., :k], feats[..., :k]) / POS_SCALE
+
+
 def projector_readout_loss(model, feats: torch.Tensor) -> torch.Tensor:
-    """MSE between the projector output's first ``k`` dimensions and the vision features'
-    read-out dimensions (:data:`READOUT`, ``k`` of them), divided by ``POS_SCALE``.
+    """:func:`readout_loss` of LLaVA's projector.
 
     Without it the projector, trained only through the answers, kept the object's position in
     a direction holding ~1e-9 of its output variance (measured on the model of this recipe's
     predecessor): decodable by a probe (R² 0.98) but too small for the decoder to learn to use.
     """
-    k = max(sl.stop for sl in READOUT.values())
-    out = model.model.multi_modal_projector(feats)
-    return F.mse_loss(out[..., :k], feats[..., :k]) / POS_SCALE
+    return readout_loss(model.model.multi_modal_projector, feats)
+
+
+@dataclass
+class Fusion:
+    """A fusion style as the instruction-tuning stages see it: everything but the fusion is shared.
+
+    ``features(pix)``: the frozen encoders' per-patch features (cached once per pool);
+    ``project(feats)``: the trainable projector/adapter; ``logits(ids, feats)``: the decoder's
+    logits with the projected features at the image positions; ``expand(question)``: the prompt
+    text, image placeholder expanded; ``params``: what instruction tuning trains;
+    ``align_params``: what an alignment stage before it trains (the adapter and marker vectors,
+    decoder frozen; empty: no such stage); ``mode(train)``: train/eval mode (encoders stay in eval).
+    """
+
+    processor: object
+    pixels: Callable[[list], torch.Tensor]
+    features: Callable[[torch.Tensor], torch.Tensor]
+    project: Callable[[torch.Tensor], torch.Tensor]
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    expand: Callable[[str], str]
+    params: list
+    align_params: list
+    mode: Callable[[bool], None]
+
+
+def llava_fusion(model, processor) -> Fusion:
+    """shapes-llava's fusion: the projector's output replaces the ``<image>`` embeddings."""
+    def mode(train: bool) -> None:
+        model.train(train)
+        model.model.vision_tower.eval()
+
+    return Fusion(processor=processor, pixels=lambda ims: pixel_values(processor, ims),
+                  features=lambda pix: vision_features(model, pix), project=model.model.multi_modal_projector,
+                  logits=lambda ids, f: decoder_logits(model, ids, f), expand=llava_prompt,
+                  params=[p for n, p in model.named_parameters() if "vision_tower" not in n], align_params=[],
+                  mode=mode)
+
+
+def omnifusion_fusion(h) -> Fusion:
+    """shapes-omnifusion's fusion (:mod:`microscope.zoo.shapes_omnifusion`): the adapter's output
+    at the ``<image>`` positions, the learned begin/end vectors at ``<SOI>``/``<EOI>`` — the same
+    computation as :meth:`microscope.fusion.FusionModel.embed`, from cached features."""
+    from microscope.zoo import shapes_omnifusion as omni
+
+    fm, enc = h.model, h.model.encode_images
+    dec = fm.decoder
+    pad = h.processor.tokenizer.pad_token_id
+
+    def features(pix: torch.Tensor, batch: int = 512) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([enc.features(pix[i:i + batch]) for i in range(0, len(pix), batch)])
+
+    def logits(ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        emb = dec.get_input_embeddings()(ids)
+        img = enc.adapt(feats).to(emb.dtype)
+        emb = emb.masked_scatter(fm.image_mask(ids).unsqueeze(-1), img.reshape(-1, img.shape[-1]))
+        emb = enc.post_embed(fm, ids, emb)
+        hidden = dec.model(inputs_embeds=emb, attention_mask=(ids != pad).long()).last_hidden_state
+        return dec.lm_head(hidden)
+
+    def mode(train: bool) -> None:
+        fm.train(train)
+        enc.tower.eval()
+        enc.conv.eval()
+
+    frozen = ("encode_images.tower.", "encode_images.conv.")
+    return Fusion(processor=h.processor, pixels=h.processor.preprocess, features=features, project=enc.adapt,
+                  logits=logits, expand=lambda q: omni.expand(q, n_image_tokens()),
+                  params=[p for n, p in fm.named_parameters() if not n.startswith(frozen)],
+                  align_params=list(enc.adapter.parameters()) + [enc.begin, enc.end], mode=mode)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -244,6 +333,30 @@ def train_vision(model, processor, r: Recipe, log: Callable[[str], None]) -> dic
     return {"vision_patch_accuracy": acc}
 
 
+def take_vision(model, r: Recipe, log: Callable[[str], None]) -> dict:
+    """Stage 1 by copy: the CLIP tower of the trained shapes-llava ``r.vision_from``, checked to
+    come from the same vision recipe fields and seed as ``r``."""
+    from safetensors.torch import load_file
+
+    from microscope.zoo import model_dir
+
+    src = model_dir(r.vision_from)
+    info = json.loads((src / "training_log.json").read_text())
+    keys = ("seed", "vision_samples", "vision_steps", "vision_batch", "vision_lr", "weight_decay", "clip")
+    diff = {k: (info["recipe"].get(k), getattr(r, k)) for k in keys if info["recipe"].get(k) != getattr(r, k)}
+    if diff:
+        raise ValueError(f"vision_from={r.vision_from!r} was trained with other vision settings {diff} "
+                         "(theirs, this recipe's): its tower is not this recipe's; train it instead (vision_from='')")
+    state = {k.split("vision_tower.", 1)[1]: v for k, v in load_file(str(src / "model.safetensors")).items()
+             if "vision_tower." in k}  # saved as "vision_tower.*" or "model.vision_tower.*"
+    model.model.vision_tower.load_state_dict(state)
+    model.model.vision_tower.eval()
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    log(f"vision tower taken from {src} (same vision recipe and seed {r.seed})")
+    return {"vision_patch_accuracy": info["vision_patch_accuracy"], "vision_from": str(r.vision_from)}
+
+
 def _schedule(opt, steps: int, warmup: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -253,21 +366,22 @@ def _schedule(opt, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def _pool(model, processor, n: int, seed: int, max_objects: int, length: int, turns: int = 1,
+def _pool(fusion: Fusion, n: int, seed: int, max_objects: int, length: int, turns: int = 1,
           aux: bool = False, chunk: int = 4096) -> dict[str, torch.Tensor]:
-    """Cached vision features, token ids, labels and categories of ``n`` generated samples."""
+    """Cached encoder features, token ids, labels and categories of ``n`` generated samples."""
+    processor = fusion.processor
     feats, ids, labels, cats = [], [], [], []
     rng = np.random.default_rng([seed, 31])
     for start in range(0, n, chunk):
         ss = shapes.generate(min(chunk, n - start), seed, max_objects=max_objects, start=start)
-        feats.append(vision_features(model, pixel_values(processor, [s.image for s in ss])))
+        feats.append(fusion.features(fusion.pixels([s.image for s in ss])))
         if turns == 1:
-            x = encode_text(processor, [s.question for s in ss], [s.answer for s in ss], length)
+            x = encode_text(processor, [s.question for s in ss], [s.answer for s in ss], length, fusion.expand)
             y = torch.full_like(x, -100)
             y[:, -2:] = x[:, -2:]
         else:
-            enc = [encode_conversation(processor, shapes.conversation(s, turns, rng, aux=aux), length)
-                   for s in ss]
+            enc = [encode_conversation(processor, shapes.conversation(s, turns, rng, aux=aux), length,
+                                       fusion.expand) for s in ss]
             x = torch.stack([e[0] for e in enc])
             y = torch.stack([e[1] for e in enc])
         ids.append(x)
@@ -277,7 +391,7 @@ def _pool(model, processor, n: int, seed: int, max_objects: int, length: int, tu
             "cats": torch.cat(cats)}
 
 
-def _aux_pool(model, processor, n: int, seed: int, length: int) -> dict[str, torch.Tensor]:
+def _aux_pool(fusion: Fusion, n: int, seed: int, length: int) -> dict[str, torch.Tensor]:
     """Single-turn validation pool of the training-only auxiliary questions."""
     ss = shapes.generate(n, seed)
     rng = np.random.default_rng([seed, 17])
@@ -293,26 +407,26 @@ def _aux_pool(model, processor, n: int, seed: int, length: int) -> dict[str, tor
             qs.append(asked[0])
             ans.append(a)
             cat_ids.append(cats.index(cat))
-    feats = vision_features(model, pixel_values(processor, [ss[i].image for i in keep]))
-    ids = encode_text(processor, qs, ans, length)
+    feats = fusion.features(fusion.pixels([ss[i].image for i in keep]))
+    ids = encode_text(fusion.processor, qs, ans, length, fusion.expand)
     return {"feats": feats, "ids": ids, "labels": ids, "cats": torch.tensor(cat_ids)}
 
 
-def seq_length(processor) -> int:
+def seq_length(fusion: Fusion) -> int:
     """Fixed padded length of a training sequence (longest question + answer + </s>)."""
     longest = "Is the triangle right of or left of the triangle?"
-    return len(encode_text(processor, [longest], ["triangle"], ARCH["max_positions"])[0].ne(
-        processor.tokenizer.pad_token_id).nonzero()) + 2
+    return len(encode_text(fusion.processor, [longest], ["triangle"], ARCH["max_positions"], fusion.expand)[0].ne(
+        fusion.processor.tokenizer.pad_token_id).nonzero()) + 2
 
 
-def evaluate_pool(model, pool: dict[str, torch.Tensor], batch: int = 256) -> dict[str, float]:
+def evaluate_pool(fusion: Fusion, pool: dict[str, torch.Tensor], batch: int = 256) -> dict[str, float]:
     """Answer accuracy (argmax at the answer position) per category on a feature pool."""
-    model.eval()
+    fusion.mode(False)
     correct = []
     with torch.no_grad():
         for i in range(0, len(pool["ids"]), batch):
             ids = pool["ids"][i:i + batch]
-            logits = decoder_logits(model, ids[:, :-2], pool["feats"][i:i + batch])
+            logits = fusion.logits(ids[:, :-2], pool["feats"][i:i + batch])
             correct.append(logits[:, -1].argmax(-1) == ids[:, -2])
     c = torch.cat(correct)
     cats = list(shapes.CATEGORIES) + list(shapes.AUX_CATEGORIES)
@@ -322,33 +436,87 @@ def evaluate_pool(model, pool: dict[str, torch.Tensor], batch: int = 256) -> dic
     return out
 
 
-def train_decoder(model, processor, r: Recipe, log: Callable[[str], None]) -> dict:
-    """Stage 2: projector + decoder on VQA with the frozen tower's cached features."""
-    length = seq_length(processor)
-    conv_length = n_image_tokens() + 3 + r.turns * (length - n_image_tokens())
+def _optimizer(params: list, r: Recipe, steps: int, warmup: int):
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.98))
+    return opt, _schedule(opt, steps, warmup)
+
+
+def _step(fusion: Fusion, pool: dict, idx: torch.Tensor, r: Recipe, params: list, opt, sched) -> torch.Tensor:
+    """One optimiser step on the batch ``idx`` of ``pool``: answer cross-entropy + read-out loss."""
+    ids, labels = pool["ids"][idx], pool["labels"][idx]
+    # trim the columns that are padding in every row of this batch
+    used = int((labels != -100).any(0).nonzero().max()) + 1
+    logits = fusion.logits(ids[:, :used - 1], pool["feats"][idx])
+    loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:used].flatten(), ignore_index=-100)
+    if r.projector_readout:
+        loss = loss + r.projector_readout * readout_loss(fusion.project, pool["feats"][idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, r.clip)
+    opt.step()
+    sched.step()
+    return loss
+
+
+def train_decoder(fusion: Fusion, r: Recipe, log: Callable[[str], None]) -> dict:
+    """Instruction tuning with the frozen encoders' cached features.
+
+    When ``fusion.align_params`` is not empty, an alignment stage of ``r.align_steps`` steps
+    first trains only those (the adapter and the marker vectors; decoder frozen, batches from
+    their own generator), as OmniFusion's first stage; then ``r.steps`` steps train
+    ``fusion.params`` with the batches, curriculum and schedule of every style.
+    """
+    length = seq_length(fusion)
+    n_img = n_image_tokens() + (len(fusion.processor.tokenizer(fusion.expand("x"))["input_ids"])
+                                - len(fusion.processor.tokenizer(llava_prompt("x"))["input_ids"]))
+    conv_length = n_img + 3 + r.turns * (length - n_img)
     n_stage = len(r.curriculum)
     per = r.pool_samples // n_stage
     pools = []
     for k, mo in enumerate(r.curriculum):
         t = time.time()
-        pools.append(_pool(model, processor, per, TRAIN_SEED_BASE + 100 + 10 * r.seed + k, mo,
+        pools.append(_pool(fusion, per, TRAIN_SEED_BASE + 100 + 10 * r.seed + k, mo,
                            conv_length if r.turns > 1 else length, r.turns, r.aux_questions))
         log(f"pool max_objects={mo}: {per} samples in {time.time() - t:.0f}s")
-    val = _pool(model, processor, r.eval_samples, TRAIN_SEED_BASE + 99, 5, length)
-    aux_val = _aux_pool(model, processor, r.eval_samples, TRAIN_SEED_BASE + 98, length) \
-        if r.aux_questions else None
-    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr,
-                            betas=(0.9, 0.98))
-    sched = _schedule(opt, r.steps, r.warmup)
+    val = _pool(fusion, r.eval_samples, TRAIN_SEED_BASE + 99, 5, length)
+    aux_val = _aux_pool(fusion, r.eval_samples, TRAIN_SEED_BASE + 98, length) if r.aux_questions else None
+
+    def evaluate(step: int, loss: torch.Tensor, lr: float, stage: str) -> dict:
+        acc = evaluate_pool(fusion, val)
+        if aux_val is not None:
+            aux_acc = evaluate_pool(fusion, aux_val)
+            acc.update({c: aux_acc[c] for c in aux_acc if c in shapes.AUX_CATEGORIES})
+        fusion.mode(True)
+        log(f"{stage} step {step} loss {loss.item():.4f} lr {lr:.2e} "
+            + " ".join(f"{c}={v:.3f}" for c, v in acc.items()))
+        return {"step": step, "loss": loss.item(), **acc}
+
+    align_history = []
+    if fusion.align_params and r.align_steps:
+        for p in fusion.params:
+            p.requires_grad_(False)
+        for p in fusion.align_params:
+            p.requires_grad_(True)
+        opt, sched = _optimizer(fusion.align_params, r, r.align_steps, min(r.warmup, r.align_steps // 4 + 1))
+        g = torch.Generator().manual_seed(r.seed + 2)
+        fusion.mode(True)
+        for step in tqdm(range(r.align_steps), desc="align", mininterval=10):
+            pool = pools[int(torch.randint(n_stage, (1,), generator=g))]
+            idx = torch.randint(len(pool["ids"]), (r.batch,), generator=g)
+            loss = _step(fusion, pool, idx, r, fusion.align_params, opt, sched)
+            if step == r.align_steps - 1:
+                align_history.append(evaluate(step, loss, sched.get_last_lr()[0], "align"))
+        for p in fusion.params:
+            p.requires_grad_(True)
+    params = fusion.params
+    opt, sched = _optimizer(params, r, r.steps, r.warmup)
     g = torch.Generator().manual_seed(r.seed + 1)
     ramp = int(r.curriculum_fraction * r.steps)
     history = []
-    model.train()
-    model.model.vision_tower.eval()
+    fusion.mode(True)
     for step in tqdm(range(r.steps), desc="vqa", mininterval=10):
         # curriculum: stage k is unlocked at step k * ramp / (n_stage - 1); draw uniformly
         # from the unlocked pools, so simpler scenes stay in the mix
@@ -356,35 +524,66 @@ def train_decoder(model, processor, r: Recipe, log: Callable[[str], None]) -> di
         k = int(torch.randint(unlocked, (1,), generator=g))
         pool = pools[k]
         idx = torch.randint(len(pool["ids"]), (r.batch,), generator=g)
-        ids, labels = pool["ids"][idx], pool["labels"][idx]
-        # trim the columns that are padding in every row of this batch
-        used = int((labels != -100).any(0).nonzero().max()) + 1
-        logits = decoder_logits(model, ids[:, :used - 1], pool["feats"][idx])
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:used].flatten(), ignore_index=-100)
-        if r.projector_readout:
-            loss = loss + r.projector_readout * projector_readout_loss(model, pool["feats"][idx])
+        loss = _step(fusion, pool, idx, r, params, opt, sched)
+        if step % r.eval_every == 0 or step == r.steps - 1:
+            history.append(evaluate(step, loss, sched.get_last_lr()[0], "vqa"))
+    fusion.mode(False)
+    return {"history": history, "align_history": align_history, "val": history[-1]}
+
+
+#: the bundled models this recipe trains, by the fusion between their encoders and the decoder
+STYLES = ("shapes-llava", "shapes-omnifusion")
+
+
+def train_conv(conv, pix: torch.Tensor, r: Recipe, log: Callable[[str], None]) -> dict:
+    """Self-supervised pre-training of OmniFusion's second encoder (no labels): masked-patch
+    reconstruction. A fraction ``r.conv_mask`` of the 16-px input patches is replaced by 0 (the
+    normalised mean colour); a linear head must reproduce every patch's 4×4 average-pooled RGB
+    thumbnail (48 numbers) from its feature vector, MSE. Masked patches can only be filled in from
+    their neighbours, through the encoder's 3×3 context convolution."""
+    g = torch.Generator().manual_seed(r.seed + 3)
+    grid = ARCH["image_size"] // ARCH["patch_size"]
+    p = ARCH["patch_size"]
+    width = conv.net[-1].out_channels
+    head = torch.nn.Linear(width, 48)
+    params = list(conv.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=r.conv_lr, weight_decay=r.weight_decay)
+    sched = _schedule(opt, r.conv_steps, warmup=min(50, r.conv_steps // 5 + 1))
+    conv.train()
+    loss = torch.tensor(float("nan"))
+    for step in tqdm(range(r.conv_steps), desc="conv", mininterval=10):
+        idx = torch.randint(len(pix), (r.vision_batch,), generator=g)
+        x = pix[idx]
+        target = F.avg_pool2d(x, 4).unfold(2, 4, 4).unfold(3, 4, 4)  # (B, 3, 6, 6, 4, 4)
+        target = target.permute(0, 2, 3, 1, 4, 5).reshape(len(idx), grid * grid, 48)
+        keep = (torch.rand(len(idx), 1, grid, grid, generator=g) >= r.conv_mask).float()
+        masked = x * keep.repeat_interleave(p, 2).repeat_interleave(p, 3)
+        loss = F.mse_loss(head(conv(masked)), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, r.clip)
         opt.step()
         sched.step()
-        if step % r.eval_every == 0 or step == r.steps - 1:
-            acc = evaluate_pool(model, val)
-            if aux_val is not None:
-                aux_acc = evaluate_pool(model, aux_val)
-                acc.update({c: aux_acc[c] for c in aux_acc if c in shapes.AUX_CATEGORIES})
-            model.train()
-            model.model.vision_tower.eval()
-            history.append({"step": step, "loss": loss.item(), **acc})
-            log(f"vqa step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                + " ".join(f"{c}={v:.3f}" for c, v in acc.items()))
-    model.eval()
-    return {"history": history, "val": history[-1]}
+        if step % 100 == 0 or step == r.conv_steps - 1:
+            log(f"conv step {step} reconstruction mse {loss.item():.4f}")
+    conv.eval()
+    for q in conv.parameters():
+        q.requires_grad_(False)
+    return {"conv_reconstruction_mse": loss.item()}
 
 
-def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], None] = print
-          ) -> dict:
-    """Train shapes-llava from scratch and save model + processor + training log to ``out``."""
+def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], None] = print,
+          style: str = "shapes-llava") -> dict:
+    """Train a bundled model from scratch and save model + processor + training log to ``out``.
+
+    Both styles start from the same ``build_model(seed)`` (the same CLIP tower and decoder
+    initialisation) and the same CLIP pre-training (:func:`train_vision`); shapes-omnifusion then
+    pre-trains its convolutional encoder (:func:`train_conv`), moves the decoder into a
+    ``LlamaForCausalLM`` and builds its adapter; instruction tuning sees the same scenes,
+    conversations, batches and schedule (:func:`train_decoder`).
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; the recipe trains {list(STYLES)}")
     r = recipe or Recipe()
     torch.set_num_threads(r.threads)
     torch.manual_seed(r.seed)
@@ -394,20 +593,45 @@ def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], No
     t0 = time.time()
     processor = build_processor()
     model = build_model(processor, seed=r.seed)
-    v = train_vision(model, processor, r, log)
+    v = take_vision(model, r, log) if r.vision_from else train_vision(model, processor, r, log)
+    extra: dict = {}
+    if style == "shapes-llava":
+        fusion = llava_fusion(model, processor)
+    else:
+        from microscope.zoo import shapes_omnifusion as omni
+
+        t = time.time()
+        torch.manual_seed(r.seed + 3)
+        conv = omni.ConvEncoder(**omni.CONV)
+        extra = train_conv(conv, pixel_values(processor, [s.image for s in shapes.generate(
+            r.vision_samples, TRAIN_SEED_BASE + r.seed)]), r, log)
+        extra["seconds_conv"] = time.time() - t
+        tok = omni.build_tokenizer()
+        decoder = omni.decoder_from_llava(model, tok, r.seed + 5)
+        begin, end = tok.convert_tokens_to_ids([omni.BEGIN_IMAGE, omni.END_IMAGE])
+        torch.manual_seed(r.seed + 4)
+        encoder = omni.OmniEncoder(model.model.vision_tower, conv, decoder.config.hidden_size, begin, end,
+                                   model.config.vision_feature_layer)
+        h = omni.handle(decoder, encoder, tok, ARCH["image_size"], ARCH["patch_size"])
+        fusion = omnifusion_fusion(h)
     t1 = time.time()
-    d = train_decoder(model, processor, r, log)
+    d = train_decoder(fusion, r, log)
     t2 = time.time()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    if style == "shapes-llava":
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    else:
+        omni.save(h, out)
     info = {
-        "recipe": asdict(r), "arch": ARCH, **v, "decoder_history": d["history"],
+        "style": style, "recipe": asdict(r), "arch": ARCH, **v, **extra, "decoder_history": d["history"],
+        "align_history": d["align_history"],
         "seconds": {"vision": t1 - t0, "decoder": t2 - t1, "total": t2 - t0},
         "threads": r.threads, "torch": torch.__version__,
     }
     (out / "training_log.json").write_text(json.dumps(info, indent=1))
     log(f"trained in {t2 - t0:.0f}s; saved to {out}")
     return info
+
