@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from microscope.geometry import MODALITIES
 from microscope.plotting import (
     ROLE_COLORS,
     image_with_patches,
@@ -309,8 +310,9 @@ def norms_explorer(norms: pd.DataFrame, tokens: pd.DataFrame, roles: Sequence[st
 
 # --------------------------------------------------------------------------------------------- 02: geometry
 
-#: the store roles of each modality of :func:`microscope.geometry.profile`
-MODALITY_ROLES = {"image": ("image",), "text": ("question", "constraint", "template", "last")}
+#: the store roles of each modality of :func:`microscope.geometry.profile` (its own table: the
+#: token cloud beside a profile holds the tokens that profile measured)
+MODALITY_ROLES = MODALITIES
 
 
 def geometry_view(df: pd.DataFrame, metric: str, modalities: Sequence[str], layer: int

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from microscope import geometry as G  # noqa: E402
 from microscope import widgets as W  # noqa: E402
 from microscope.plotting import trace_heatmap  # noqa: E402
 
@@ -87,7 +88,9 @@ def test_pca_view_maps_modalities_to_store_roles():
     pts = pd.DataFrame({"role": ["image", "question", "last", "constraint", "template"], "pc1": range(5),
                         "pc2": range(5)})
     assert W.pca_view(pts, ["image"]).pc1.tolist() == [0]
-    assert W.pca_view(pts, ["text"]).pc1.tolist() == [1, 2, 3, 4]
+    # the cloud holds the tokens the profile measured: template tokens are in no modality
+    assert W.pca_view(pts, ["text"]).pc1.tolist() == [1, 2, 3]
+    assert W.MODALITY_ROLES is G.MODALITIES
 
 
 def test_geometry_explorer_computes_each_layers_cloud_once():
