@@ -44,7 +44,7 @@ from microscope import attention, groundtruth, tracing
 from microscope.answers import MODEL, NoTarget, answer_ids, only_correct_note
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.data.blank import blank_like
-from microscope.knockout import image_patch_positions
+from microscope.grid import image_patch_positions
 from microscope.prefix import next_token_probs
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm

@@ -62,11 +62,11 @@ from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_cor
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.errors import MicroscopeError
 from microscope.extract import capture
-from microscope.model import is_anyres, patch_grid
+from microscope.grid import image_patch_positions, related_patches
 from microscope.prefix import cache_kwargs, causal_start, clean_cache, position_kwargs, positions, prefix_of
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
-from microscope.roles import ROLE_CODE, Batch, prepare_samples, role_codes
+from microscope.roles import Batch, prepare_samples, role_codes
 
 QUESTION = ("question", "constraint")
 #: every position that is neither image nor padding: as a knockout target, ``image↛text`` also keeps
@@ -279,75 +279,6 @@ def parse_edge(edge: str) -> tuple[str, str]:
             return src, tgt
     raise ValueError(f"edge {edge!r} is not 'source↛target' (or 'source->target'); named edges are "
                      f"{list(EDGES)}")
-
-
-def image_patch_positions(handle, batch: Batch, row: int, grid: int | tuple[int, int] | None = None
-                          ) -> torch.Tensor:
-    """Sequence positions of row ``row``'s image tokens that form the vision tower's patch grid,
-    in patch (raster) order.
-
-    LLaVA-1.5 style: every image token, one per patch. LLaVA-NeXT and LLaVA-OneVision (anyres): the image tokens
-    start with the base (whole-image) view's grid, followed by the high-resolution crops and
-    newline tokens; the base grid is returned, so related/other-image edges compare patches
-    *of the base view* and leave the crop tokens out of both. Qwen2-VL (dynamic resolution): the
-    row's image is ``image_grid_thw = (1, h, w)`` patches merged m × m into tokens in raster order
-    over ``(h/m) × (w/m)``. ``grid``: the grid the caller's patch indices assume (a sample's
-    ``grid``: a square side or ``(rows, cols)``), checked against the model's. ``ValueError`` for
-    other layouts (give image positions directly as a :class:`Block`).
-    """
-    pos, shape = _patch_layout(handle, batch, row)
-    _check_grid(handle, shape, grid)
-    return pos
-
-
-def _patch_layout(handle, batch: Batch, row: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Row ``row``'s patch-grid positions and the grid's ``(rows, cols)``; ``ValueError`` when its
-    image tokens form no patch grid."""
-    if has_cross_attention(handle):
-        raise no_patch_tokens(handle, "an image patch grid (related/other-image edges, patch attribution, object "
-                                      "tests)")
-    pos = (batch.roles[row] == ROLE_CODE["image"]).nonzero().flatten()
-    side = patch_grid(handle.model)
-    if side is not None:
-        if is_anyres(handle.model.config) and len(pos) > side * side:
-            return pos[:side * side], (side, side)
-        if len(pos) != side * side:
-            raise ValueError(f"{handle.name} has {len(pos)} image tokens for a {side}×{side} patch grid; related/"
-                             "other-image edges need the patch grid's tokens — pass image positions in a Block "
-                             "instead")
-        return pos, (side, side)
-    thw = batch.inputs.get("image_grid_thw")
-    merge = getattr(getattr(handle.model.config, "vision_config", None), "spatial_merge_size", None)
-    if thw is None or not merge:
-        raise ValueError(f"{handle.name}'s image tokens form no patch grid (pixel-shuffled or dynamic "
-                         "resolution); related/other-image edges need one — pass image positions in a Block instead")
-    t, h, w = (int(v) for v in thw[row])
-    shape = (h // merge, w // merge)
-    if t != 1 or len(pos) != shape[0] * shape[1]:
-        raise ValueError(f"{handle.name}: row {row}'s image is a {t}×{h}×{w} patch grid for {len(pos)} image "
-                         "tokens, not one image; related/other-image edges need one image per row")
-    return pos, shape
-
-
-def _check_grid(handle, shape: tuple[int, int], grid: int | tuple[int, int] | None) -> None:
-    want = (grid, grid) if isinstance(grid, int) else tuple(grid) if grid is not None else shape
-    if want != shape:
-        raise ValueError(f"the sample's patch indices are on a {want[0]}×{want[1]} grid but {handle.name}'s image "
-                         f"tokens form a {shape[0]}×{shape[1]} grid: load samples with load_samples(..., handle=h)")
-
-
-def related_patches(handle, batch: Batch, row: int, sample) -> tuple[int, ...] | None:
-    """``sample.referred_patches()``, checked to lie on the model's patch grid (``None`` when the
-    sample has none or the model has no patch grid)."""
-    f = getattr(sample, "referred_patches", None)
-    if not callable(f):
-        return None
-    try:
-        _, shape = _patch_layout(handle, batch, row)
-    except ValueError:
-        return None
-    _check_grid(handle, shape, getattr(sample, "grid", None))  # a mismatch is the caller's error
-    return tuple(f())
 
 
 def edge_block(handle, batch: Batch, edge: str, layers: Sequence[int] | torch.Tensor,

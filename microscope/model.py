@@ -80,13 +80,6 @@ def image_text_classes() -> dict[str, str]:
     return {**MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, **CLASS_OVERRIDES}
 
 
-def is_anyres(config) -> bool:
-    """Whether a model's image tokens start with the base view — the whole image resized to a
-    square, not cropped — followed by high-resolution crops (LLaVA-NeXT's "anyres" tiling, which
-    LLaVA-NeXT-Video and LLaVA-OneVision share): its config lists ``image_grid_pinpoints``."""
-    return bool(getattr(config, "image_grid_pinpoints", None))
-
-
 @dataclass
 class Adapter:
     """Where an architecture keeps the parts the suite needs."""
@@ -444,78 +437,6 @@ def _attention_reach(model) -> Callable[[dict], torch.Tensor] | None:
         return out
 
     return reach
-
-
-def image_geometry(model) -> tuple[int, int] | None:
-    """``(image_size, patch_size)`` of a vision tower with a fixed input resolution (from the
-    vision config, or from a :class:`~microscope.fusion.FusionModel` that was given them);
-    ``None`` for dynamic-resolution towers (Qwen2-VL), whose grid depends on each image."""
-    vc = getattr(model.config, "vision_config", None)
-    if getattr(vc, "spatial_merge_size", None) and getattr(vc, "temporal_patch_size", None):
-        return None  # Qwen2-VL-style dynamic resolution (GLM-4.1V's image_size is only its position table's)
-    for src in (vc, model):
-        size, patch = getattr(src, "image_size", None), getattr(src, "patch_size", None)
-        if isinstance(size, int) and isinstance(patch, int):
-            return size, patch * _pooling(model.config, size // patch)
-    return None
-
-
-def _pooling(config, grid: int) -> int:
-    """``k`` when the model average-pools its tower's ``grid × grid`` patches in ``k × k`` blocks
-    into ``mm_tokens_per_image = (grid / k)²`` image tokens in raster order (Gemma 3: 64 × 64
-    patches → 16 × 16 tokens); 1 otherwise. One image token then covers ``k · patch`` px."""
-    n = getattr(config, "mm_tokens_per_image", None)
-    side = int(round(n ** 0.5)) if isinstance(n, int) and n > 0 else 0
-    return grid // side if side and side * side == n and grid % side == 0 else 1
-
-
-def sample_geometry(handle, target: int = 224) -> tuple[int, int] | None:
-    """``(image_size, patch_size)`` to draw synthetic samples on, so that their patch grid is the
-    model's image-token grid.
-
-    Fixed-resolution towers: :func:`image_geometry`, the tower's own size even when it is not a
-    multiple of the patch (SigLIP: 384 px, 14 px patches → 27 × 27 patches over the first 378 px;
-    :mod:`microscope.data.shapes` lays the scene out in that seen square). Dynamic-resolution towers that merge m × m
-    patches into one token (Qwen2-VL: 14 px patches, m = 2): one token covers ``patch · m`` px, and
-    the side is the multiple of it nearest ``target`` that the model's own image processor keeps
-    unresized (checked by running it). ``None`` when there is no such grid.
-    """
-    fixed = image_geometry(handle.model)
-    if fixed is not None:
-        return fixed
-    vc = getattr(handle.model.config, "vision_config", None)
-    merge, patch = getattr(vc, "spatial_merge_size", None), getattr(vc, "patch_size", None)
-    if not (isinstance(merge, int) and isinstance(patch, int)):
-        return None
-    unit = patch * merge
-    for side in sorted(range(2 * unit, 4 * target + 1, unit), key=lambda x: (abs(x - target), x)):
-        if token_grid(handle, side, side) == (side // unit, side // unit):
-            return side, unit
-    return None
-
-
-def token_grid(handle, width: int, height: int) -> tuple[int, int] | None:
-    """``(rows, cols)`` of image tokens a dynamic-resolution model (Qwen2-VL) gives a
-    ``width × height`` image — what its own image processor resizes it to, divided by
-    ``patch · merge`` — or ``None`` for other models. Tokens run in raster order over it."""
-    vc = getattr(handle.model.config, "vision_config", None)
-    merge = getattr(vc, "spatial_merge_size", None)
-    ip = getattr(handle.processor, "image_processor", None)
-    if not isinstance(merge, int) or ip is None:
-        return None
-    from PIL import Image
-
-    thw = ip(images=[Image.new("RGB", (int(width), int(height)))], return_tensors="pt").get("image_grid_thw")
-    if thw is None or int(thw[0][0]) != 1:
-        return None
-    return int(thw[0][1]) // merge, int(thw[0][2]) // merge
-
-
-def patch_grid(model) -> int | None:
-    """Side of the vision tower's square patch grid, ``floor(image_size / patch_size)`` (what a
-    stride-``patch_size`` convolution without padding gives: 27 for SigLIP at 384/14), or ``None``."""
-    g = image_geometry(model)
-    return g[0] // g[1] if g else None
 
 
 class _NoVideo:

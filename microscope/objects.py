@@ -64,7 +64,7 @@ import torch
 
 from microscope.answers import answer_ids
 from microscope.crossattn import has_cross_attention, no_patch_tokens
-from microscope.knockout import image_patch_positions
+from microscope.grid import image_patch_positions
 from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm

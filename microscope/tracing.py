@@ -62,7 +62,7 @@ from microscope import validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.extract import SITES, capture, sites_of
-from microscope.knockout import image_patch_positions, related_patches
+from microscope.grid import image_patch_positions, related_patches
 from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from microscope import attribution as at
+from microscope import grid
 from microscope import groundtruth as gt
 from microscope import objects as ob
 from microscope import tracing as tr
@@ -211,7 +212,7 @@ def test_object_tests_find_the_referred_objects_in_both_spaces(shapes_handle, ra
     # the embedding space changes only the edited object's patches: an edit of a far object's colour
     # does not reach the decoder input of another object's patches
     clean = ob.decoder_inputs(h, [s])[0]
-    pos = at.image_patch_positions(h, at.prepare_samples(h, [s]), 0, s.grid)
+    pos = grid.image_patch_positions(h, at.prepare_samples(h, [s]), 0, s.grid)
     e = ob.variants(s, "color")[0]
     edited = ob.decoder_inputs(h, [dataclasses.replace(s, image=s.render(e.keep, e.objects))])[0]
     changed = ob._changed_patches(np.asarray(s.image), np.asarray(s.render(e.keep, e.objects)), s.grid, s.patch_size)

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 import microscope
+from microscope import grid
 from microscope.data import gqa, load_samples, scienceqa, vqa_constraints
-from microscope.data.vqa import DatasetError, DatasetWarning, box_patches
+from microscope.data.vqa import DatasetError, DatasetWarning
+from microscope.grid import box_patches
 
 
 def _img(path, w=120, h=80, color=(200, 30, 30)):
@@ -205,7 +207,7 @@ def test_gqa_layout_of_shapes_samples_gives_the_same_roles_and_answers(shapes_ha
 
 
 def test_resized_box_patches_map_the_whole_image_onto_the_grid():
-    from microscope.data.vqa import resized_box_patches
+    from microscope.grid import resized_box_patches
 
     # 120 x 80 onto 3 rows x 4 cols: cells of 30 x 26.7 px, nothing cropped
     assert resized_box_patches((0, 0, 10, 10), 120, 80, 3, 4) == (0,)
@@ -218,8 +220,7 @@ def test_gqa_boxes_on_a_dynamic_resolution_grid(gqa_files, handles):
     """Qwen2-VL keeps the image's aspect ratio: the sample's grid is the (rows, cols) token grid
     its own processor gives the 120 x 80 image, and the referred boxes map onto it."""
     from microscope import knockout as ko
-    from microscope.data.vqa import resized_box_patches
-    from microscope.model import token_grid
+    from microscope.grid import resized_box_patches, token_grid
 
     h = handles["qwen2_vl"]
     d = gqa_files
@@ -232,12 +233,12 @@ def test_gqa_boxes_on_a_dynamic_resolution_grid(gqa_files, handles):
                                                                              cols))))
     batch = microscope.prepare_samples(h, s)
     assert int(batch.inputs["image_grid_thw"][0][1]) // 2 == rows  # the processor's own grid
-    pos = ko.image_patch_positions(h, batch, 0, s[0].grid)
+    pos = grid.image_patch_positions(h, batch, 0, s[0].grid)
     assert len(pos) == rows * cols
     src, _ = ko.edge_masks(h, batch, "related-image↛question", [x.referred_patches() for x in s])
     assert src[0].sum().item() == len(s[0].referred_patches())
     with pytest.raises(ValueError, match="grid but"):
-        ko.image_patch_positions(h, batch, 0, (cols, rows))
+        grid.image_patch_positions(h, batch, 0, (cols, rows))
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
@@ -245,8 +246,7 @@ def test_anyres_base_view_squashes_the_whole_image(handles, name, gqa_files):
     """The anyres base view is the whole image resized to a square (no crop): a dark box in the
     left margin of a 120 x 80 image darkens exactly the cells resized_box_patches names, where a
     CLIP centre crop would have cut it off — and a GQA sample's grid says so."""
-    from microscope import knockout as ko
-    from microscope.data.vqa import resized_box_patches
+    from microscope.grid import resized_box_patches
 
     h = handles[name]
     img = np.full((80, 120, 3), 255, np.uint8)
@@ -263,13 +263,13 @@ def test_anyres_base_view_squashes_the_whole_image(handles, name, gqa_files):
     # cup (20, 0, 30, 10) and table (20, 40, 100, 80) of the 120 x 80 image on the squashed 4 x 4 grid
     assert s[0].grid == (4, 4) and s[0].referred_patches() == (0, *range(8, 16))
     batch = microscope.prepare_samples(h, s[:1])
-    assert len(ko.image_patch_positions(h, batch, 0, s[0].grid)) == 16
+    assert len(grid.image_patch_positions(h, batch, 0, s[0].grid)) == 16
 
 
 def test_llava15_crop_rule_matches_its_processor(handles):
     """LLaVA-1.5's CLIP preprocessing resizes the shortest edge and centre-crops: a dark box at the
     crop's left edge darkens exactly the cells box_patches names (the squash rule would say two)."""
-    from microscope.data.vqa import resized_box_patches
+    from microscope.grid import resized_box_patches
 
     h = handles["llava15"]
     img = np.full((80, 120, 3), 255, np.uint8)

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import microscope
+from microscope import grid
 from microscope import knockout as ko
 from microscope.data import load_samples
 from microscope.errors import MicroscopeError, ModelNotFoundError
@@ -50,7 +51,7 @@ def test_patch_edges_use_the_fusion_patch_grid():
     s = load_samples("shapes", 2, 5, handle=h)
     assert s[0].grid == 4 and s[0].referred_patches()
     b = microscope.prepare_samples(h, s[:1])
-    assert torch.equal(ko.image_patch_positions(h, b, 0), b.role_mask("image")[0].nonzero().flatten())
+    assert torch.equal(grid.image_patch_positions(h, b, 0), b.role_mask("image")[0].nonzero().flatten())
     df = ko.sweep(h, s, edges=["related-image↛question", "other-image↛question"], only_correct=False,
                   progress=False)
     assert set(df.edge) == {"related-image↛question", "other-image↛question"} and len(df) == 2 * 2 * 4

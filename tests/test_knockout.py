@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import microscope
+from microscope import grid
 from microscope import knockout as ko
 from microscope.data import load_samples, shapes
 from microscope.extract import capture
@@ -126,7 +127,7 @@ def test_related_and_other_image_partition_the_image_tokens(shapes_handle):
     assert r.sum(1).tolist() == [len(p) for p in rel]
     assert torch.equal(q, batch.role_mask(["question", "constraint"]))
     # the related tokens are the patches the referred object covers, in raster order
-    pos = ko.image_patch_positions(h, batch, 0)
+    pos = grid.image_patch_positions(h, batch, 0)
     assert r[0].nonzero().flatten().tolist() == pos[list(rel[0])].tolist()
 
 
@@ -216,7 +217,7 @@ def test_anyres_related_patches_are_the_base_view_grid(handles, name):
     batch = microscope.prepare_samples(h, _samples(h, n=1))
     img = batch.role_mask("image")[0].nonzero().flatten()
     assert len(img) > 16  # base view (4 x 4) + anyres crops + newline tokens
-    pos = ko.image_patch_positions(h, batch, 0)
+    pos = grid.image_patch_positions(h, batch, 0)
     assert pos.tolist() == img[:16].tolist()
     # those positions hold the base (whole-image) view's projected patches, in raster order
     inner, cfg = h.model.model, h.model.config
@@ -286,7 +287,7 @@ def test_dynamic_resolution_patch_grid_is_raster_over_merged_patches(handles, na
     s = _samples(h, n=2)
     assert (s[0].image_size, s[0].patch_size, s[0].grid) == (112, 28, 4)
     b = microscope.prepare_samples(h, s)
-    assert ko.image_patch_positions(h, b, 1).tolist() == b.role_mask("image")[1].nonzero().flatten().tolist()
+    assert grid.image_patch_positions(h, b, 1).tolist() == b.role_mask("image")[1].nonzero().flatten().tolist()
     import numpy as np
     from PIL import Image
 
@@ -383,7 +384,7 @@ def test_knockout_on_bidirectional_families_equals_a_hand_edited_mask(handles, n
 def test_gemma3_pooled_image_tokens_form_a_patch_grid(handles):
     """Gemma 3 average-pools its tower's 8 × 8 patches 2 × 2 into 16 image tokens in raster order:
     one token covers 28 px, samples are drawn on that 4 × 4 grid, and related/other-image edges work."""
-    from microscope.model import image_geometry, patch_grid
+    from microscope.grid import image_geometry, patch_grid
 
     h = handles["gemma3"]
     assert image_geometry(h.model) == (112, 28) and patch_grid(h.model) == 4

@@ -16,6 +16,7 @@ import torch
 
 import microscope
 from microscope import attribution as at
+from microscope import grid
 from microscope import knockout as ko
 from microscope import objects as ob
 from microscope import tracing as tr
@@ -265,7 +266,7 @@ def test_what_needs_patch_tokens_is_refused_naming_mllama(h):
                  lambda: at.objectness_scores(h, s, progress=False),
                  lambda: at.attention_contributions(h, s, progress=False),
                  lambda: ob.object_tests(h, s, progress=False),
-                 lambda: ko.image_patch_positions(h, b, 0)):
+                 lambda: grid.image_patch_positions(h, b, 0)):
         with pytest.raises(NotSupported, match=msg):
             call()
     with pytest.warns(UserWarning, match="related/other-image edges skipped: .*not supported"):

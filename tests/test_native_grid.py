@@ -21,11 +21,12 @@ import transformers
 from PIL import Image
 
 import microscope
+from microscope import grid
 from microscope import knockout as ko
 from microscope.data import load_samples, shapes
-from microscope.data.vqa import VQASample, box_patches, resized_box_patches, with_grid
+from microscope.data.vqa import VQASample
 from microscope.extract import capture
-from microscope.model import patch_grid
+from microscope.grid import box_patches, patch_grid, resized_box_patches, with_grid
 from tests.test_shapes import _solve
 from tests.tiny_models import build_llava_onevision
 
@@ -108,7 +109,7 @@ def _base_embeddings(h, images: list[Image.Image], question: str) -> tuple[torch
     with torch.no_grad(), capture(h, [-1]) as acts:
         h.model(**b.inputs)
     emb = acts["resid.-1"]
-    pos = [ko.image_patch_positions(h, b, i, patch_grid(h.model)) for i in range(len(images))]
+    pos = [grid.image_patch_positions(h, b, i, patch_grid(h.model)) for i in range(len(images))]
     return torch.stack([emb[i, p] for i, p in enumerate(pos)]), emb
 
 

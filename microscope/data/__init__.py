@@ -29,8 +29,7 @@ def load_samples(dataset: str = "shapes", n: int | None = None, seed: int = 0, h
     :func:`~microscope.data.vqa_constraints.load` or :func:`~microscope.data.shapes.generate`.
     """
     from microscope.data import gqa, scienceqa, shapes, vqa_constraints
-    from microscope.data.vqa import with_grid
-    from microscope.model import sample_geometry
+    from microscope.grid import sample_geometry, with_grid
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; datasets are {list(DATASETS)}")

@@ -9,9 +9,9 @@ It has the fields the suite reads from a Shapes-world sample (``id``, ``image``,
 ``answer``, ``category``, ``constraints``, ``referred_patches()``), so every analysis runs on
 either. ``answer`` is ``None`` for data without a gold answer (VQA-Constraints): every analysis
 then measures the model's own greedy answer (:mod:`microscope.answers`). Boxes are
-``(x0, y0, x1, y1)`` pixels of the original image; :func:`box_patches` maps them
+``(x0, y0, x1, y1)`` pixels of the original image; :func:`microscope.grid.box_patches` maps them
 onto a vision tower's patch grid for the CLIP-style preprocessing of LLaVA-1.5 (resize the
-shortest edge, centre-crop a square), :func:`resized_box_patches` for a resize of the whole image
+shortest edge, centre-crop a square), :func:`~microscope.grid.resized_box_patches` for a resize of the whole image
 (the anyres base view, Qwen2-VL). Both take ``visible``, the fraction of each side of the
 preprocessed ``S`` px square that the ``g = floor(S / p)`` patches cover (``g·p / S``: 378/384
 for SigLIP-384/14); boxes in the remaining strip fall on no patch, since the tower never sees it.
@@ -24,7 +24,6 @@ aborts a whole file. :func:`locate` finds a constraint phrase in its question by
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from collections import Counter
@@ -37,6 +36,7 @@ from PIL import Image
 
 from microscope.data.shapes import Constraint
 from microscope.errors import MicroscopeError
+from microscope.grid import box_patches, resized_box_patches
 
 
 class DatasetError(MicroscopeError, ValueError):
@@ -206,40 +206,6 @@ def locate(question: str, phrase: str) -> tuple[tuple[int, int] | None, str]:
     return None, f"constraint {phrase!r} is not in the question, nor is its head noun {head!r}"
 
 
-def box_patches(box: Sequence[float], width: int, height: int, grid: int, visible: float = 1.0
-                ) -> tuple[int, ...]:
-    """Raster indices of the ``grid × grid`` patches a box overlaps after CLIP-style
-    preprocessing: scale the shortest edge to the crop size, centre-crop a square.
-
-    The crop is ``s = min(width, height)`` original pixels wide; the patches cover its first
-    ``visible · s`` (``visible = grid · patch / crop_size``), so one cell is
-    ``visible · s / grid`` original pixels and a box beyond the covered part overlaps no patch."""
-    side = min(width, height)
-    ox, oy = (width - side) / 2, (height - side) / 2
-    x0, y0, x1, y1 = box
-    cell = side * visible / grid
-    c0, c1 = math.floor((x0 - ox) / cell), math.ceil((x1 - ox) / cell) - 1
-    r0, r1 = math.floor((y0 - oy) / cell), math.ceil((y1 - oy) / cell) - 1
-    c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, grid - 1), min(r1, grid - 1)
-    return tuple(r * grid + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)) if c0 <= c1 and r0 <= r1 \
-        else ()
-
-
-def resized_box_patches(box: Sequence[float], width: int, height: int, rows: int, cols: int,
-                        visible: float = 1.0) -> tuple[int, ...]:
-    """Raster indices of the ``rows × cols`` cells a box overlaps when the whole image is resized
-    onto that grid, without cropping (Qwen2-VL's dynamic resolution; the anyres base view).
-
-    The cells cover the first ``visible`` of each resized side (``visible = grid · patch / S``
-    for an ``S`` px view): a cell is ``visible · width / cols`` by ``visible · height / rows``
-    original pixels, and a box beyond the covered part overlaps no cell."""
-    x0, y0, x1, y1 = box
-    cw, ch = width * visible / cols, height * visible / rows
-    c0, c1 = max(math.floor(x0 / cw), 0), min(math.ceil(x1 / cw) - 1, cols - 1)
-    r0, r1 = max(math.floor(y0 / ch), 0), min(math.ceil(y1 / ch) - 1, rows - 1)
-    return tuple(r * cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
-
-
 @dataclass
 class VQASample:
     """One visual question from a data set on disk."""
@@ -272,7 +238,7 @@ class VQASample:
                 from e
 
     def referred_patches(self) -> tuple[int, ...]:
-        """Sorted patches under the referred boxes on the grid set with :meth:`with_grid`
+        """Sorted patches under the referred boxes on the grid set with :func:`microscope.grid.with_grid`
         (empty without boxes or grid)."""
         if not self.boxes or self.grid is None:
             return ()
@@ -292,31 +258,3 @@ class VQASample:
             return im.size
 
 
-def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
-    """Set every sample's patch grid to the model's: the vision tower's square
-    ``image_size // patch_size`` grid (an int: CLIP's resize-and-centre-crop; a ``(side, side)``
-    pair for the anyres base view, which resizes the whole image to a square without cropping),
-    or for a dynamic-resolution tower the ``(rows, cols)`` token grid its processor gives this
-    sample's image size; ``None`` (no referred patches) for a model with neither. A fixed tower's
-    grid covers ``visible = grid · patch_size / image_size`` of each side (SigLIP-384/14:
-    378/384), set on the samples too; a dynamic one's covers the whole resized image."""
-    from microscope.model import image_geometry, is_anyres, patch_grid, token_grid
-
-    grid = patch_grid(handle.model)
-    visible = 1.0
-    if grid is not None:
-        side, patch = image_geometry(handle.model)
-        visible = grid * patch / side
-    if grid is not None and is_anyres(handle.model.config):
-        grid = (grid, grid)
-    by_size: dict[tuple[int, int], tuple[int, int] | None] = {}
-    for s in samples:
-        if grid is None and s.boxes:
-            size = s.size()
-            if size not in by_size:
-                by_size[size] = token_grid(handle, *size)
-            s.grid = by_size[size]
-        else:
-            s.grid = grid
-        s.visible = visible
-    return samples if isinstance(samples, list) else list(samples)

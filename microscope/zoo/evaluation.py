@@ -93,7 +93,7 @@ def evaluate(model, processor, n: int = 2000, seed: int = 7, batch: int = 64,
     """
     if n < 6:
         raise ValueError(f"n must be at least 6 (one sample per category), got {n}")
-    from microscope.model import image_geometry
+    from microscope.grid import image_geometry
 
     size, patch = image_geometry(model)
     samples = shapes.generate(n, seed, image_size=size, patch_size=patch)
