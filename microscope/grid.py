@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.roles import ROLE_CODE, Batch
-
-if TYPE_CHECKING:
-    from microscope.data.vqa import VQASample
 
 __all__ = ["is_anyres", "image_geometry", "patch_grid", "token_grid", "sample_geometry", "image_patch_positions",
            "patch_layout", "check_grid", "related_patches", "box_patches", "resized_box_patches", "with_grid"]
@@ -222,14 +219,17 @@ def resized_box_patches(box: Sequence[float], width: int, height: int, rows: int
     return tuple(r * cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
 
 
-def with_grid(samples: Sequence[VQASample], handle) -> list[VQASample]:
-    """Set every sample's patch grid to the model's: the vision tower's square
-    ``image_size // patch_size`` grid (an int: CLIP's resize-and-centre-crop; a ``(side, side)``
-    pair for the anyres base view, which resizes the whole image to a square without cropping),
-    or for a dynamic-resolution tower the ``(rows, cols)`` token grid its processor gives this
-    sample's image size; ``None`` (no referred patches) for a model with neither. A fixed tower's
-    grid covers ``visible = grid · patch_size / image_size`` of each side (SigLIP-384/14:
-    378/384), set on the samples too; a dynamic one's covers the whole resized image."""
+def with_grid(samples: Sequence[Any], handle) -> list[Any]:
+    """Set every sample's patch grid to the model's and return the samples. Samples are data-set
+    samples (:class:`microscope.data.vqa.VQASample`: ``grid``, ``visible``, ``boxes``, ``size()``).
+
+    The grid is the vision tower's square ``image_size // patch_size`` grid (an int: CLIP's
+    resize-and-centre-crop; a ``(side, side)`` pair for the anyres base view, which resizes the
+    whole image to a square without cropping), or for a dynamic-resolution tower the
+    ``(rows, cols)`` token grid its processor gives this sample's image size; ``None`` (no
+    referred patches) for a model with neither. A fixed tower's grid covers
+    ``visible = grid · patch_size / image_size`` of each side (SigLIP-384/14: 378/384), set on the
+    samples too; a dynamic one's covers the whole resized image."""
     grid = patch_grid(handle.model)
     visible = 1.0
     if grid is not None:
