@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     h = microscope.load(args.model)
     samples = load_samples("shapes", args.n, 3, handle=h)  # on the model's image-token grid
-    window = args.window or ko.default_window(h.adapter.n_layers)
+    window = args.window or ko.knockout_window(h.adapter.n_layers)
     edges = list(ko.SWEEP_EDGES)
     correct = ko.predict(h, samples, progress=False).correct.tolist()
     samples = [s for s, ok in zip(samples, correct) if ok]

@@ -98,7 +98,7 @@ def main() -> None:
 
     reset(a.device)
     t = time.time()
-    df = ko.sweep(h, samples, window=ko.default_window(L), batch_size=a.batch_size, only_correct=False, progress=False)
+    df = ko.sweep(h, samples, window=ko.knockout_window(L), batch_size=a.batch_size, only_correct=False, progress=False)
     dt = time.time() - t
     print(f"knockout sweep: {a.n} samples × {df.edge.nunique()} edges × {L} centres = {len(df)} knockouts in "
           f"{dt:.1f}s = {a.n / dt:.2f} samples/s, peak {peak(a.device)}")

@@ -126,7 +126,7 @@ def plan(n: int, n_samples: int, tflops: float) -> None:
     hook = h.adapter.layers[0].register_forward_pre_hook(count, with_kwargs=True)
     vhook = model.model.vision_tower.register_forward_pre_hook(lambda *_: counts.__setitem__("vision",
                                                                                            counts["vision"] + 1))
-    df = ko.sweep(h, samples, window=ko.default_window(L), batch_size=64, only_correct=False, progress=False)
+    df = ko.sweep(h, samples, window=ko.knockout_window(L), batch_size=64, only_correct=False, progress=False)
     hook.remove()
     vhook.remove()
     per = {k: v / n for k, v in counts.items()}
@@ -136,7 +136,7 @@ def plan(n: int, n_samples: int, tflops: float) -> None:
     flops = decoder + vision_flops
     gpu_s = flops / (tflops * 1e12)
     print(f"knockout sweep at LLaVA-1.5-7B geometry ({n} Shapes samples, {df.edge.nunique()} edges × {L} centres, "
-          f"window {ko.default_window(L)}, batch 64; prompts of {per['base_tokens']:.0f} tokens):")
+          f"window {ko.knockout_window(L)}, batch 64; prompts of {per['base_tokens']:.0f} tokens):")
     print(f"  per sample: {per['forwards']:.1f} decoder forwards, {per['tokens']:.0f} tokens through the decoder "
           f"({per['tokens'] / (len(df) / n):.1f} per knockout row incl. the base forward), "
           f"{per['vision']:.0f} vision-tower pass(es)")

@@ -84,7 +84,8 @@ EDGES: dict[str, tuple[str, str]] = {
     "image↛text": ("image", "text"),
 }
 SWEEP_EDGES = tuple(e for e in EDGES if e != "image↛text")
-GROUPS = {"question": QUESTION, "text": TEXT}
+#: names an edge side may use for a set of roles (besides a single role name)
+ROLE_GROUPS = {"question": QUESTION, "text": TEXT}
 _PATCH_GROUPS = ("related-image", "other-image")
 _BASES = ("sdpa", "eager")
 _NAME = "microscope_knockout_{}"
@@ -272,7 +273,7 @@ def parse_edge(edge: str) -> tuple[str, str]:
         if sep in edge:
             src, tgt = (s.strip() for s in edge.split(sep, 1))
             for side in (src, tgt):
-                if side not in GROUPS and side not in _PATCH_GROUPS:
+                if side not in ROLE_GROUPS and side not in _PATCH_GROUPS:
                     role_codes(side)
             if tgt in _PATCH_GROUPS:
                 raise ValueError(f"edge {edge!r}: related/other image patches can only be a source")
@@ -322,14 +323,14 @@ def edge_masks(handle, batch: Batch, edge: str, related: Sequence[Sequence[int]]
                 sel[idx] = True
                 m[i, pos[sel if name == "related-image" else ~sel]] = True  # both within the patch grid
             return m
-        return batch.role_mask(GROUPS.get(name, name))
+        return batch.role_mask(ROLE_GROUPS.get(name, name))
 
     return side(src), side(tgt)
 
 
 # ---------------------------------------------------------------------------------------- sweep
 
-def default_window(n_layers: int) -> int:
+def knockout_window(n_layers: int) -> int:
     """Window size scaled to depth: the smallest odd ``k >= 9 · n_layers / 32`` (Zhang et al. use
     k = 9 on 32 layers; 13 for 40 layers, 3 for the embedded model's 6)."""
     return max(1, 2 * math.ceil((9 * n_layers / 32 - 1) / 2) + 1)
@@ -367,7 +368,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     """
     a = handle.adapter
     L = a.n_layers
-    window = default_window(L) if window is None else validate.window(window)
+    window = knockout_window(L) if window is None else validate.window(window)
     batch_size = validate.positive_int(batch_size, "batch_size")
     edges = validate.strings(edges, "edges")  # one edge given as a string is a list of one
     for e in edges:

@@ -73,11 +73,11 @@ CORRUPTIONS = ("noise", "replace")
 TARGETS = ("constraint", "related-image", "other-image", "image")
 KINDS = SITES  # resid, mlp, attn
 #: token groups of the dataset-level aggregation, in display order
-GROUPS = ("first constraint", "middle constraint", "last constraint", "other question", "related image",
-          "other image", "image_boundary", "template", "last")
+TOKEN_GROUPS = ("first constraint", "middle constraint", "last constraint", "other question", "related image",
+                "other image", "image_boundary", "template", "last")
 
 
-def default_window(n_layers: int) -> int:
+def restore_window(n_layers: int) -> int:
     """Layers restored together for ``mlp``/``attn``: the smallest odd ``k >= 10 · L / 48``
     (ROME uses 10 on 48 layers): 7 for 32 layers, 3 for the embedded model's 6."""
     return max(1, 2 * math.ceil((10 * n_layers / 48 - 1) / 2) + 1)
@@ -433,7 +433,7 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
     has layer ``-1``, the decoder input (restoring it at a corrupted token undoes that token's corruption).
     """
     L = handle.adapter.n_layers
-    window = default_window(L) if window is None else validate.window(window)
+    window = restore_window(L) if window is None else validate.window(window)
     kinds = validate.names(kinds, sites_of(handle), "kinds")
     c = corrupted or corrupt(handle, sample, corruption, target, n_noise, scale, sigma, replace_with, seed)
     pad = ROLE_CODE["pad"]

@@ -173,10 +173,10 @@ def test_sweep_keeps_only_correct_samples_and_predict_reports_accuracy(shapes_ha
 
 
 def test_window_defaults_and_clipping():
-    assert ko.default_window(32) == 9
-    assert ko.default_window(40) == 13
-    assert ko.default_window(6) == 3
-    assert ko.default_window(1) == 1
+    assert ko.knockout_window(32) == 9
+    assert ko.knockout_window(40) == 13
+    assert ko.knockout_window(6) == 3
+    assert ko.knockout_window(1) == 1
     assert list(ko.window_layers(0, 9, 32)) == list(range(0, 5))
     assert list(ko.window_layers(31, 9, 32)) == list(range(27, 32))
     assert list(ko.window_layers(10, 9, 32)) == list(range(6, 15))
