@@ -43,6 +43,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from microscope.results import normal_ci
+
 METRICS = ("precision@k", "top-1", "roc_auc", "referred_vs_distractor")
 #: question-blind baseline methods, scored like any other
 OBJECTNESS = ("objectness", "objectness (oracle)")
@@ -178,8 +180,7 @@ def summarize(per: pd.DataFrame, by: Sequence[str] = ("method", "metric"),
     g = per.groupby(keys, sort=False)
     out = g.agg(value=("value", "mean"), sd=("value", "std"), n_samples=("value", "size"),
                 chance=("chance", "mean")).reset_index()
-    half = 1.96 * out.sd.fillna(0) / np.sqrt(out.n_samples.clip(lower=1))
-    out["ci_low"], out["ci_high"] = out.value - half, out.value + half
+    out["ci_low"], out["ci_high"] = normal_ci(out.value, out.sd, out.n_samples)
     base_keys = [k for k in keys if k != "method"]
     base = per[per.method.isin(list(baselines))]
     if not len(base):

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from microscope.results import ci_half_width
+
 STYLE = Path(__file__).parent / "style" / "microscope.mplstyle"
 #: Okabe-Ito colours per token role
 ROLE_COLORS = {
@@ -52,7 +54,7 @@ def empty_panel(ax, df: pd.DataFrame, what: str):
 
 def _mean_ci(g: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     s = g.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
-    s["half"] = 1.96 * s["std"].fillna(0) / np.sqrt(s["count"].clip(lower=1))
+    s["half"] = ci_half_width(s["std"], s["count"])
     return s
 
 

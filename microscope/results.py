@@ -13,6 +13,19 @@ WRONG = "answered wrongly (only_correct=True)"
 UNSPELLABLE = "have a gold answer the vocabulary cannot spell"
 
 
+def ci_half_width(sd: pd.Series, n: pd.Series, z: float = 1.96) -> pd.Series:
+    """Half the width of the 95 % normal confidence interval of a mean over ``n`` samples,
+    ``z · sd / √n`` (``z = 1.96``); a group of one sample (``sd`` NaN) gets 0. The one CI formula
+    of the per-group tables: tracing's aggregate, attribution's summary, the plotted bands."""
+    return z * sd.fillna(0) / np.sqrt(n.clip(lower=1))
+
+
+def normal_ci(mean: pd.Series, sd: pd.Series, n: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """``(mean - half, mean + half)`` with ``half`` = :func:`ci_half_width`."""
+    half = ci_half_width(sd, n)
+    return mean - half, mean + half
+
+
 def _plain(v):
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}

@@ -66,7 +66,7 @@ from microscope.grid import image_patch_positions, related_patches
 from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
-from microscope.results import UNSPELLABLE, WHY_EMPTY, WRONG, explain, why_empty
+from microscope.results import UNSPELLABLE, WHY_EMPTY, WRONG, explain, normal_ci, why_empty
 from microscope.roles import ROLE_CODE, ROLES, Batch, adds_special_tokens, prepare_samples
 
 CORRUPTIONS = ("noise", "replace")
@@ -532,9 +532,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         return out
     per = df.groupby(["kind", "layer", "group", "sample_id"], sort=False).effect.mean().reset_index()
     g = per.groupby(["kind", "layer", "group"], sort=False).effect.agg(["mean", "std", "count"]).reset_index()
-    half = 1.96 * g["std"].fillna(0) / np.sqrt(g["count"].clip(lower=1))
+    low, high = normal_ci(g["mean"], g["std"], g["count"])
     return pd.DataFrame({"kind": g.kind, "layer": g.layer, "group": g.group, "effect": g["mean"],
-                         "ci_low": g["mean"] - half, "ci_high": g["mean"] + half, "n_samples": g["count"]})
+                         "ci_low": low, "ci_high": high, "n_samples": g["count"]})
 
 
 def peak_layers(agg: pd.DataFrame, groups: Sequence[str] | None = None) -> dict[str, dict]:

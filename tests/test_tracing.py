@@ -108,6 +108,11 @@ def test_groups_and_aggregation(shapes_handle):
     manual = df[(df.layer == 0) & (df.group == "last")].groupby("sample_id").effect.mean().mean()
     assert one.effect.iloc[0] == pytest.approx(manual)
     assert (agg.ci_low <= agg.effect).all() and (agg.effect <= agg.ci_high).all()
+    # the 95 % normal CI over samples: effect ± 1.96 · sd / √n of the per-sample means
+    per = df[(df.layer == 0) & (df.group == "last")].groupby("sample_id").effect.mean()
+    half = 1.96 * per.std(ddof=1) / len(per) ** 0.5
+    assert one.ci_high.iloc[0] - one.effect.iloc[0] == pytest.approx(half, rel=1e-9, abs=1e-12)
+    assert one.effect.iloc[0] - one.ci_low.iloc[0] == pytest.approx(half, rel=1e-9, abs=1e-12)
     peaks = tr.peak_layers(agg)
     assert set(peaks) == {"resid"} and 0 <= peaks["resid"]["layer"] < 6
 
