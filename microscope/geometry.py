@@ -601,11 +601,17 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
     return pd.DataFrame(rows)
 
 
-def pca_2d(X: Array) -> np.ndarray:
-    """Coordinates of the centred points on their first two principal axes, (n, 2)."""
+def pca_2d(X: Array, seed: int = 0) -> np.ndarray:
+    """Coordinates of the centred points on their first two principal axes, (n, 2). Above 4096
+    points the axes are fitted on 4096 of them drawn with ``seed`` (the same axes on every run)."""
     x = _t(X)
     x = x - x.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(x if len(x) <= 4096 else x[torch.randperm(len(x))[:4096]], full_matrices=False)
+    if len(x) > 4096:
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:4096]
+        fit = x[pick.to(x.device)]
+    else:
+        fit = x
+    _, _, v = torch.linalg.svd(fit, full_matrices=False)
     return (x @ v[:2].T).cpu().numpy()
 
 
@@ -618,5 +624,6 @@ def pca_points(X: Array, tokens: pd.DataFrame, n: int | None = 3000, seed: int =
         raise ValueError(f"tokens has {len(tokens)} rows for {len(X)} rows of X")
     rows = (np.arange(len(X)) if n is None or n >= len(X)
             else np.sort(np.random.default_rng(seed).choice(len(X), size=n, replace=False)))
-    xy = pca_2d(X[torch.as_tensor(rows, device=X.device)] if isinstance(X, torch.Tensor) else np.asarray(X)[rows])
+    xy = pca_2d(X[torch.as_tensor(rows, device=X.device)] if isinstance(X, torch.Tensor) else np.asarray(X)[rows],
+                seed=seed)
     return tokens.iloc[rows].reset_index(drop=True).assign(pc1=xy[:, 0], pc2=xy[:, 1])

@@ -398,3 +398,18 @@ def test_profile_gives_nan_with_the_reason_where_a_metric_is_undefined(handles, 
     assert np.isnan(at[(-1, "image", "linearity")]) and np.isnan(at[(-1, "image", "anisotropy_pc1")])
     assert at[(-1, "image", "anisotropy_cosine")] > 0.999  # identical vectors: cosine 1, still defined
     assert df[(df.layer != -1) | (df.role != "image")].value.notna().all()
+
+
+def test_pca_2d_is_the_same_on_every_run_above_its_fitting_sample():
+    """Above 4096 points the axes are fitted on a seeded draw: two runs give the same points,
+    and on data whose variance lies in two known directions they are those directions."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 16, generator=g) * 0.01
+    x[:, 3] += 10 * torch.randn(5000, generator=g)
+    x[:, 7] += 5 * torch.randn(5000, generator=g)
+    a, b = G.pca_2d(x), G.pca_2d(x)
+    assert np.array_equal(a, b)
+    xc = (x - x.mean(0)).numpy()
+    # PC1 ≈ ±column 3, PC2 ≈ ±column 7 (variances 100 and 25 against 1e-4 for the rest)
+    assert abs(np.corrcoef(a[:, 0], xc[:, 3])[0, 1]) > 0.999
+    assert abs(np.corrcoef(a[:, 1], xc[:, 7])[0, 1]) > 0.999
