@@ -298,3 +298,30 @@ def test_every_notebook_runs_on_every_model_type(tmp_path, tiny_dirs, name, monk
     assert ko["n_correct"] == (36 if layout else 12) and ko["window"] == 3  # all kept; 4 layers -> k = 3
     tr = json.loads((run / "04_information_tracing" / "summary.json").read_text())
     assert set(tr["peak_layer"]) <= {"resid", "mlp", "attn"} and tr["n_traced"] >= 1
+
+
+def test_knockout_and_tracing_notebooks_run_on_shapes_omnifusion(tmp_path):
+    """The bundled OmniFusion-style model through notebooks 03 and 04 at small parameters: its
+    begin/end-of-image markers are traced as a group of their own (``image_boundary``), and a trained
+    model answers (samples kept because they are answered correctly)."""
+    import pandas as pd
+    import papermill as pm
+
+    from microscope.comparison import bundled_pair
+
+    if not bundled_pair()[0]:
+        pytest.skip(bundled_pair()[1])
+    run = tmp_path / "run"
+    for nb in suite.notebooks():
+        if not nb.stem.startswith(("03", "04")):
+            continue
+        params = {"model": "shapes-omnifusion", "out_dir": str(run / nb.stem), "figures_dir": str(tmp_path / "fig"),
+                  "small": True, "run_dir": str(run), "interactive": False}
+        pm.execute_notebook(str(nb), str(tmp_path / nb.name), cwd=str(suite.NOTEBOOKS), progress_bar=False,
+                            parameters=params, execution_timeout=CELL_TIMEOUT)
+    ko = json.loads((run / "03_attention_knockout" / "summary.json").read_text())
+    assert ko["model"] == "shapes-omnifusion" and ko["n_correct"] >= 30  # 36 small samples, accuracy 0.99
+    trace = pd.read_parquet(run / "04_information_tracing" / "trace.parquet")
+    marks = trace[trace.role == "image_boundary"]
+    assert len(marks) and set(marks.group) == {"image_boundary"}
+    assert set(marks.token) == {"<SOI>", "<EOI>"}
