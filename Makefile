@@ -1,7 +1,7 @@
 # mllm-microscope — every target builds the environment it needs first.
 #   make figures   run the whole notebook suite on the embedded model (figures/ + runs/latest/)
 #   make test      run all tests
-#   make seeds     train seeds 1, 2 of shapes-llava and shapes-omnifusion (runs/seeds/, about 70 min on
+#   make seeds     train seeds 1, 2 of shapes-llava and shapes-omnifusion (runs/seeds/, about 2 hours on
 #                  2 cores) and write every seed's geometry profile table to microscope/zoo/seed_profiles/
 #                  (commit those)
 PYTHON ?= python3
@@ -38,12 +38,7 @@ figures: env
 	$(BIN)/python -m microscope.suite --out runs/latest --figures figures
 
 seeds: env
-	@echo "seeds 1 and 2 side by side, one thread each (shapes-llava, then shapes-omnifusion on its CLIP tower); logs in runs/seeds/"
-	mkdir -p runs/seeds; \
-	$(BIN)/python -m microscope.zoo seeds --seeds 1 --threads 1 --work runs/seeds > runs/seeds/seed1.log 2>&1 & p1=$$!; \
-	$(BIN)/python -m microscope.zoo seeds --seeds 2 --threads 1 --work runs/seeds > runs/seeds/seed2.log 2>&1 & p2=$$!; \
-	wait $$p1; r1=$$?; wait $$p2; r2=$$?; tail -n 3 runs/seeds/seed1.log runs/seeds/seed2.log; test $$r1 = 0 && test $$r2 = 0
-	$(BIN)/python -m microscope.zoo seeds --seeds 0 --work runs/seeds
+	$(BIN)/python -m microscope.zoo seeds --seeds 0 1 2 --work runs/seeds
 
 lint: env
 	$(BIN)/ruff check microscope tests benchmarks
