@@ -194,7 +194,7 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
             skipped[WRONG] += 1
             continue
         pos = image_patch_positions(handle, c.batch, 0, getattr(s, "grid", None))
-        p = tracing.restore(c, [("resid", [layer], [int(t)]) for t in pos], batch_size=batch_size)
+        p = tracing.restore(c, [tracing.Restore("resid", [layer], [int(t)]) for t in pos], batch_size=batch_size)
         related = set(getattr(s, "referred_patches", lambda: ())())
         for j, (t, pj) in enumerate(zip(pos.tolist(), p)):
             rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
@@ -287,7 +287,8 @@ def group_restoration_scores(handle, samples: Sequence, min_coverage: float = 0.
         owner = groundtruth.object_owners(s, min_coverage)
         n = len(s.objects)
         sets = [frozenset(K) for r in range(n + 1) for K in itertools.combinations(range(n), r)]
-        jobs = [("resid", [-1], [int(pos[j]) for j in np.flatnonzero(np.isin(owner, list(K)))]) for K in sets]
+        jobs = [tracing.Restore("resid", [-1], [int(pos[j]) for j in np.flatnonzero(np.isin(owner, list(K)))])
+                for K in sets]
         p = tracing.restore(c, jobs, batch_size=batch_size)
         phi = shapley_values(dict(zip(sets, p)), n)
         for j, t in enumerate(pos.tolist()):

@@ -53,6 +53,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -373,16 +374,39 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[Non
             h.remove()
 
 
-Job = tuple[str, Sequence[int], Sequence[int]]  # (kind, layers, positions)
+class Restore(NamedTuple):
+    """One restoration, as :class:`microscope.knockout.Block` is one knockout: write the clean
+    run's values of ``kind`` (a site: ``resid``, ``mlp``, ``attn``, or ``cross_attn``; the trace
+    table's ``kind`` column) at every ``layers`` × ``positions`` into the corrupted run. A plain
+    ``(kind, layers, positions)`` tuple is the same restoration."""
+
+    kind: str
+    layers: Sequence[int]
+    positions: Sequence[int]
+
+
+Job = Restore | tuple[str, Sequence[int], Sequence[int]]
+
+
+def _as_restore(job) -> Restore:
+    if isinstance(job, Restore):
+        return job
+    try:
+        kind, layers, positions = job
+    except (TypeError, ValueError):
+        raise ValueError(f"a restoration is Restore(kind, layers, positions) or a (kind, layers, positions) "
+                         f"tuple, got {job!r}") from None
+    return Restore(kind, layers, positions)
 
 
 def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    """``p_restored`` (mean over noise samples) for each job ``(kind, layers, positions)``: the
-    clean values of ``kind`` at every (layer, position) of the job are written into each
-    corrupted copy (a job with no positions restores nothing). ``resid`` layer ``-1`` is the
-    decoder input itself."""
+    """``p_restored`` (mean over noise samples) for each :class:`Restore` (or ``(kind, layers,
+    positions)`` tuple) of ``jobs``: the clean values of ``kind`` at every (layer, position) of
+    the job are written into each corrupted copy (a job with no positions restores nothing).
+    ``resid`` layer ``-1`` is the decoder input itself."""
     h = c.handle
     kinds = sites_of(h)
+    jobs = [_as_restore(j) for j in jobs]
     for kind, layers, positions in jobs:
         if kind not in kinds:
             raise ValueError(f"unknown kind {kind!r}; kinds are {list(kinds)}")
@@ -454,7 +478,7 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
             lay = [layer] if kind == "resid" else list(
                 range(max(0, layer - (window - 1) // 2), min(L, layer + window // 2 + 1)))
             for t in run:
-                jobs.append((kind, lay, [t]))
+                jobs.append(Restore(kind, lay, [t]))
                 keys.append((kind, layer, t))
     p = list(restore(c, jobs, batch_size=batch_size))
     for kind in kinds:

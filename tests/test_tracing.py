@@ -38,6 +38,11 @@ def test_restoring_the_whole_residual_stream_of_a_layer_gives_back_the_clean_pro
     jobs.append(("resid", [L - 1], [T - 1]))  # the last position's final state is all the logits read
     p = tr.restore(c, jobs, batch_size=5)
     assert p == pytest.approx([c.p_clean] * len(jobs), abs=1e-5)
+    # a Restore is the same restoration as its tuple, and reads as one
+    r = tr.Restore("resid", [1], [T - 1])
+    assert tr.restore(c, [r, ("resid", [1], [T - 1]), tr.Restore("mlp", [0, 1], [T - 2])], batch_size=5)[0] == \
+        tr.restore(c, [("resid", [1], [T - 1])], batch_size=5)[0]
+    assert repr(r) == f"Restore(kind='resid', layers=[1], positions=[{T - 1}])"
 
 
 def test_zero_noise_gives_zero_effect_and_the_same_seed_the_same_numbers(shapes_handle):
@@ -176,6 +181,8 @@ def test_bad_tracing_input_gets_clear_errors(shapes_handle, corrupted):
         tr.corrupt(h, s, n_noise=0)
     with pytest.raises(ValueError, match="unknown kind"):
         tr.restore(corrupted, [("mlp_out", [0], [1])])
+    with pytest.raises(ValueError, match=r"Restore\(kind, layers, positions\)"):
+        tr.restore(corrupted, [("resid", [0])])
     with pytest.raises(ValueError, match="out of range"):
         tr.restore(corrupted, [("mlp", [6], [1])])
     with pytest.raises(ValueError, match="out of range"):
