@@ -170,10 +170,14 @@ _IDLE = ("const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
          "return s ? s.getAttribute('data-status') : null")
 
 
+def _ran(prompt: str) -> bool:
+    """``[12]:`` — the cell has an execution count (``[ ]:`` never ran, ``[*]:`` queued or running)."""
+    return prompt[1:-2].strip().isdigit()
+
+
 def _done(driver) -> bool:
     prompts = driver.execute_script(_PROMPTS)
-    return bool(prompts) and all(p[1:-2].strip().isdigit() for p in prompts) \
-        and driver.execute_script(_IDLE) == "idle"
+    return bool(prompts) and all(map(_ran, prompts)) and driver.execute_script(_IDLE) == "idle"
 
 
 def _accept_dialogs(driver) -> None:
@@ -215,7 +219,7 @@ def run_all(driver, url: str) -> None:
         only part of the notebook: seen once with a toast open over it)."""
         prompts = driver.execute_script(_PROMPTS)
         return driver.execute_script(_IDLE) == "idle" and "[*]" not in "".join(prompts) \
-            and any(not p[1:-2].strip().isdigit() for p in prompts)
+            and not all(map(_ran, prompts))
 
     click_run_all()
     t0, reruns, idle_since = time.time(), 0, None

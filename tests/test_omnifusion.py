@@ -4,10 +4,7 @@ model's accuracy bar and the training script."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from microscope.tracing import token_groups
 from microscope.zoo import BUNDLED, model_dir
 from microscope.zoo import shapes_omnifusion as omni
 from microscope.zoo.shapes_llava import ARCH, build_model, build_processor
+from tests.zoo_cli import evaluation_report, run_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the bundled weights' tests need them installed (train: see the reason)
@@ -32,12 +30,6 @@ SHIPPED = pytest.mark.skipif(not (BUNDLED["shapes-omnifusion"] / "model.safetens
 TINY = ["--vision-samples", "96", "--vision-steps", "3", "--vision-batch", "8", "--pool-samples", "256",
         "--steps", "4", "--batch", "8", "--eval-every", "2", "--eval-samples", "12", "--turns", "3",
         "--align-steps", "2", "--conv-steps", "3"]
-
-
-def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "microscope.zoo", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def random_omnifusion(seed: int = 0):
@@ -170,12 +162,7 @@ def test_bundled_model_loads_and_is_small():
 
 @pytest.fixture(scope="module")
 def report():
-    """Evaluation only: 2000 fresh samples from a seed never used in training, through the CLI."""
-    out = _cli("evaluate", "shapes-omnifusion", "--n", "2000", "--seed", "7")
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout)
-    assert r["n"] == 2000 and set(r["per_category"]) == set(shapes.CATEGORIES)
-    return r
+    return evaluation_report("shapes-omnifusion")
 
 
 @SHIPPED
@@ -195,14 +182,14 @@ def test_bundled_model_uses_the_image(report):
 
 def test_training_script_end_to_end(tmp_path):
     a = tmp_path / "a"
-    out = _cli("train", "shapes-omnifusion", "--out", str(a), *TINY)
+    out = run_zoo("train", "shapes-omnifusion", "--out", str(a), *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
     log = json.loads((a / "training_log.json").read_text())
     assert log["style"] == "shapes-omnifusion" and log["recipe"]["align_steps"] == 2
     assert len(log["align_history"]) == 1 and len(log["decoder_history"]) >= 2
     assert (a / "MODEL_CARD.md").read_text().startswith("# shapes-omnifusion")
     assert omni.is_fusion_dir(a)
-    r = _cli("evaluate", "shapes-omnifusion", "--model-dir", str(a), "--n", "12", "--seed", "1")
+    r = run_zoo("evaluate", "shapes-omnifusion", "--model-dir", str(a), "--n", "12", "--seed", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert 0.0 <= json.loads(r.stdout)["overall"] <= 1.0
     assert b"<SOI>" in (a / "tokenizer.json").read_bytes()
@@ -214,7 +201,7 @@ def test_seeds_command_trains_both_styles_and_writes_their_tables(tmp_path):
     of the seed first, then shapes-omnifusion with that seed's CLIP tower; one table per model."""
     from microscope import comparison as C
 
-    out = _cli("seeds", "--seeds", "1", "--work", str(tmp_path / "w"), "--tables", str(tmp_path / "t"),
+    out = run_zoo("seeds", "--seeds", "1", "--work", str(tmp_path / "w"), "--tables", str(tmp_path / "t"),
                *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
     log = json.loads((tmp_path / "w" / "shapes-omnifusion-seed1" / "training_log.json").read_text())

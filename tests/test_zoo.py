@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,16 +21,11 @@ from microscope.data import shapes
 from microscope.errors import ModelNotFoundError
 from microscope.zoo import model_dir
 from microscope.zoo.shapes_llava import prompt
+from tests.zoo_cli import evaluation_report, run_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--vision-samples", "96", "--vision-steps", "3", "--vision-batch", "8", "--pool-samples", "256",
         "--steps", "4", "--batch", "8", "--eval-every", "2", "--eval-samples", "12", "--turns", "3"]
-
-
-def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "microscope.zoo", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def load_pretrained(name_or_dir):
@@ -80,12 +72,7 @@ def test_prompt_format_and_image_tokens_outnumber_text(bundled):
 
 @pytest.fixture(scope="module")
 def report():
-    """Evaluation only: 2000 fresh samples from a seed never used in training, through the CLI."""
-    out = _cli("evaluate", "shapes-llava", "--n", "2000", "--seed", "7")
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout)
-    assert r["n"] == 2000 and set(r["per_category"]) == set(shapes.CATEGORIES)
-    return r
+    return evaluation_report("shapes-llava")
 
 
 def test_shipped_weights_use_the_image(report):
@@ -128,16 +115,16 @@ def test_missing_and_corrupt_model_directories_give_one_clear_error(tmp_path):
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
     with pytest.raises(ModelNotFoundError, match=str(broken)):
         load_pretrained(broken)
-    out = _cli("evaluate", "shapes-llava", "--model-dir", str(broken), "--n", "12")
+    out = run_zoo("evaluate", "shapes-llava", "--model-dir", str(broken), "--n", "12")
     assert out.returncode == 2
     assert str(broken) in out.stderr and "Traceback" not in out.stderr
 
 
 def test_training_script_end_to_end_and_deterministic(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    out = _cli("train", "shapes-llava", "--out", str(a), *TINY)
+    out = run_zoo("train", "shapes-llava", "--out", str(a), *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
-    out = _cli("train", "shapes-llava", "--out", str(b), *TINY)
+    out = run_zoo("train", "shapes-llava", "--out", str(b), *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -145,6 +132,6 @@ def test_training_script_end_to_end_and_deterministic(tmp_path):
     assert log["recipe"]["steps"] == 4 and len(log["decoder_history"]) >= 2
     assert (a / "MODEL_CARD.md").read_text().startswith("# shapes-llava")
     model, processor = load_pretrained(a)  # the trained directory loads with from_pretrained
-    r = _cli("evaluate", "shapes-llava", "--model-dir", str(a), "--n", "12", "--seed", "1")
+    r = run_zoo("evaluate", "shapes-llava", "--model-dir", str(a), "--n", "12", "--seed", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert 0.0 <= json.loads(r.stdout)["overall"] <= 1.0
