@@ -105,7 +105,7 @@ def main() -> None:
 
     reset(a.device)
     t = time.time()
-    m = tr.trace(h, samples[0], kinds=["resid"], n_noise=a.noise, sigma=1.0, batch_size=a.batch_size)
+    m = tr.trace(h, samples[0], sites=["resid"], n_noise=a.noise, sigma=1.0, batch_size=a.batch_size)
     dt = time.time() - t
     print(f"tracing map: 1 sample, {m.layer.nunique()} layers × {m.position.nunique()} tokens × N={a.noise} in "
           f"{dt:.1f}s, peak {peak(a.device)}")

@@ -51,7 +51,7 @@ def worker(task: str, n: int, out: str) -> None:
     if task == "sweep":
         df = dist.run(ko.sweep, h, samples, parts=parts, part_size=4, only_correct=False, progress=False)
     elif task == "trace":
-        df = dist.run(tr.trace_dataset, h, samples, parts=parts, part_size=2, kinds=["resid"], n_noise=4,
+        df = dist.run(tr.trace_dataset, h, samples, parts=parts, part_size=2, sites=["resid"], n_noise=4,
                       only_correct=False, progress=False)
     else:
         df = dist.extract(h, samples, parts, batch_size=4, progress=False).tokens()

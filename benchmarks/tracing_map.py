@@ -43,10 +43,10 @@ def main() -> None:
     sigma = tr.noise_sigma(h, samples)
     cs = [tr.corrupt(h, s, n_noise=args.noise, sigma=sigma, seed=k) for k, s in enumerate(samples)]
     L = h.adapter.n_layers
-    tr.trace(h, samples[0], kinds=["resid"], corrupted=cs[0], batch_size=args.batch_size)  # warm-up
+    tr.trace(h, samples[0], sites=["resid"], corrupted=cs[0], batch_size=args.batch_size)  # warm-up
 
     t = time.perf_counter()
-    maps = [tr.trace(h, s, kinds=["resid"], corrupted=c, batch_size=args.batch_size) for s, c in zip(samples, cs)]
+    maps = [tr.trace(h, s, sites=["resid"], corrupted=c, batch_size=args.batch_size) for s, c in zip(samples, cs)]
     ours = time.perf_counter() - t
 
     t = time.perf_counter()

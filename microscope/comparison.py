@@ -37,7 +37,11 @@ import pandas as pd
 SEED_TABLES = Path(__file__).parent / "zoo" / "seed_profiles"
 #: the fixed samples every per-seed profile is measured on (Shapes world, never trained on)
 SEED_SAMPLES = {"n": 96, "seed": 11}
-SEED_COLUMNS = ["style", "seed", "layer", "role", "metric", "value", "n"]
+SEED_COLUMNS = ["style", "seed", "layer", "modality", "metric", "value", "n"]
+#: the ledger of every trained seed, passing or not (:func:`write_seed_run`)
+SEED_RUNS = SEED_TABLES / "seed_runs.csv"
+SEED_RUN_COLUMNS = ["style", "seed", "overall", "worst_category", "worst_accuracy", "blank_overall",
+                    "question_only_prior", "n_eval", "meets_bar", "failures", "train_seconds"]
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,12 @@ def bundled_pair() -> tuple[list[str], str]:
     return list(BUNDLED_PAIR), ""
 
 
-def statistic(profile: pd.DataFrame, metric: str, kind: str, role: str = "image") -> float:
+def statistic(profile: pd.DataFrame, metric: str, kind: str, modality: str = "image") -> float:
     """Mean (``kind="mean"``) or standard deviation (``"sd"``, ddof 1) over decoder layers ``>= 0``
-    of ``metric`` on ``role`` tokens of one profile (rows of one model and seed)."""
-    d = profile[(profile.metric == metric) & (profile.role == role) & (profile.layer >= 0)]
+    of ``metric`` on ``modality`` tokens of one profile (rows of one model and seed)."""
+    d = profile[(profile.metric == metric) & (profile.modality == modality) & (profile.layer >= 0)]
     if d.empty:
-        raise ValueError(f"the profile has no {metric} rows for {role} tokens at layers >= 0")
+        raise ValueError(f"the profile has no {metric} rows for {modality} tokens at layers >= 0")
     v = d.sort_values("layer").value.to_numpy(float)
     return float(v.mean()) if kind == "mean" else float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
@@ -93,7 +97,7 @@ def statistic(profile: pd.DataFrame, metric: str, kind: str, role: str = "image"
 def verdicts(per_seed: pd.DataFrame, a: str, b: str, findings: Sequence[Finding] = FINDINGS) -> pd.DataFrame:
     """One row per finding and metric: the statistic per seed of both styles and the verdict.
 
-    ``per_seed``: columns ``style``, ``seed``, ``layer``, ``role``, ``metric``, ``value`` (a seed
+    ``per_seed``: columns ``style``, ``seed``, ``layer``, ``modality``, ``metric``, ``value`` (a seed
     table, or live profiles with one seed each); ``a``: the LLaVA-style model, ``b``: the
     OmniFusion-style one. Columns: finding, claim, metric, statistic, seeds_a, seeds_b (the
     statistic of every seed), mean_a, mean_b, delta, sd_a, sd_b, se, direction, verdict, note.
@@ -174,6 +178,70 @@ def write_seed_table(df: pd.DataFrame, folder: str | Path = SEED_TABLES, command
         f.write(f"# made by: {command}\n" if command else "")
         df[SEED_COLUMNS].to_csv(f, index=False, float_format="%.6g")
     return path
+
+
+def seed_run(style: str, seed: int, report: dict, failures: Sequence[str],
+             train_seconds: float | None = None) -> dict:
+    """One ledger row (:data:`SEED_RUN_COLUMNS`) from an accuracy report
+    (:func:`microscope.zoo.evaluation.evaluate`) and its bar failures
+    (:func:`microscope.zoo.evaluation.bar_failures`)."""
+    worst = min(report["per_category"], key=report["per_category"].get)
+    return {"style": style, "seed": int(seed), "overall": report["overall"], "worst_category": worst,
+            "worst_accuracy": report["per_category"][worst], "blank_overall": report["blank_overall"],
+            "question_only_prior": report["question_only_prior"], "n_eval": report["n"],
+            "meets_bar": not failures, "failures": "; ".join(failures),
+            "train_seconds": float("nan") if train_seconds is None else float(train_seconds)}
+
+
+def write_seed_run(row: dict, path: str | Path = SEED_RUNS) -> pd.DataFrame:
+    """Insert or replace the ``(style, seed)`` row of the seed ledger at ``path``; returns the ledger.
+
+    Every trained seed is recorded, including those below the accuracy bar: their geometry
+    table is not written (they answer a different task), but the pass rate of the recipe is part
+    of the result."""
+    missing = set(SEED_RUN_COLUMNS) - set(row)
+    if missing:
+        raise ValueError(f"a seed-run row needs {sorted(missing)}")
+    runs = read_seed_runs(path)
+    runs = runs[~((runs["style"] == row["style"]) & (runs["seed"] == row["seed"]))]
+    runs = pd.concat([runs, pd.DataFrame([row])[SEED_RUN_COLUMNS]], ignore_index=True) if len(runs) else \
+        pd.DataFrame([row])[SEED_RUN_COLUMNS]
+    runs = runs.sort_values(["style", "seed"], ignore_index=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(path, index=False, float_format="%.4g")
+    return runs
+
+
+def read_seed_runs(path: str | Path = SEED_RUNS) -> pd.DataFrame:
+    """The seed ledger (columns :data:`SEED_RUN_COLUMNS`; empty when there is none)."""
+    if not Path(path).is_file():
+        return pd.DataFrame(columns=SEED_RUN_COLUMNS)
+    runs = pd.read_csv(path, dtype={"failures": str, "worst_category": str})
+    runs["failures"] = runs["failures"].fillna("")
+    runs["meets_bar"] = runs["meets_bar"].astype(bool)
+    return runs[SEED_RUN_COLUMNS]
+
+
+def pass_rates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per style: seeds trained, seeds that met the accuracy bar, their fraction, and which
+    seeds failed with what."""
+    rows = []
+    for style, g in runs.groupby("style", sort=True):
+        bad = g[~g["meets_bar"]]
+        rows.append({"style": style, "trained": len(g), "met_bar": int(g["meets_bar"].sum()),
+                     "pass_rate": float(g["meets_bar"].mean()),
+                     "failed": "; ".join(f"seed {r.seed}: {r.failures}" for r in bad.itertuples())})
+    return pd.DataFrame(rows, columns=["style", "trained", "met_bar", "pass_rate", "failed"])
+
+
+def remove_seed_table(style: str, seed: int, folder: str | Path = SEED_TABLES) -> bool:
+    """Delete ``folder/{style}-seed{seed}.csv`` if present (a seed that no longer meets the bar);
+    returns whether a file was removed."""
+    path = Path(folder) / f"{style}-seed{seed}.csv"
+    if path.is_file():
+        path.unlink()
+        return True
+    return False
 
 
 def read_seed_tables(folder: str | Path = SEED_TABLES, styles: Sequence[str] | None = None) -> pd.DataFrame:

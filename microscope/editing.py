@@ -574,11 +574,11 @@ def traced_layer(handle, samples: Sequence, position: str = "last", n_noise: int
     from microscope import tracing
 
     position = validate.names(position, POSITIONS, "position")[0]
-    df = tracing.trace_dataset(handle, list(samples), kinds=("mlp",), n_noise=n_noise, window=1, seed=seed,
+    df = tracing.trace_dataset(handle, list(samples), sites=("mlp",), n_noise=n_noise, window=1, seed=seed,
                                only_correct=False, progress=False)
     agg = tracing.aggregate(df)
     group = "last" if position == "last" else "last constraint"
-    part = agg[(agg["kind"] == "mlp") & (agg["group"] == group)].sort_values("layer", ignore_index=True)
+    part = agg[(agg["site"] == "mlp") & (agg["group"] == group)].sort_values("layer", ignore_index=True)
     if part.empty:
         raise MicroscopeError(f"tracing gave no MLP effects at the {group!r} tokens of these samples "
                               f"({why_empty(df, 'traced samples')}); "

@@ -91,7 +91,7 @@ def capture(handle, layers: Sequence[int], sites: Sequence[str] = ("resid",)) ->
                 if not a.has_site(lay, site):
                     hooks.append(a.layers[lay].register_forward_hook(zero(f"{site}.{lay}")))
                     continue
-                mod = a.site(lay, site)
+                mod = a.module(site, lay)
                 hooks.append(mod.register_forward_hook(keep(f"{site}.{lay}")))
         yield acts
     finally:

@@ -519,7 +519,7 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
             device: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Geometry of every layer and modality of an activation store, as a tidy DataFrame.
 
-    Columns: model, layer, role, metric, value, ci_low, ci_high, n, n_samples, baseline.
+    Columns: model, layer, modality, metric, value, ci_low, ci_high, n, n_samples, baseline.
     ``modalities`` maps a name to the token roles it pools (default :data:`MODALITIES`); every
     modality uses the same number of tokens ``n`` (default: the smallest modality's count),
     drawn once per run with ``seed`` so that image and text scores are comparable. Linearity
@@ -594,7 +594,7 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
                             warnings.warn(f"geometry.profile: no confidence band for {name} on {m} tokens: half "
                                           f"of the {n_samples[m]} samples is too few ({e}); extract "
                                           "more samples for bands", stacklevel=2)
-                rows.append({"model": store.meta["model"], "layer": lay, "role": m, "metric": name,
+                rows.append({"model": store.meta["model"], "layer": lay, "modality": m, "metric": name,
                              "value": value, "ci_low": lo, "ci_high": hi, "n": len(ix),
                              "n_samples": n_samples[m],
                              "baseline": np.nan if np.isnan(value) else _baseline(name, x, y, seed)})

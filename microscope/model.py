@@ -132,11 +132,11 @@ class Adapter:
         """Whether some query may read a later key (see :attr:`attention_reach`)."""
         return self.attention_reach is not None
 
-    def site(self, layer: int, site: str) -> torch.nn.Module:
-        """The module whose output is decoder layer ``layer``'s ``site``: ``"resid"`` the layer
-        (its output is the residual stream), ``"attn"`` / ``"mlp"`` what the attention and the MLP
-        add to it — their own outputs, or the norm after them where the layer has one (GLM-4's
-        sandwich norms, :data:`POST_NORMS`).
+    def module(self, site: str, layer: int) -> torch.nn.Module:
+        """The module whose output is decoder layer ``layer``'s ``site`` (the one place a site is
+        looked up): ``"resid"`` the layer (its output is the residual stream), ``"attn"`` /
+        ``"mlp"`` what the attention and the MLP add to it — their own outputs, or the norm after
+        them where the layer has one (GLM-4's sandwich norms, :data:`POST_NORMS`).
 
         Cross-attention layers (Mllama) have ``"cross_attn"`` instead of ``"attn"``: the
         cross-attention's output ``c`` and the MLP's output ``m`` *before* the layer's tanh gates —

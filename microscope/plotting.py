@@ -185,7 +185,7 @@ def geometry_legend_handles(ax) -> list:
                              label="dotted: baseline (linearity: permutation chance; PC1: 1/d; cosine: 0)")]
 
 
-def metric_by_layer(df: pd.DataFrame, metric: str, ax=None, hue: str = "role", style: str = "model",
+def metric_by_layer(df: pd.DataFrame, metric: str, ax=None, hue: str = "modality", style: str = "model",
                     legend: bool | None = None):
     """One metric across layers: a line per modality (colour) and model (line style), the
     split-half CI as a band and the baseline as a dotted line of the same colour; with ``legend``
@@ -355,7 +355,7 @@ LENS_LABELS = {
 }
 
 
-KIND_LABELS = {"resid": "residual state", "mlp": "MLP output", "attn": "attention output"}
+SITE_LABELS = {"resid": "residual state", "mlp": "MLP output", "attn": "attention output"}
 GROUP_COLORS = {
     "first constraint": "#F0B27A", "middle constraint": "#E69F00", "last constraint": "#D55E00",
     "other question": "#CC79A7", "related image": "#0072B2", "other image": "#56B4E9", "template": "#999999",
@@ -380,7 +380,7 @@ def corrupted_mask(d: pd.DataFrame) -> pd.Series:
 
 
 def trace_columns(d: pd.DataFrame, collapse_image: bool = True) -> tuple[list[int], list[int]]:
-    """The columns :func:`trace_heatmap` draws for one kind's rows ``d`` of a trace table:
+    """The columns :func:`trace_heatmap` draws for one site's rows ``d`` of a trace table:
     ``(kept, collapsed)``, the positions drawn, in order, and the image positions whose effect is
     0 at every layer (before the first corrupted token) that, with ``collapse_image`` and more than
     one of them, share one column, the first of them (empty otherwise)."""
@@ -395,12 +395,12 @@ def trace_columns(d: pd.DataFrame, collapse_image: bool = True) -> tuple[list[in
     return [p for p in keep if p not in zero_img[1:]], zero_img
 
 
-def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image: bool = True,
+def trace_heatmap(df: pd.DataFrame, site: str = "resid", ax=None, collapse_image: bool = True,
                   vmax: float | None = None):
     """One sample's indirect effects as a layer × token heatmap, tokens labelled and coloured by
     role, the corrupted tokens marked with ``*`` and a bar under their columns. Image tokens before
     the first corrupted token have effect 0 by causality; with ``collapse_image`` a run of them is
-    drawn as one column. A table without rows of ``kind`` says why.
+    drawn as one column. A table without rows of ``site`` says why.
 
     The colour scale follows ROME (Meng et al. 2022): white is the corrupted probability (effect 0)
     and full red is the clean one — the scale is ±(p clean − p corrupted), never the map's own
@@ -408,11 +408,11 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
     colour; it is at least ±:data:`TRACE_MIN_SCALE`, and ``vmax`` fixes it instead. The colour bar
     reads in both units: indirect effect (right) and, on the left, where p corrupted (white) and
     p clean sit on it."""
-    d = df[df.kind == kind]
+    d = df[df.site == site]
     if d.empty:
         if ax is None:
             _, ax = plt.subplots(figsize=(4, 2))
-        return empty_panel(ax, df, f"{kind} rows")
+        return empty_panel(ax, df, f"{site} rows")
     m = d.pivot_table(index="layer", columns="position", values="effect")
     info = d.assign(corrupted=corrupted_mask(d)).drop_duplicates("position").set_index("position").loc[m.columns]
     keep, zero_img = trace_columns(d, collapse_image)
@@ -442,7 +442,7 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
     ax.set_ylabel("layer")
     ax.grid(False)
     n_cor = int(info.corrupted.sum())
-    ax.set_title(f"{KIND_LABELS.get(kind, kind)} · p clean {s.p_clean:.2f} → corrupted {s.p_corrupted:.2f}"
+    ax.set_title(f"{SITE_LABELS.get(site, site)} · p clean {s.p_clean:.2f} → corrupted {s.p_corrupted:.2f}"
                  + (f" · {n_cor} corrupted token{'s' * (n_cor > 1)} (*)" if n_cor else ""), fontsize=9)
     bar = ax.figure.colorbar(im, ax=ax, shrink=0.8, pad=0.2)
     bar.set_label(f"indirect effect (scale ±{v:.2g})", fontsize=7)
@@ -460,20 +460,20 @@ def trace_heatmap(df: pd.DataFrame, kind: str = "resid", ax=None, collapse_image
 
 def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None, total: float | None = None,
                  title: str = ""):
-    """Dataset-level indirect effect per layer, one panel per kind, one line per token group, with
+    """Dataset-level indirect effect per layer, one panel per site, one line per token group, with
     the 95% CI band (the table of :func:`microscope.tracing.aggregate`); 0 (no effect) and, if
     given, ``total`` (mean ``p_clean − p_corrupted``: everything restored) drawn in; ``title``
     (e.g. which samples were traced) above the panels; a table without rows says why."""
-    kinds = [k for k in KIND_LABELS if k in set(agg.kind)]
-    if not kinds:
+    sites = [k for k in SITE_LABELS if k in set(agg.site)]
+    if not sites:
         fig, ax = plt.subplots(figsize=(4, 3))
         empty_panel(ax, agg, "traced samples")
         return fig
     groups = groups or [g for g in GROUP_COLORS if g in set(agg.group)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.9 * len(kinds), 3.0), squeeze=False, sharey=True)
-    for ax, k in zip(axes.flat, kinds):
+    fig, axes = plt.subplots(1, len(sites), figsize=(3.9 * len(sites), 3.0), squeeze=False, sharey=True)
+    for ax, k in zip(axes.flat, sites):
         for gname in groups:
-            g = agg[(agg.kind == k) & (agg.group == gname)].sort_values("layer")
+            g = agg[(agg.site == k) & (agg.group == gname)].sort_values("layer")
             if g.empty:
                 continue
             c = GROUP_COLORS.get(gname)
@@ -482,7 +482,7 @@ def trace_curves(agg: pd.DataFrame, groups: list[str] | None = None, total: floa
         ax.axhline(0, color="0.3", lw=0.8)
         if total is not None:
             ax.axhline(total, color="0.3", lw=0.8, ls="--", label="p clean − p corrupted")
-        ax.set_title(KIND_LABELS[k])
+        ax.set_title(SITE_LABELS[k])
         ax.set_xlabel("layer (-1 = decoder input)" if k == "resid" else "layer (window centre)")
     axes.flat[0].set_ylabel("mean indirect effect")
     axes.flat[-1].legend(fontsize=7)
@@ -672,7 +672,7 @@ def compare_metric(df: pd.DataFrame, metric: str, seeds: pd.DataFrame | None = N
     for j, name in enumerate(models):
         c = COMPARE_COLORS[j % len(COMPARE_COLORS)]
         for mod, ls in MODALITY_STYLES.items():
-            g = d[(d.model == name) & (d.role == mod)].sort_values("layer")
+            g = d[(d.model == name) & (d.modality == mod)].sort_values("layer")
             if g.empty:
                 continue
             ax.plot(g.layer, g.value, ls=ls, color=c, marker="o" if mod == "image" else "s", ms=3.5, lw=1.8, zorder=3)
@@ -681,7 +681,7 @@ def compare_metric(df: pd.DataFrame, metric: str, seeds: pd.DataFrame | None = N
             if g.baseline.notna().any() and j == 0:
                 ax.plot(g.layer, g.baseline, ls=(0, (1, 2)), color="0.35", lw=1)
             if seeds is not None and len(seeds):
-                s = seeds[(seeds["style"] == Path(str(name)).name) & (seeds.role == mod) & (seeds.metric == metric)]
+                s = seeds[(seeds["style"] == Path(str(name)).name) & (seeds.modality == mod) & (seeds.metric == metric)]
                 for _, gs in s.groupby("seed"):
                     gs = gs.sort_values("layer")
                     ax.plot(gs.layer, gs.value, ls=ls, color=c, lw=0.8, alpha=0.55, zorder=2)

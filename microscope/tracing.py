@@ -2,8 +2,8 @@
 
     c = corrupt(handle, sample, "noise", target="constraint")   # clean run + N corrupted inputs
     p = restore(c, [("resid", [3], [12])])                      # p(answer) with one state restored
-    df = trace(handle, sample)                                  # full layer × token map, every kind
-    dfs = trace_dataset(handle, samples); agg = aggregate(dfs)  # mean effect per kind × layer × group
+    df = trace(handle, sample)                                  # full layer × token map, every site
+    dfs = trace_dataset(handle, samples); agg = aggregate(dfs)  # mean effect per site × layer × group
 
 The math, line by line (Meng et al. 2022; Basu et al. 2024 for MLLMs):
 
@@ -27,11 +27,11 @@ after them from the clean run's key/value cache (transformers' ``DynamicCache``)
 the suffix — with 36 image tokens before the question that is most of the prompt. Batching: every
 (restoration, noise sample) pair is one row of a batch of ``inputs_embeds``
 forwards, with forward hooks writing the clean values into the rows that restore them; the full
-map of one kind (L layers × T tokens × N) takes ``ceil(L·T·N / batch_size)`` forwards.
+map of one site (L layers × T tokens × N) takes ``ceil(L·T·N / batch_size)`` forwards.
 Restoring ``resid`` at every position of a layer gives back ``p_clean`` exactly; zero noise
 gives zero effect; the same seed gives the same numbers (all tested).
 
-Cross-attention models (Mllama, :mod:`microscope.crossattn`) have a fourth kind, ``cross_attn``:
+Cross-attention models (Mllama, :mod:`microscope.crossattn`) have a fourth site, ``cross_attn``:
 the output of a cross-attention layer's cross-attention, restored like ``attn`` over the
 cross-attention layers of the window (``attn`` is self-attention: absent from those layers, which it
 skips). ``resid`` and ``mlp`` work on both layer kinds. Their image is not a run of token
@@ -72,7 +72,6 @@ from microscope.roles import ROLE_CODE, ROLES, Batch, adds_special_tokens, prepa
 
 CORRUPTIONS = ("noise", "replace")
 TARGETS = ("constraint", "related-image", "other-image", "image")
-KINDS = SITES  # resid, mlp, attn
 #: token groups of the dataset-level aggregation, in display order
 TOKEN_GROUPS = ("first constraint", "middle constraint", "last constraint", "other question", "related image",
                 "other image", "image_boundary", "template", "last")
@@ -366,7 +365,7 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[Non
                 continue
             if not a.has_site(layer, site):
                 continue  # the layer has no such site (it adds 0 there): nothing to restore
-            mod = a.site(layer, site)
+            mod = a.module(site, layer)
             hooks.append(mod.register_forward_hook(make(key, rows, pos)))
         yield
     finally:
@@ -376,11 +375,11 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[Non
 
 class Restore(NamedTuple):
     """One restoration, as :class:`microscope.knockout.Block` is one knockout: write the clean
-    run's values of ``kind`` (a site: ``resid``, ``mlp``, ``attn``, or ``cross_attn``; the trace
-    table's ``kind`` column) at every ``layers`` × ``positions`` into the corrupted run. A plain
-    ``(kind, layers, positions)`` tuple is the same restoration."""
+    run's values of ``site`` (a site: ``resid``, ``mlp``, ``attn``, or ``cross_attn``; the trace
+    table's ``site`` column) at every ``layers`` × ``positions`` into the corrupted run. A plain
+    ``(site, layers, positions)`` tuple is the same restoration."""
 
-    kind: str
+    site: str
     layers: Sequence[int]
     positions: Sequence[int]
 
@@ -392,25 +391,25 @@ def _as_restore(job) -> Restore:
     if isinstance(job, Restore):
         return job
     try:
-        kind, layers, positions = job
+        site, layers, positions = job
     except (TypeError, ValueError):
-        raise ValueError(f"a restoration is Restore(kind, layers, positions) or a (kind, layers, positions) "
+        raise ValueError(f"a restoration is Restore(site, layers, positions) or a (site, layers, positions) "
                          f"tuple, got {job!r}") from None
-    return Restore(kind, layers, positions)
+    return Restore(site, layers, positions)
 
 
 def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    """``p_restored`` (mean over noise samples) for each :class:`Restore` (or ``(kind, layers,
-    positions)`` tuple) of ``jobs``: the clean values of ``kind`` at every (layer, position) of
+    """``p_restored`` (mean over noise samples) for each :class:`Restore` (or ``(site, layers,
+    positions)`` tuple) of ``jobs``: the clean values of ``site`` at every (layer, position) of
     the job are written into each corrupted copy (a job with no positions restores nothing).
     ``resid`` layer ``-1`` is the decoder input itself."""
     h = c.handle
-    kinds = sites_of(h)
+    sites = sites_of(h)
     jobs = [_as_restore(j) for j in jobs]
-    for kind, layers, positions in jobs:
-        if kind not in kinds:
-            raise ValueError(f"unknown kind {kind!r}; kinds are {list(kinds)}")
-        h.adapter.check_layers(layers, allow_embedding=(kind == "resid"))
+    for site, layers, positions in jobs:
+        if site not in sites:
+            raise ValueError(f"unknown site {site!r}; sites are {list(sites)}")
+        h.adapter.check_layers(layers, allow_embedding=(site == "resid"))
         validate.positions(positions, c.n_tokens, allow_empty=True)  # restoring nothing: p_corrupted
     N = c.n_noise
     # positions before the first corrupted one are clean in every row: they come from the prefix
@@ -427,9 +426,9 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
         chunk = rows[i:i + batch_size]
         spec: dict[tuple[str, int], tuple[list, list]] = {}
         for r, (j, _n) in enumerate(chunk):
-            kind, layers, positions = jobs[j]
+            site, layers, positions = jobs[j]
             for layer in layers:
-                rr, pp = spec.setdefault((kind, int(layer)), ([], []))
+                rr, pp = spec.setdefault((site, int(layer)), ([], []))
                 rr += [r] * len(positions)
                 pp += [int(p) for p in positions]
         spec_t = {k: (torch.tensor(v[0], dtype=torch.long), torch.tensor(v[1], dtype=torch.long))
@@ -443,13 +442,13 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     return np.array([value.get(key, c.p_corrupted) for key in keys])
 
 
-def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise", target: str = "constraint",
+def trace(handle, sample, sites: Sequence[str] = SITES, corruption: str = "noise", target: str = "constraint",
           n_noise: int = 10, scale: float = 3.0, sigma: float | None = None, window: int | None = None,
           positions: Sequence[int] | None = None, replace_with: Sequence[str] | None = None, seed: int = 0,
           batch_size: int = 256, corrupted: Corrupted | None = None) -> pd.DataFrame:
-    """The layer × token map of indirect effects of one sample, for each kind.
+    """The layer × token map of indirect effects of one sample, for each site.
 
-    One row per (kind, layer, position): ``model, sample_id, category, kind, corruption, target,
+    One row per (site, layer, position): ``model, sample_id, category, site, corruption, target,
     layer, position, role, group, token, answer_token, answer_source, p_clean, p_corrupted,
     p_restored, effect`` (``target`` is what was corrupted; ``answer_token`` the measured token,
     from the gold answer or, ``answer_source="model"``, the model's own). ``mlp``/``attn``
@@ -458,7 +457,7 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
     """
     L = handle.adapter.n_layers
     window = restore_window(L) if window is None else validate.window(window)
-    kinds = validate.names(kinds, sites_of(handle), "kinds")
+    sites = validate.names(sites, sites_of(handle), "sites")
     c = corrupted or corrupt(handle, sample, corruption, target, n_noise, scale, sigma, replace_with, seed)
     pad = ROLE_CODE["pad"]
     positions = [t for t in range(c.n_tokens) if int(c.batch.roles[0, t]) != pad] if positions is None \
@@ -470,40 +469,40 @@ def trace(handle, sample, kinds: Sequence[str] = KINDS, corruption: str = "noise
     ids = c.batch.inputs["input_ids"][0]
     toks = handle.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
     jobs, keys = [], []
-    def layers_of(kind):  # resid includes -1, the decoder input (the corrupted embedding itself)
-        return range(-1 if kind == "resid" else 0, L)
+    def layers_of(site):  # resid includes -1, the decoder input (the corrupted embedding itself)
+        return range(-1 if site == "resid" else 0, L)
 
-    for kind in kinds:
-        for layer in layers_of(kind):
-            lay = [layer] if kind == "resid" else list(
+    for site in sites:
+        for layer in layers_of(site):
+            lay = [layer] if site == "resid" else list(
                 range(max(0, layer - (window - 1) // 2), min(L, layer + window // 2 + 1)))
             for t in run:
-                jobs.append(Restore(kind, lay, [t]))
-                keys.append((kind, layer, t))
+                jobs.append(Restore(site, lay, [t]))
+                keys.append((site, layer, t))
     p = list(restore(c, jobs, batch_size=batch_size))
-    for kind in kinds:
-        for layer in layers_of(kind):
+    for site in sites:
+        for layer in layers_of(site):
             for t in positions:
                 if t < first:
-                    keys.append((kind, layer, t))
+                    keys.append((site, layer, t))
                     p.append(c.p_corrupted)
     roles = c.batch.roles[0]
     answer_tok = handle.processor.tokenizer.convert_ids_to_tokens(c.answer_id)
     rows = [{
-        "model": handle.name, "sample_id": sample.id, "category": getattr(sample, "category", ""), "kind": kind,
+        "model": handle.name, "sample_id": sample.id, "category": getattr(sample, "category", ""), "site": site,
         "corruption": corruption, "target": target, "layer": layer, "position": t, "role": ROLES[int(roles[t])],
         "group": c.groups[t], "token": toks[t], "answer_token": answer_tok, "answer_source": c.answer_source,
         "p_clean": c.p_clean, "p_corrupted": c.p_corrupted, "p_restored": float(pj),
         "effect": float(pj) - c.p_corrupted,
-    } for (kind, layer, t), pj in zip(keys, p)]
-    return pd.DataFrame(rows, columns=TRACE_COLUMNS).sort_values(["kind", "layer", "position"], ignore_index=True)
+    } for (site, layer, t), pj in zip(keys, p)]
+    return pd.DataFrame(rows, columns=TRACE_COLUMNS).sort_values(["site", "layer", "position"], ignore_index=True)
 
 
-TRACE_COLUMNS = ["model", "sample_id", "category", "kind", "corruption", "target", "layer", "position", "role",
+TRACE_COLUMNS = ["model", "sample_id", "category", "site", "corruption", "target", "layer", "position", "role",
                  "group", "token", "answer_token", "answer_source", "p_clean", "p_corrupted", "p_restored", "effect"]
 
 
-def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corruption: str = "noise",
+def trace_dataset(handle, samples: Sequence, sites: Sequence[str] = SITES, corruption: str = "noise",
                   target: str = "constraint", n_noise: int = 10, scale: float = 3.0, sigma: float | None = None,
                   window: int | None = None, replace_with: Sequence[str] | None = None, seed: int = 0,
                   batch_size: int = 256, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
@@ -512,7 +511,7 @@ def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corru
     gold answer, which are traced on the model's own answer), that have nothing to corrupt, or
     whose gold answer the vocabulary cannot spell. The counts are in ``df.attrs["skipped"]``; an
     empty table (with every column) says why in ``df.attrs["why_empty"]``."""
-    scale, kinds = validate.scale(scale), validate.names(kinds, sites_of(handle), "kinds")
+    scale, sites = validate.scale(scale), validate.names(sites, sites_of(handle), "sites")
     window = None if window is None else validate.window(window)
     if sigma is None and corruption == "noise" and len(samples):
         sigma = noise_sigma(handle, samples, "image" if "image" in target else "text")
@@ -532,7 +531,7 @@ def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corru
         if only_correct and not c.correct:
             skipped[WRONG] += 1
             continue
-        out.append(trace(handle, s, kinds, corruption, target, n_noise, scale, sigma, window,
+        out.append(trace(handle, s, sites, corruption, target, n_noise, scale, sigma, window,
                          batch_size=batch_size, corrupted=c))
     if only_correct and n_model:
         warnings.warn(only_correct_note(n_model), stacklevel=2)
@@ -540,12 +539,12 @@ def trace_dataset(handle, samples: Sequence, kinds: Sequence[str] = KINDS, corru
     return explain(df, skipped, len(samples), "traced samples")
 
 
-AGG_COLUMNS = ["kind", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"]
+AGG_COLUMNS = ["site", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"]
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean indirect effect per kind × layer × token group, over samples (a sample's tokens in a
-    group are averaged first), with a 95% normal CI: ``kind, layer, group, effect, ci_low,
+    """Mean indirect effect per site × layer × token group, over samples (a sample's tokens in a
+    group are averaged first), with a 95% normal CI: ``site, layer, group, effect, ci_low,
     ci_high, n_samples``. A trace table without rows gives an empty table with these columns and
     a warning saying why (``attrs["why_empty"]``, carried over)."""
     if df.empty:
@@ -554,15 +553,15 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         out = pd.DataFrame(columns=AGG_COLUMNS)
         out.attrs[WHY_EMPTY] = why
         return out
-    per = df.groupby(["kind", "layer", "group", "sample_id"], sort=False).effect.mean().reset_index()
-    g = per.groupby(["kind", "layer", "group"], sort=False).effect.agg(["mean", "std", "count"]).reset_index()
+    per = df.groupby(["site", "layer", "group", "sample_id"], sort=False).effect.mean().reset_index()
+    g = per.groupby(["site", "layer", "group"], sort=False).effect.agg(["mean", "std", "count"]).reset_index()
     low, high = normal_ci(g["mean"], g["std"], g["count"])
-    return pd.DataFrame({"kind": g.kind, "layer": g.layer, "group": g.group, "effect": g["mean"],
+    return pd.DataFrame({"site": g.site, "layer": g.layer, "group": g.group, "effect": g["mean"],
                          "ci_low": low, "ci_high": high, "n_samples": g["count"]})
 
 
 def peak_layers(agg: pd.DataFrame, groups: Sequence[str] | None = None) -> dict[str, dict]:
-    """Per kind, the decoder layer (``>= 0``: restoring the decoder input at a corrupted token
+    """Per site, the decoder layer (``>= 0``: restoring the decoder input at a corrupted token
     merely undoes the corruption) with the largest mean effect in any of ``groups`` (default the
     constraint groups), the group and that effect. Near-ties (within 1% of the maximum, e.g. the
     last position's residual state, equal at every layer after the information arrived) go to the
@@ -571,11 +570,11 @@ def peak_layers(agg: pd.DataFrame, groups: Sequence[str] | None = None) -> dict[
     out: dict[str, dict] = {}
     if agg.empty:
         return out
-    for kind, g in agg[agg.group.isin(groups) & (agg.layer >= 0)].groupby("kind", sort=False):
+    for site, g in agg[agg.group.isin(groups) & (agg.layer >= 0)].groupby("site", sort=False):
         top = g.effect.max()
         near = g[g.effect >= top - 0.01 * abs(top)].sort_values(["layer", "effect"], ascending=[True, False])
         best = near.iloc[0]
-        out[kind] = {"layer": int(best.layer), "group": str(best.group), "effect": float(best.effect)}
+        out[site] = {"layer": int(best.layer), "group": str(best.group), "effect": float(best.effect)}
     return out
 
 

@@ -11,7 +11,7 @@ waiting (jupyter/nbclient#312).
 
 Linked views share one control: the layer picked on a geometry profile is the layer of the token
 cloud beside it (notebook 02), the knockout edge and window centre picked on the curves are the
-per-sample distribution beside them (notebook 03), the (kind, layer, token) cell picked on a
+per-sample distribution beside them (notebook 03), the (site, layer, token) cell picked on a
 tracing map is the restored probability and the image overlay beside it (notebook 04). A
 selection that changes a model run (another knockout window, another corruption, an edit) is
 computed once, with a progress bar, and kept in the explorer's cache; every other change only
@@ -321,7 +321,7 @@ def geometry_view(df: pd.DataFrame, metric: str, modalities: Sequence[str], laye
     at ``layer`` (the point picked on the profile)."""
     if metric not in set(df.metric):
         raise ValueError(f"no metric {metric!r} in the geometry table; it has {sorted(set(df.metric))}")
-    d = df[(df.metric == metric) & df.role.isin(list(modalities))]
+    d = df[(df.metric == metric) & df.modality.isin(list(modalities))]
     return d, d[d.layer == layer].reset_index(drop=True)
 
 
@@ -350,7 +350,7 @@ def geometry_explorer(df: pd.DataFrame, points: Callable[[int], pd.DataFrame], m
         fig.tight_layout()
         return fig
 
-    mods = [m for m in ("image", "text") if m in set(df.role)] or sorted(set(df.role))
+    mods = [m for m in ("image", "text") if m in set(df.modality)] or sorted(set(df.modality))
     return Explorer(draw, {"metric": dropdown(sorted(df.metric.unique()), metric, "metric"),
                            "modalities": multi(mods, mods, "modality"),
                            "layer": slider(layer, layers[0], layers[-1], "layer")})
@@ -415,33 +415,33 @@ def knockout_explorer(df: pd.DataFrame, sweep: Callable[[int], pd.DataFrame], ed
 # --------------------------------------------------------------------------------------------- 04: tracing
 
 
-def trace_cell(df: pd.DataFrame, kind: str, layer: int, position: int) -> dict[str, Any]:
+def trace_cell(df: pd.DataFrame, site: str, layer: int, position: int) -> dict[str, Any]:
     """One cell of a sample's trace table (:func:`microscope.tracing.trace`): ``token, role,
-    p_clean, p_corrupted, p_restored, effect`` at (``kind``, ``layer``, ``position``)."""
-    r = df[(df.kind == kind) & (df.layer == layer) & (df.position == position)]
+    p_clean, p_corrupted, p_restored, effect`` at (``site``, ``layer``, ``position``)."""
+    r = df[(df.site == site) & (df.layer == layer) & (df.position == position)]
     if len(r) != 1:
-        raise ValueError(f"the trace has {len(r)} rows at kind {kind!r}, layer {layer}, position {position}; pick "
-                         f"a kind of {sorted(set(df.kind))}, a layer and a position of the sample")
+        raise ValueError(f"the trace has {len(r)} rows at site {site!r}, layer {layer}, position {position}; pick "
+                         f"a site of {sorted(set(df.site))}, a layer and a position of the sample")
     r = r.iloc[0]
     return {k: (r[k] if k in ("token", "role") else float(r[k]))
             for k in ("token", "role", "p_clean", "p_corrupted", "p_restored", "effect")}
 
 
-def patch_effects(df: pd.DataFrame, kind: str, layer: int, grid: int) -> np.ndarray | None:
-    """The indirect effects of restoring each image token at (``kind``, ``layer``) on the image's
+def patch_effects(df: pd.DataFrame, site: str, layer: int, grid: int) -> np.ndarray | None:
+    """The indirect effects of restoring each image token at (``site``, ``layer``) on the image's
     ``grid × grid`` patch grid (image tokens in position order are patches in raster order, one
     token per patch); ``None`` when the sample's image tokens are not one per patch."""
-    d = df[(df.kind == kind) & (df.layer == layer) & (df.role == "image")].sort_values("position")
+    d = df[(df.site == site) & (df.layer == layer) & (df.role == "image")].sort_values("position")
     if len(d) != grid * grid:
         return None
     return d.effect.to_numpy(dtype=float).reshape(grid, grid)
 
 
-def heatmap_cell(df: pd.DataFrame, kind: str, layer: int, position: int,
+def heatmap_cell(df: pd.DataFrame, site: str, layer: int, position: int,
                  collapse_image: bool = True) -> tuple[int, int]:
     """``(column, row)`` of (``layer``, ``position``) on :func:`microscope.plotting.trace_heatmap`'s
-    map of ``kind`` (a collapsed image token is in its run's one column)."""
-    d = df[df.kind == kind]
+    map of ``site`` (a collapsed image token is in its run's one column)."""
+    d = df[df.site == site]
     keep, zero = trace_columns(d, collapse_image)
     col = keep.index(zero[0] if position in zero else position)
     return col, sorted(d.layer.unique()).index(layer)
@@ -450,8 +450,8 @@ def heatmap_cell(df: pd.DataFrame, kind: str, layer: int, position: int,
 def trace_explorer(traces: dict, trace: Callable[[str, str], pd.DataFrame], load: Callable[[str], Any],
                    sample_ids: Sequence[str], sample_id: str, corruption: str = "noise",
                    corruptions: Sequence[str] = ("noise", "replace")) -> Explorer:
-    """A sample's tracing map for one kind, the picked (layer, token) cell marked, beside the
-    sample's image with the effects of restoring each image token at that kind and layer laid over
+    """A sample's tracing map for one site, the picked (layer, token) cell marked, beside the
+    sample's image with the effects of restoring each image token at that site and layer laid over
     its patches, and the picked cell's restored probability. ``traces[(corruption, sample_id)]``
     holds the traces already run; another is ``trace(sample_id, corruption)`` (a model run, once)."""
     ex_traces = dict(traces)
@@ -464,7 +464,7 @@ def trace_explorer(traces: dict, trace: Callable[[str, str], pd.DataFrame], load
     if not ex_traces:
         raise ValueError("no trace to explore; pass at least one traced sample in traces")
     base = ex_traces.get((corruption, sample_id), next(iter(ex_traces.values())))
-    kinds = sorted(base.kind.unique(), key=["resid", "mlp", "attn"].index)
+    sites = sorted(base.site.unique(), key=["resid", "mlp", "attn"].index)
     L = int(base.layer.max()) + 1
 
     def tokens(ex, values):  # the token menu of the chosen sample
@@ -474,27 +474,27 @@ def trace_explorer(traces: dict, trace: Callable[[str, str], pd.DataFrame], load
 
     menu = tokens(None, {})
 
-    def draw(ex, sample, corruption, kind, layer, position):
+    def draw(ex, sample, corruption, site, layer, position):
         d = get(ex, sample, corruption)
-        layer = max(layer, int(d[d.kind == kind].layer.min()))  # mlp/attn start at layer 0
+        layer = max(layer, int(d[d.site == site].layer.min()))  # mlp/attn start at layer 0
         fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.8, 1]})
-        trace_heatmap(d, kind, ax=a)
+        trace_heatmap(d, site, ax=a)
         if position in set(d.position):
-            col, row = heatmap_cell(d, kind, layer, position)
+            col, row = heatmap_cell(d, site, layer, position)
             a.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="k", lw=2))
-            cell = trace_cell(d, kind, layer, position)
+            cell = trace_cell(d, site, layer, position)
             s = load(sample)
             drawable = all(hasattr(s, a) for a in ("grid", "patch_size", "objects", "image_size"))  # Shapes world
             if drawable:
                 image_with_patches(s, ax=b, legend=False)
             else:  # no patch grid to draw on (e.g. a GQA image): the numbers only
                 b.axis("off")
-            eff = patch_effects(d, kind, layer, s.grid) if drawable else None
+            eff = patch_effects(d, site, layer, s.grid) if drawable else None
             if eff is not None:
                 p, g = s.patch_size, s.grid
                 v = max(1e-6, float(np.abs(eff).max()))
                 b.imshow(eff, extent=(0, g * p, g * p, 0), cmap="RdBu_r", vmin=-v, vmax=v, alpha=0.55)
-            b.set_title(f"{getattr(s, 'question', sample)}\nrestore {kind} at layer {layer}, token {cell['token']!r}:\n"
+            b.set_title(f"{getattr(s, 'question', sample)}\nrestore {site} at layer {layer}, token {cell['token']!r}:\n"
                         f"p {cell['p_corrupted']:.3f} → {cell['p_restored']:.3f} (clean {cell['p_clean']:.3f})"
                         + ("" if eff is None else "\noverlay: effect of each image token here"), fontsize=8)
         else:
@@ -505,7 +505,7 @@ def trace_explorer(traces: dict, trace: Callable[[str, str], pd.DataFrame], load
     return Explorer(draw, {
         "sample": dropdown(list(sample_ids), sample_id, "sample"),
         "corruption": dropdown(list(corruptions), corruption, "corruption"),
-        "kind": dropdown(kinds, kinds[0], "kind"),
+        "site": dropdown(sites, sites[0], "site"),
         "layer": slider(0, -1, L - 1, "layer"),
         "position": dropdown(menu, menu[-1][1], "token"),
     }, linked={"position": tokens})

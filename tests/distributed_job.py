@@ -25,7 +25,7 @@ from microscope.data import shapes
 N_SAMPLES, SEED = 6, 4
 EXTRACT = {"layers": [-1, 2, 5], "sites": ["resid", "mlp"], "batch_size": 2}
 SWEEP = {"edges": ["image↛last", "question↛last"], "part_size": 2}
-TRACE = {"kinds": ["resid"], "n_noise": 2, "seed": 3, "part_size": 2}
+TRACE = {"sites": ["resid"], "n_noise": 2, "seed": 3, "part_size": 2}
 
 
 def samples():

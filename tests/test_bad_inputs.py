@@ -330,9 +330,9 @@ BAD_CALLS = {
     "trace window 2.7": (
         lambda h, s, r, t: tr.trace(h, s, corrupted=r.getfixturevalue("corrupted"), window=2.7),
         ValueError, r"window must be a positive whole number of layers, got 2\.7"),
-    "trace kinds 'bogus'": (
-        lambda h, s, r, t: tr.trace(h, s, corrupted=r.getfixturevalue("corrupted"), kinds="bogus"),
-        ValueError, r"unknown kinds \['bogus'\]"),
+    "trace sites 'bogus'": (
+        lambda h, s, r, t: tr.trace(h, s, corrupted=r.getfixturevalue("corrupted"), sites="bogus"),
+        ValueError, r"unknown sites \['bogus'\]"),
     "trace_dataset scale nan": (
         lambda h, s, r, t: tr.trace_dataset(h, [s], scale=float("nan"), progress=False),
         ValueError, r"scale must be finite"),
@@ -415,10 +415,10 @@ ACCEPTED = {
         lambda h, s, r, t: ko.sweep(h, [s], edges="image↛last", window=np.int64(3), only_correct=False,
                                     progress=False),
         lambda out: set(out.edge) == {"image↛last"} and set(out.window) == {3}),
-    "trace kinds 'resid', positions np.int64": (
-        lambda h, s, r, t: tr.trace(h, s, kinds="resid", corrupted=r.getfixturevalue("corrupted"),
+    "trace sites 'resid', positions np.int64": (
+        lambda h, s, r, t: tr.trace(h, s, sites="resid", corrupted=r.getfixturevalue("corrupted"),
                                     positions=[np.int64(3)]),
-        lambda out: set(out.kind) == {"resid"} and set(out.position) == {3}),
+        lambda out: set(out.site) == {"resid"} and set(out.position) == {3}),
     "logit_lens variants 'lower' is one variant": (
         lambda h, s, r, t: logit_lens(h, [s], layers=[5], variants="lower", progress=False),
         lambda out: set(out.variant) == {"lower"} and len(out) == 1),

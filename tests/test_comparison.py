@@ -20,7 +20,7 @@ def fake_profile(style: str, seed: int, id_level: float, pc1: list[float], rng) 
             for m in C.FINDINGS[0].metrics + C.FINDINGS[1].metrics:
                 v = id_level + rng.normal(0, 0.01) if m.startswith("id_") else pc1[lay + 1] if m == "anisotropy_pc1" \
                     else 0.3
-                rows.append({"style": style, "seed": seed, "layer": lay, "role": role, "metric": m, "value": v,
+                rows.append({"style": style, "seed": seed, "layer": lay, "modality": role, "metric": m, "value": v,
                              "n": 100})
     return pd.DataFrame(rows)
 
@@ -89,7 +89,7 @@ def test_committed_seed_tables_cover_every_shipped_style_at_every_layer():
     for (style, seed), g in seeds.groupby(["style", "seed"]):
         assert set(g.layer) == set(range(-1, 6)), (style, seed)
         assert set(g.metric) == set(METRICS), (style, seed)
-        assert set(g.role) == {"image", "text"}
+        assert set(g.modality) == {"image", "text"}
 
 
 def test_compare_parameter_takes_a_list_of_models():
@@ -134,3 +134,30 @@ def test_notebook_compares_any_two_model_directories(tmp_path):
     prof = pd.read_parquet(run / "compare_geometry.parquet")
     assert set(prof.model) == set(summary["compare"]) and prof.ci_low.notna().any()
     assert {f"02_compare_{m}.png" for m in METRICS} <= {p.name for p in fig.iterdir()}
+
+
+def test_seed_ledger_replaces_a_rerun_seed_and_counts_pass_rates(tmp_path):
+    path = tmp_path / "seed_runs.csv"
+    report = {"n": 2000, "overall": 0.99, "per_category": {"ChooseRel": 0.98, "QueryAttr": 1.0},
+              "blank_overall": 0.42, "question_only_prior": 0.43}
+    C.write_seed_run(C.seed_run("llava", 0, report, []), path)
+    C.write_seed_run(C.seed_run("llava", 1, {**report, "per_category": {"ChooseRel": 0.42, "QueryAttr": 1.0}},
+                                ["ChooseRel 0.420 < 0.9"], 2218.0), path)
+    C.write_seed_run(C.seed_run("omni", 0, report, []), path)
+    runs = C.read_seed_runs(path)
+    assert list(runs.columns) == C.SEED_RUN_COLUMNS and len(runs) == 3
+    assert runs.set_index(["style", "seed"]).loc[("llava", 1), "worst_category"] == "ChooseRel"
+    rates = C.pass_rates(runs).set_index("style")
+    assert rates.loc["llava", ["trained", "met_bar", "pass_rate"]].tolist() == [2, 1, 0.5]
+    assert rates.loc["llava", "failed"] == "seed 1: ChooseRel 0.420 < 0.9"
+    assert rates.loc["omni", "pass_rate"] == 1.0 and rates.loc["omni", "failed"] == ""
+    # a rerun of a seed replaces its row instead of adding one
+    C.write_seed_run(C.seed_run("llava", 1, report, [], 2000.0), path)
+    runs = C.read_seed_runs(path)
+    assert len(runs) == 3 and C.pass_rates(runs).set_index("style").loc["llava", "met_bar"] == 2
+    assert C.read_seed_runs(tmp_path / "none.csv").empty
+    with pytest.raises(ValueError, match="needs"):
+        C.write_seed_run({"style": "llava", "seed": 2}, path)
+    assert C.remove_seed_table("llava", 1, tmp_path) is False
+    C.write_seed_table(fake_profile("llava", 1, 5.0, [0.2] * 7, np.random.default_rng(0)), tmp_path)
+    assert C.remove_seed_table("llava", 1, tmp_path) is True and C.read_seed_tables(tmp_path).empty

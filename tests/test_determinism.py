@@ -50,7 +50,7 @@ ANALYSES: dict[str, tuple[Callable, bool]] = {
         lambda h, seed, t: tr.corruption_effects(h, _samples()[:2], n_noise=2, sigma_text=SIGMA, sigma_image=SIGMA,
                                                  seed=seed, progress=False), True),
     "tracing.trace_dataset": (
-        lambda h, seed, t: tr.trace_dataset(h, _samples()[:1], kinds=["resid", "mlp"], n_noise=2, sigma=SIGMA,
+        lambda h, seed, t: tr.trace_dataset(h, _samples()[:1], sites=["resid", "mlp"], n_noise=2, sigma=SIGMA,
                                             seed=seed, only_correct=False, progress=False), True),
     "attribution.attention_contributions": (
         lambda h, seed, t: at.attention_contributions(h, _samples(), layers=[0, 3], progress=False), False),

@@ -179,12 +179,12 @@ def test_profile_of_a_store(handles, tmp_path):
     h = handles["llava15"]
     store = extract(h, shapes.generate(40, seed=1), tmp_path / "s", batch_size=20, progress=False)
     df = G.profile(store, n_splits=3, progress=False)
-    assert set(df.columns) == {"model", "layer", "role", "metric", "value", "ci_low", "ci_high", "n", "n_samples",
+    assert set(df.columns) == {"model", "layer", "modality", "metric", "value", "ci_low", "ci_high", "n", "n_samples",
                                "baseline"}
     assert (df.ci_low <= df.value).all() and (df.value <= df.ci_high).all()  # bands contain their estimates
     assert (df.n_samples == 40).all()
-    assert set(df.role) == {"image", "text"} and set(df.metric) == set(G.METRICS)
-    assert df.groupby("role").n.first().nunique() == 1  # the same n for every modality
+    assert set(df.modality) == {"image", "text"} and set(df.metric) == set(G.METRICS)
+    assert df.groupby("modality").n.first().nunique() == 1  # the same n for every modality
     lin = df[df.metric == "linearity"]
     assert sorted(lin.layer.unique()) == store.layers[:-1]
     assert (lin.value >= lin.baseline - 1e-9).all()
@@ -205,7 +205,8 @@ def test_panel_overlays_two_models():
         for role in ("image", "text"):
             for layer in range(3):
                 for metric in ("linearity", "id_twonn"):
-                    rows.append({"model": model, "layer": layer, "role": role, "metric": metric, "value": layer + 1.0,
+                    rows.append({"model": model, "layer": layer, "modality": role, "metric": metric,
+                                 "value": layer + 1.0,
                                  "ci_low": layer + 0.5, "ci_high": layer + 1.5, "n": 10,
                                  "baseline": 0.1 if metric == "linearity" else float("nan")})
     df = __import__("pandas").DataFrame(rows)
@@ -394,10 +395,10 @@ def test_profile_gives_nan_with_the_reason_where_a_metric_is_undefined(handles, 
     with pytest.warns(UserWarning, match=r"anisotropy_pc1 of the image tokens is undefined at layer -1 \(all 12"):
         df = G.profile(store, metrics=["linearity", "anisotropy_pc1", "anisotropy_cosine"], n_splits=3,
                        progress=False)
-    at = df.set_index(["layer", "role", "metric"]).value
+    at = df.set_index(["layer", "modality", "metric"]).value
     assert np.isnan(at[(-1, "image", "linearity")]) and np.isnan(at[(-1, "image", "anisotropy_pc1")])
     assert at[(-1, "image", "anisotropy_cosine")] > 0.999  # identical vectors: cosine 1, still defined
-    assert df[(df.layer != -1) | (df.role != "image")].value.notna().all()
+    assert df[(df.layer != -1) | (df.modality != "image")].value.notna().all()
 
 
 def test_pca_2d_is_the_same_on_every_run_above_its_fitting_sample():

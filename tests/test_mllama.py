@@ -48,9 +48,9 @@ def test_adapter_finds_the_cross_attention_layers_and_the_image_position(h):
     assert a.image_token_id == 128256 and a.attention(1) is a.layers[1].cross_attn
     assert a.attention(0) is a.layers[0].self_attn
     with pytest.raises(MicroscopeError, match="decoder layer 1 is a cross-attention layer.*no 'attn' site"):
-        a.site(1, "attn")
+        a.module("attn", 1)
     with pytest.raises(MicroscopeError, match="decoder layer 0 is a self-attention layer.*no 'cross_attn' site"):
-        a.site(0, "cross_attn")
+        a.module("cross_attn", 0)
     b = microscope.prepare_samples(h, _samples(h))
     img = b.role_mask("image")
     assert img.sum(1).tolist() == [1, 1, 1]  # one <|image|> position per prompt, nothing else
@@ -246,8 +246,8 @@ def test_a_restored_cross_attention_output_is_the_clean_one(h):
 
 def test_trace_has_a_cross_attention_kind(h):
     s = _samples(h, n=2)[1]
-    df = tr.trace(h, s, kinds=["cross_attn", "resid"], n_noise=2, sigma=3.0, window=1)
-    cross = df[df.kind == "cross_attn"]
+    df = tr.trace(h, s, sites=["cross_attn", "resid"], n_noise=2, sigma=3.0, window=1)
+    cross = df[df.site == "cross_attn"]
     assert set(cross.layer) == set(range(4))
     # window 1 on a self-attention layer restores nothing: effect 0 (up to the rounding of another batch)
     p = df.p_corrupted.iloc[0]

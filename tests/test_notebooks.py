@@ -204,7 +204,7 @@ def test_tracing_notebook_reports_corruptions_peak_layers_and_attribution_agains
     import pandas as pd
 
     agg = pd.read_parquet(root / "run" / "04_information_tracing" / "trace_by_group.parquet")
-    assert {"kind", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"} <= set(agg.columns)
+    assert {"site", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"} <= set(agg.columns)
     table = pd.read_parquet(root / "run" / "04_information_tracing" / "attribution_table.parquet")
     assert {"coverage", "truth", "owner", "restoration", "integrated gradients"} <= set(table.columns)
 

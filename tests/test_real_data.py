@@ -248,7 +248,7 @@ def test_every_analysis_measures_the_models_own_answer_without_gold(own_answer_s
     p_top = plain.set_index("sample_id").p_answer
     assert np.allclose(df.groupby("sample_id").p_base.first(), p_top.loc[sorted(p_top.index)], atol=1e-5)
     with pytest.warns(UserWarning, match="no meaning"):
-        t = tr.trace_dataset(h, s[:2], kinds=["resid"], n_noise=2, progress=False)
+        t = tr.trace_dataset(h, s[:2], sites=["resid"], n_noise=2, progress=False)
     assert t.sample_id.nunique() == 2 and (t.answer_source == "model").all()
     own = dict(zip(plain.sample_id, plain.prediction))
     assert dict(zip(t.sample_id, t.answer_token)) == {x.id: own[x.id] for x in s[:2]}
@@ -263,7 +263,7 @@ def test_every_analysis_measures_the_models_own_answer_without_gold(own_answer_s
 
 def test_empty_results_say_why_instead_of_failing(own_answer_samples):
     """No sample survives only_correct: every aggregate is empty with its columns and says why,
-    every plot draws the reason (notebook 04's KeyError: 'kind' in tracing.aggregate)."""
+    every plot draws the reason (notebook 04's KeyError: 'kind' — now 'site' — in tracing.aggregate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,12 +277,12 @@ def test_empty_results_say_why_instead_of_failing(own_answer_samples):
     pred = h.processor.tokenizer.convert_tokens_to_ids(ko.predict(h, s, progress=False).prediction.tolist())
     wrong = [type(x)(**{**x.__dict__, "answer": next(w for w in ("red", "blue") if gold_id(h.processor, w) != p)})
              for x, p in zip(s, pred)]
-    df = tr.trace_dataset(h, wrong, kinds=["resid"], n_noise=2, progress=False)
-    assert df.empty and "kind" in df.columns
+    df = tr.trace_dataset(h, wrong, sites=["resid"], n_noise=2, progress=False)
+    assert df.empty and "site" in df.columns
     assert why_empty(df) == "no traced samples: 3 of 3 samples answered wrongly (only_correct=True)"
     with pytest.warns(UserWarning, match="nothing to aggregate: no traced samples: 3 of 3"):
         agg = tr.aggregate(df)
-    assert agg.empty and list(agg.columns) == ["kind", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"]
+    assert agg.empty and list(agg.columns) == ["site", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"]
     assert tr.peak_layers(agg) == {}
     sw = ko.sweep(h, wrong, edges=["image↛last"], progress=False)
     assert sw.empty and ko.largest_drops(sw) == {}

@@ -42,19 +42,19 @@ def test_restoring_the_whole_residual_stream_of_a_layer_gives_back_the_clean_pro
     r = tr.Restore("resid", [1], [T - 1])
     assert tr.restore(c, [r, ("resid", [1], [T - 1]), tr.Restore("mlp", [0, 1], [T - 2])], batch_size=5)[0] == \
         tr.restore(c, [("resid", [1], [T - 1])], batch_size=5)[0]
-    assert repr(r) == f"Restore(kind='resid', layers=[1], positions=[{T - 1}])"
+    assert repr(r) == f"Restore(site='resid', layers=[1], positions=[{T - 1}])"
 
 
 def test_zero_noise_gives_zero_effect_and_the_same_seed_the_same_numbers(shapes_handle):
     h = shapes_handle
     s = _samples(h)[0]
-    zero = tr.trace(h, s, kinds=["resid", "mlp"], n_noise=2, scale=0.0, sigma=0.05)
+    zero = tr.trace(h, s, sites=["resid", "mlp"], n_noise=2, scale=0.0, sigma=0.05)
     assert (zero.p_corrupted == zero.p_clean).all()
     assert zero.effect.abs().max() < 1e-6
-    a = tr.trace(h, s, kinds=["attn"], n_noise=3, sigma=0.05, seed=1)
-    b = tr.trace(h, s, kinds=["attn"], n_noise=3, sigma=0.05, seed=1)
+    a = tr.trace(h, s, sites=["attn"], n_noise=3, sigma=0.05, seed=1)
+    b = tr.trace(h, s, sites=["attn"], n_noise=3, sigma=0.05, seed=1)
     pd.testing.assert_frame_equal(a, b)
-    c = tr.trace(h, s, kinds=["attn"], n_noise=3, sigma=0.05, seed=2)
+    c = tr.trace(h, s, sites=["attn"], n_noise=3, sigma=0.05, seed=2)
     assert not a.effect.equals(c.effect)
 
 
@@ -63,8 +63,8 @@ def test_the_map_covers_every_layer_and_token_and_skips_only_what_causality_fixe
     df = tr.trace(h, c.sample, corrupted=c, batch_size=64)
     T, L = c.n_tokens, h.adapter.n_layers
     assert len(df) == (3 * L + 1) * T
-    assert set(df.kind) == {"resid", "mlp", "attn"} and set(df.layer) == set(range(-1, L))
-    assert set(df[df.kind == "mlp"].layer) == set(range(L))
+    assert set(df.site) == {"resid", "mlp", "attn"} and set(df.layer) == set(range(-1, L))
+    assert set(df[df.site == "mlp"].layer) == set(range(L))
     first = int(c.positions.nonzero().min())
     before = df[df.position < first]
     assert (before.effect == 0).all() and (before.role == "image").sum() == (3 * L + 1) * 36
@@ -86,15 +86,15 @@ def test_the_map_covers_every_layer_and_token_and_skips_only_what_causality_fixe
     assert p[:2] == pytest.approx([c.p_corrupted] * 2, abs=1e-5)
     assert p[2] == pytest.approx(c.p_clean, abs=1e-5) and c.p_clean - c.p_corrupted > 0.2
     # batch size does not change the numbers
-    small = tr.trace(h, c.sample, kinds=["mlp"], corrupted=c, batch_size=7)
-    big = df[df.kind == "mlp"].reset_index(drop=True)
+    small = tr.trace(h, c.sample, sites=["mlp"], corrupted=c, batch_size=7)
+    big = df[df.site == "mlp"].reset_index(drop=True)
     assert (small.p_restored - big.p_restored).abs().max() < 1e-5
     # restoring the (only) corrupted token's input undoes the corruption
-    cons = df[(df.kind == "resid") & (df.layer == -1) & (df.role == "constraint")]
+    cons = df[(df.site == "resid") & (df.layer == -1) & (df.role == "constraint")]
     assert cons.p_restored.iloc[0] == pytest.approx(c.p_clean, abs=1e-5)
     # the embedded model reads the constraint into the last position in its first layers: restoring the
     # last position's state after layer 0 brings the answer back, restoring the constraint's does not
-    res = df[df.kind == "resid"].set_index(["layer", "role"]).effect
+    res = df[df.site == "resid"].set_index(["layer", "role"]).effect
     assert res[(0, "last")] > 0.9 * (c.p_clean - c.p_corrupted)
     assert abs(res[(0, "constraint")]) < 0.05 * (c.p_clean - c.p_corrupted)
 
@@ -102,14 +102,14 @@ def test_the_map_covers_every_layer_and_token_and_skips_only_what_causality_fixe
 def test_groups_and_aggregation(shapes_handle):
     h = shapes_handle
     s = [x for x in _samples(h, n=12, seed=5) if x.category in ("CompareAttr", "QueryAttr")][:3]
-    df = tr.trace_dataset(h, s, kinds=["resid"], n_noise=2, only_correct=False, progress=False)
+    df = tr.trace_dataset(h, s, sites=["resid"], n_noise=2, only_correct=False, progress=False)
     assert set(df.sample_id) == {x.id for x in s}
     g = set(df.group)
     assert {"last constraint", "other question", "related image", "other image", "template", "last"} <= g
     cmp_ = df[(df.category == "CompareAttr") & (df.role == "constraint")]
     assert set(cmp_.group) == {"first constraint", "last constraint"}  # "the triangle and the square"
     agg = tr.aggregate(df)
-    one = agg[(agg.kind == "resid") & (agg.layer == 0) & (agg.group == "last")]
+    one = agg[(agg.site == "resid") & (agg.layer == 0) & (agg.group == "last")]
     manual = df[(df.layer == 0) & (df.group == "last")].groupby("sample_id").effect.mean().mean()
     assert one.effect.iloc[0] == pytest.approx(manual)
     assert (agg.ci_low <= agg.effect).all() and (agg.effect <= agg.ci_high).all()
@@ -155,7 +155,7 @@ def test_tracing_runs_on_other_layouts(handles, name):
     L, T = h.adapter.n_layers, c.n_tokens
     p = tr.restore(c, [("resid", [1], list(range(T)))])
     assert p[0] == pytest.approx(c.p_clean, abs=1e-5)
-    df = tr.trace(h, s, kinds=["mlp"], corrupted=c)
+    df = tr.trace(h, s, sites=["mlp"], corrupted=c)
     assert len(df) == L * T and df.effect.notna().all()
 
 
@@ -179,9 +179,9 @@ def test_bad_tracing_input_gets_clear_errors(shapes_handle, corrupted):
         tr.corrupt(h, s, "replace", target="image")
     with pytest.raises(ValueError, match="n_noise"):
         tr.corrupt(h, s, n_noise=0)
-    with pytest.raises(ValueError, match="unknown kind"):
+    with pytest.raises(ValueError, match="unknown site"):
         tr.restore(corrupted, [("mlp_out", [0], [1])])
-    with pytest.raises(ValueError, match=r"Restore\(kind, layers, positions\)"):
+    with pytest.raises(ValueError, match=r"Restore\(site, layers, positions\)"):
         tr.restore(corrupted, [("resid", [0])])
     with pytest.raises(ValueError, match="out of range"):
         tr.restore(corrupted, [("mlp", [6], [1])])

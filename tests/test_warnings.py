@@ -75,7 +75,7 @@ def test_knockout_tracing_and_attribution_warn_about_nothing(strict_handles, nam
     with strict() as logged:
         df = ko.sweep(h, s, edges=["image↛question"], window=1, only_correct=False, progress=False)
         c = tr.corrupt(h, s[1], n_noise=2, sigma=0.1)  # the clean prefix cache: read and handed back
-        trace = tr.trace(h, s[1], kinds=["mlp"], corrupted=c)
+        trace = tr.trace(h, s[1], sites=["mlp"], corrupted=c)
         ig = at.integrated_gradients(h, s[:1], n_steps=4, only_correct=False, progress=False)
         same = [ob.Variant("presence", None, tuple(range(len(s[0].objects))), tuple(s[0].objects))]
         p0, p = ob.scene_distributions(h, s[0], same, "embeddings")

@@ -67,7 +67,7 @@ def _geometry():
     for metric, base in (("linearity", 0.5), ("id_twonn", 7.0)):
         for role, off in (("image", 0.0), ("text", 0.1)):
             for layer in range(4):
-                rows.append({"model": "m", "metric": metric, "role": role, "layer": layer,
+                rows.append({"model": "m", "metric": metric, "modality": role, "layer": layer,
                              "value": base + off + layer / 100, "ci_low": np.nan, "ci_high": np.nan,
                              "baseline": np.nan, "n": 10})
     return pd.DataFrame(rows)
@@ -76,7 +76,7 @@ def _geometry():
 def test_geometry_view_picks_metric_modalities_and_layer():
     df = _geometry()
     prof, at = W.geometry_view(df, "id_twonn", ["text"], 2)
-    assert len(prof) == 4 and set(prof.role) == {"text"}
+    assert len(prof) == 4 and set(prof.modality) == {"text"}
     assert at.value.tolist() == pytest.approx([7.12])
     prof, at = W.geometry_view(df, "linearity", ["image", "text"], 0)
     assert sorted(at.value) == pytest.approx([0.5, 0.6])
@@ -157,11 +157,11 @@ def _trace():
     layers -1..1, mlp 0..1."""
     rows = []
     roles = ["template", "image", "image", "image", "image", "constraint", "last"]
-    for kind, layers in (("resid", (-1, 0, 1)), ("mlp", (0, 1))):
+    for site, layers in (("resid", (-1, 0, 1)), ("mlp", (0, 1))):
         for layer in layers:
             for pos, role in enumerate(roles):
-                eff = 0.0 if pos < 5 and kind == "mlp" else 0.01 * (pos + 1) * (layer + 2)
-                rows.append({"model": "m", "sample_id": "s", "category": "", "kind": kind, "corruption": "noise",
+                eff = 0.0 if pos < 5 and site == "mlp" else 0.01 * (pos + 1) * (layer + 2)
+                rows.append({"model": "m", "sample_id": "s", "category": "", "site": site, "corruption": "noise",
                              "target": "constraint", "layer": layer, "position": pos, "role": role,
                              "group": role, "token": f"t{pos}", "answer_token": "x", "answer_source": "gold",
                              "p_clean": 0.9, "p_corrupted": 0.2, "p_restored": 0.2 + eff, "effect": eff})
@@ -177,7 +177,7 @@ def test_trace_cell_and_patch_effects():
     grid = W.patch_effects(d, "resid", 1, 2)
     np.testing.assert_allclose(grid, [[0.06, 0.09], [0.12, 0.15]])
     assert W.patch_effects(d, "resid", 1, 3) is None  # 4 image tokens are no 3 × 3 grid
-    with pytest.raises(ValueError, match="0 rows at kind 'mlp', layer -1"):
+    with pytest.raises(ValueError, match="0 rows at site 'mlp', layer -1"):
         W.trace_cell(d, "mlp", -1, 6)
 
 
@@ -207,10 +207,10 @@ def test_trace_explorer_traces_another_corruption_once_and_reports_the_restored_
         return d.assign(corruption=cor, p_restored=d.p_restored / 2)
 
     ex = W.trace_explorer({("noise", "s"): d}, trace, lambda sid: _Sample(), ["s"], "s")
-    assert ex.values() == {"sample": "s", "corruption": "noise", "kind": "resid", "layer": 0, "position": 6}
+    assert ex.values() == {"sample": "s", "corruption": "noise", "site": "resid", "layer": 0, "position": 6}
     fig = ex.figure()
     assert "p 0.200 → 0.340 (clean 0.900)" in fig.axes[1].get_title()
-    ex.figure(corruption="replace", kind="mlp", layer=-1)  # mlp has no layer -1: drawn at layer 0
+    ex.figure(corruption="replace", site="mlp", layer=-1)  # mlp has no layer -1: drawn at layer 0
     ex.figure(corruption="replace", layer=1)
     assert traced == [("s", "replace")] and ex.computed == 1
     img = fig.axes[1].get_images()[-1].get_array()

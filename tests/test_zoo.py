@@ -135,3 +135,42 @@ def test_training_script_end_to_end_and_deterministic(tmp_path):
     r = run_zoo("evaluate", "shapes-llava", "--model-dir", str(a), "--n", "12", "--seed", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert 0.0 <= json.loads(r.stdout)["overall"] <= 1.0
+
+
+def test_seeds_command_records_a_seed_below_the_bar_without_a_geometry_table(tmp_path):
+    """``zoo seeds`` evaluates every seed against the bar; a seed that misses it (here a 4-step
+    model) is recorded in the ledger with what it missed, and gets no geometry table — a stale one
+    from an earlier run is removed."""
+    from microscope import comparison as C
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "shapes-llava-seed1.csv").write_text("# stale\n")
+    out = run_zoo("seeds", "--seeds", "1", "--styles", "shapes-llava", "--work", str(tmp_path / "work"),
+                  "--tables", str(tables), "--eval-n", "24", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "misses the accuracy bar" in out.stdout and "its old table removed" in out.stdout
+    assert not (tables / "shapes-llava-seed1.csv").exists()
+    runs = C.read_seed_runs(tables / "seed_runs.csv")
+    assert len(runs) == 1
+    r = runs.iloc[0]
+    assert (r["style"], r["seed"], r["n_eval"], bool(r["meets_bar"])) == ("shapes-llava", 1, 24, False)
+    assert r["overall"] < 0.95 and f"overall {r['overall']:.3f} < 0.95" in r["failures"]
+    assert r["train_seconds"] > 0
+    card = (tmp_path / "work" / "shapes-llava-seed1" / "MODEL_CARD.md").read_text()
+    assert "| **overall** |" in card  # the evaluation went into the seed's card
+    rates = C.pass_rates(runs)
+    assert rates.to_dict("records") == [{"style": "shapes-llava", "trained": 1, "met_bar": 0, "pass_rate": 0.0,
+                                         "failed": f"seed 1: {r['failures']}"}]
+
+
+def test_bar_failures_names_each_missed_condition():
+    from microscope.zoo.evaluation import BAR, bar_failures
+
+    ok = {"overall": 0.96, "per_category": {"ChooseRel": 0.91, "QueryAttr": 1.0}, "blank_overall": 0.50,
+          "question_only_prior": 0.41}
+    assert bar_failures(ok) == []
+    assert BAR == {"overall": 0.95, "category": 0.90, "blank_above_prior": 0.10}
+    bad = {**ok, "overall": 0.949, "per_category": {"ChooseRel": 0.899, "QueryAttr": 1.0}, "blank_overall": 0.511}
+    assert bar_failures(bad) == ["overall 0.949 < 0.95", "ChooseRel 0.899 < 0.9",
+                                 "blank image 0.511 > question-only prior 0.410 + 0.1"]

@@ -9,8 +9,12 @@
 ``save_pretrained`` files, ``training_log.json`` and ``MODEL_CARD.md`` to ``--out``;
 ``evaluate`` prints the accuracy report (:func:`microscope.zoo.evaluation.evaluate`) as JSON;
 ``seeds`` trains both fusion styles with each extra seed (seed 0 is the shipped pair, not
-retrained; a finished run in ``--work`` is reused) and writes each model's geometry profile table
-(:func:`microscope.comparison.seed_profile`) to ``--tables`` — what ``make seeds`` runs. The
+retrained; a finished run in ``--work`` is reused), evaluates every seed against the shipped
+models' accuracy bar (:data:`microscope.zoo.evaluation.BAR`, ``--eval-n`` fresh samples),
+records every seed in the ledger ``seed_runs.csv`` (:func:`microscope.comparison.write_seed_run`)
+and writes the geometry profile table (:func:`microscope.comparison.seed_profile`) of those that
+meet the bar to ``--tables`` — what ``make seeds`` runs. A seed below the bar gets no table (an
+old one is removed): it answers a different task, so its geometry is not the same model's. The
 shapes-omnifusion of seed ``k`` takes its CLIP tower from the shapes-llava of seed ``k`` (the same
 vision stage), so shapes-llava is trained first.
 """
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--styles", nargs="+", default=list(MODELS), choices=MODELS)
     sd.add_argument("--work", default="runs/seeds", help="where the extra seeds' weights are trained")
     sd.add_argument("--tables", default=None, help="table folder (default: the package's seed_profiles)")
+    sd.add_argument("--eval-n", type=int, default=2000,
+                    help="fresh samples of the accuracy bar every seed must meet (generator seed 7)")
     _recipe_args(sd)  # overrides for experiments; the committed tables use the defaults
     args = ap.parse_args(argv)
 
@@ -117,8 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 def _seeds(args) -> int:
     from pathlib import Path
 
-    from microscope.comparison import SEED_TABLES, seed_profile, write_seed_table
+    from microscope.comparison import (
+        SEED_TABLES,
+        pass_rates,
+        remove_seed_table,
+        seed_profile,
+        seed_run,
+        write_seed_run,
+        write_seed_table,
+    )
     from microscope.model import load
+    from microscope.zoo.evaluation import bar_failures, evaluate
     from microscope.zoo.model_card import write_model_card
     from microscope.zoo.training import Recipe, train
 
@@ -126,11 +141,15 @@ def _seeds(args) -> int:
                  if getattr(args, f.name, None) is not None and f.name not in ("seed", "vision_from")}
     command = "python -m microscope.zoo seeds --seeds " + " ".join(map(str, args.seeds)) + \
         " --styles " + " ".join(args.styles) + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
-    work = Path(args.work)
+    if args.eval_n != 2000:
+        command += f" --eval-n {args.eval_n}"
+    work, tables = Path(args.work), Path(args.tables) if args.tables else SEED_TABLES
+    runs = None
     for seed in args.seeds:
         for style in sorted(args.styles, key=MODELS.index):  # shapes-llava first: its tower is reused
+            seconds = None
             if seed == 0:
-                where = style
+                where: str | Path = style
             else:
                 where = work / f"{style}-seed{seed}"
                 if not (where / "training_log.json").is_file():
@@ -141,9 +160,26 @@ def _seeds(args) -> int:
                                  style=style)
                     write_model_card(where, info)
                     print(f"[seeds] {style} seed {seed} trained in {time.time() - t:.0f}s", flush=True)
-            df = seed_profile(load(str(where)), style, seed)
-            path = write_seed_table(df, args.tables or SEED_TABLES, command)
-            print(f"[seeds] {style} seed {seed}: {len(df)} rows -> {path}", flush=True)
+                seconds = json.loads((where / "training_log.json").read_text())["seconds"]["total"]
+            h = load(str(where))
+            # the bar every seed must meet, on the same fresh samples as the shipped model's card
+            report = evaluate(h.model, h.processor, n=args.eval_n, seed=7, progress=False)
+            failures = bar_failures(report)
+            if seed != 0:
+                write_model_card(where, json.loads((Path(where) / "training_log.json").read_text()), report)
+            runs = write_seed_run(seed_run(style, seed, report, failures, seconds), tables / "seed_runs.csv")
+            if failures:
+                removed = remove_seed_table(style, seed, tables)
+                old = " (its old table removed)" if removed else ""
+                print(f"[seeds] {style} seed {seed} misses the accuracy bar ({'; '.join(failures)}): recorded in "
+                      f"{tables / 'seed_runs.csv'}, no geometry table{old}", flush=True)
+                continue
+            df = seed_profile(h, style, seed)
+            path = write_seed_table(df, tables, command)
+            print(f"[seeds] {style} seed {seed} (overall {report['overall']:.3f}): {len(df)} rows -> {path}",
+                  flush=True)
+    if runs is not None:
+        print(pass_rates(runs).to_string(index=False), flush=True)
     return 0
 
 

@@ -84,6 +84,29 @@ def question_only_prior(samples: Sequence[shapes.Sample], reference: Sequence[sh
     return pd.Series(out, index=[s.id for s in samples], name="prior_correct")
 
 
+#: the accuracy bar of a bundled model, and of every training seed that enters the fusion comparison
+#: (a seed below it answers a different task, so its geometry is not the same model's):
+#: overall accuracy, every category's accuracy, and how far blank-image accuracy may sit above the
+#: question-only prior (a model that uses the image falls back to the prior without it)
+BAR = {"overall": 0.95, "category": 0.90, "blank_above_prior": 0.10}
+
+
+def bar_failures(report: dict, bar: dict = BAR) -> list[str]:
+    """What an :func:`evaluate` report misses of ``bar`` — empty when the model meets it:
+    ``overall >= bar["overall"]``, ``min_c acc_c >= bar["category"]`` and
+    ``blank_overall <= question_only_prior + bar["blank_above_prior"]``."""
+    out = []
+    if report["overall"] < bar["overall"]:
+        out.append(f"overall {report['overall']:.3f} < {bar['overall']}")
+    for c, v in report["per_category"].items():
+        if v < bar["category"]:
+            out.append(f"{c} {v:.3f} < {bar['category']}")
+    if report["blank_overall"] > report["question_only_prior"] + bar["blank_above_prior"]:
+        out.append(f"blank image {report['blank_overall']:.3f} > question-only prior "
+                   f"{report['question_only_prior']:.3f} + {bar['blank_above_prior']}")
+    return out
+
+
 def evaluate(model, processor, n: int = 2000, seed: int = 7, batch: int = 64,
              reference_n: int = 20_000, progress: bool = True) -> dict:
     """The accuracy report of ``python -m microscope.zoo evaluate`` as a dict.
