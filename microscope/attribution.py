@@ -33,7 +33,6 @@ import contextlib
 import itertools
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -41,14 +40,14 @@ import pandas as pd
 import torch
 
 from microscope import attention, groundtruth, tracing
-from microscope.answers import MODEL, NoTarget, answer_ids, only_correct_note
+from microscope.answers import answer_ids, only_correct_note
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.data.blank import blank_like
 from microscope.grid import image_patch_positions
 from microscope.prefix import next_token_probs
 from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
-from microscope.results import UNSPELLABLE, WRONG, explain
+from microscope.results import explain
 from microscope.roles import prepare_samples
 
 _NAME = "microscope_record_eager"
@@ -180,19 +179,9 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
     if sigma is None and len(samples):
         sigma = tracing.noise_sigma(handle, samples, "image")
     rows = []
-    skipped: Counter = Counter()
-    n_model = 0
-    for k, s in enumerate(tqdm(samples, desc="restoration scores", disable=not progress, mininterval=5)):
-        try:
-            c = tracing.corrupt(handle, s, "noise", "image", n_noise=n_noise, scale=scale, sigma=sigma,
-                                seed=seed + k)
-        except NoTarget:
-            skipped[UNSPELLABLE] += 1
-            continue
-        n_model += c.answer_source == MODEL
-        if only_correct and not c.correct:
-            skipped[WRONG] += 1
-            continue
+    tally = tracing.Tally()
+    for s, c in tracing.corrupted_samples(handle, samples, "noise", "image", n_noise, scale, sigma, None, seed,
+                                          only_correct, tally, "restoration scores", progress):
         pos = image_patch_positions(handle, c.batch, 0, getattr(s, "grid", None))
         p = tracing.restore(c, [tracing.Restore("resid", [layer], [int(t)]) for t in pos], batch_size=batch_size)
         related = set(getattr(s, "referred_patches", lambda: ())())
@@ -200,11 +189,11 @@ def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: floa
             rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
                          "patch": j, "position": t, "score": float(pj - c.p_corrupted), "related": j in related,
                          "answer_source": c.answer_source, "p_clean": c.p_clean, "p_corrupted": c.p_corrupted})
-    if only_correct and n_model:
-        warnings.warn(only_correct_note(n_model), stacklevel=2)
+    if only_correct and tally.n_model:
+        warnings.warn(only_correct_note(tally.n_model), stacklevel=2)
     df = pd.DataFrame(rows, columns=["model", "sample_id", "category", "patch", "position", "score", "related",
                                      "answer_source", "p_clean", "p_corrupted"])
-    return explain(df, skipped, len(samples), "restoration scores")
+    return explain(df, tally.skipped, len(samples), "restoration scores")
 
 
 def precision_at_k(df: pd.DataFrame, score: str = "score", k: int | None = None) -> pd.DataFrame:

@@ -52,7 +52,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -502,6 +502,40 @@ TRACE_COLUMNS = ["model", "sample_id", "category", "site", "corruption", "target
                  "group", "token", "answer_token", "answer_source", "p_clean", "p_corrupted", "p_restored", "effect"]
 
 
+@dataclass
+class Tally:
+    """What :func:`corrupted_samples` left out, per reason (``skipped``, for
+    :func:`microscope.results.explain`), and how many samples were measured on the model's own
+    answer (``n_model``: they have no gold answer)."""
+
+    skipped: Counter = field(default_factory=Counter)
+    n_model: int = 0
+
+
+def corrupted_samples(handle, samples: Sequence, corruption: str, target: str, n_noise: int, scale: float,
+                      sigma: float | None, replace_with: Sequence[str] | None, seed: int, only_correct: bool,
+                      tally: Tally, desc: str, progress: bool) -> Iterator[tuple[object, Corrupted]]:
+    """``(sample, corrupt(...))`` for each of ``samples`` (sample ``k`` with noise seed ``seed + k``)
+    that can be traced: it has tokens to corrupt, its gold answer is spelled by the vocabulary,
+    and, with ``only_correct``, the model answers it correctly (samples without a gold answer are
+    measured on the model's own answer). The others are counted in ``tally.skipped`` per reason —
+    the one loop every per-sample analysis built on :func:`corrupt` runs."""
+    for k, s in enumerate(tqdm(samples, desc=desc, disable=not progress, mininterval=5)):
+        try:
+            c = corrupt(handle, s, corruption, target, n_noise, scale, sigma, replace_with, seed + k)
+        except NothingToCorrupt:
+            tally.skipped[f"have no {target} tokens to corrupt"] += 1
+            continue
+        except NoTarget:
+            tally.skipped[UNSPELLABLE] += 1
+            continue
+        tally.n_model += c.answer_source == MODEL
+        if only_correct and not c.correct:
+            tally.skipped[WRONG] += 1
+            continue
+        yield s, c
+
+
 def trace_dataset(handle, samples: Sequence, sites: Sequence[str] = SITES, corruption: str = "noise",
                   target: str = "constraint", n_noise: int = 10, scale: float = 3.0, sigma: float | None = None,
                   window: int | None = None, replace_with: Sequence[str] | None = None, seed: int = 0,
@@ -516,27 +550,15 @@ def trace_dataset(handle, samples: Sequence, sites: Sequence[str] = SITES, corru
     if sigma is None and corruption == "noise" and len(samples):
         sigma = noise_sigma(handle, samples, "image" if "image" in target else "text")
     out = []
-    skipped: Counter = Counter()
-    n_model = 0
-    for k, s in enumerate(tqdm(samples, desc="trace", disable=not progress, mininterval=5)):
-        try:
-            c = corrupt(handle, s, corruption, target, n_noise, scale, sigma, replace_with, seed + k)
-        except NothingToCorrupt:
-            skipped[f"have no {target} tokens to corrupt"] += 1
-            continue
-        except NoTarget:
-            skipped[UNSPELLABLE] += 1
-            continue
-        n_model += c.answer_source == MODEL
-        if only_correct and not c.correct:
-            skipped[WRONG] += 1
-            continue
+    tally = Tally()
+    for s, c in corrupted_samples(handle, samples, corruption, target, n_noise, scale, sigma, replace_with, seed,
+                                  only_correct, tally, "trace", progress):
         out.append(trace(handle, s, sites, corruption, target, n_noise, scale, sigma, window,
                          batch_size=batch_size, corrupted=c))
-    if only_correct and n_model:
-        warnings.warn(only_correct_note(n_model), stacklevel=2)
+    if only_correct and tally.n_model:
+        warnings.warn(only_correct_note(tally.n_model), stacklevel=2)
     df = pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=TRACE_COLUMNS)
-    return explain(df, skipped, len(samples), "traced samples")
+    return explain(df, tally.skipped, len(samples), "traced samples")
 
 
 AGG_COLUMNS = ["site", "layer", "group", "effect", "ci_low", "ci_high", "n_samples"]

@@ -161,3 +161,17 @@ def test_seed_ledger_replaces_a_rerun_seed_and_counts_pass_rates(tmp_path):
     assert C.remove_seed_table("llava", 1, tmp_path) is False
     C.write_seed_table(fake_profile("llava", 1, 5.0, [0.2] * 7, np.random.default_rng(0)), tmp_path)
     assert C.remove_seed_table("llava", 1, tmp_path) is True and C.read_seed_tables(tmp_path).empty
+
+
+def test_committed_ledger_backs_every_committed_seed_table():
+    """Every committed per-seed table belongs to a seed the ledger records as meeting the accuracy
+    bar on 2000 fresh samples, and every failed seed in the ledger has no table."""
+    runs = C.read_seed_runs().set_index(["style", "seed"])
+    tables = set(zip(*[C.read_seed_tables()[c] for c in ("style", "seed")]))
+    assert tables, "no committed seed tables"
+    for key in tables:
+        assert key in runs.index, f"{key} has a geometry table but no ledger row"
+        assert bool(runs.loc[key, "meets_bar"]) and runs.loc[key, "n_eval"] == 2000, key
+        assert runs.loc[key, "overall"] >= 0.95 and runs.loc[key, "worst_accuracy"] >= 0.90, key
+    for key in runs.index[~runs["meets_bar"].astype(bool)]:
+        assert key not in tables, f"{key} failed the bar but has a table"
