@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -174,3 +175,43 @@ def test_bar_failures_names_each_missed_condition():
     bad = {**ok, "overall": 0.949, "per_category": {"ChooseRel": 0.899, "QueryAttr": 1.0}, "blank_overall": 0.511}
     assert bar_failures(bad) == ["overall 0.949 < 0.95", "ChooseRel 0.899 < 0.9",
                                  "blank image 0.511 > question-only prior 0.410 + 0.1"]
+
+
+def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    """A run stopped after its checkpoint continues from it, on the same ``out``, to the weights of
+    the run that was never stopped; the checkpoint is removed when training ends, and one of
+    another recipe is refused."""
+    from microscope.zoo import training as T
+
+    recipe = T.Recipe(vision_samples=96, vision_steps=3, vision_batch=8, pool_samples=256, steps=6, batch=8,
+                      eval_every=2, eval_samples=12, turns=3, threads=1)
+    threads = torch.get_num_threads()
+    real_step, calls = T._step, []
+
+    def stop_at_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:  # instruction step 4: the checkpoint after step 3 is on disk
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    try:
+        T.train(tmp_path / "whole", recipe, log=lambda s: None, checkpoint_every=2)
+        monkeypatch.setattr(T, "_step", stop_at_fifth)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(tmp_path / "cut", recipe, log=lambda s: None, checkpoint_every=2)
+        assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
+        monkeypatch.setattr(T, "_step", real_step)
+        with pytest.raises(ValueError, match=r"another recipe \(differs in \['lr'\]\)"):
+            T.train(tmp_path / "cut", dataclasses.replace(recipe, lr=2e-3), log=lambda s: None, checkpoint_every=2)
+        said: list[str] = []
+        info = T.train(tmp_path / "cut", recipe, log=said.append, checkpoint_every=2)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    assert any("resuming from" in s and "after instruction step 3" in s for s in said)
+    assert info["resumed_after_step"] == 3 and not (tmp_path / "cut" / "checkpoint.pt").exists()
+    whole = json.loads((tmp_path / "whole" / "training_log.json").read_text())
+    assert whole["resumed_after_step"] is None
+    assert [h["step"] for h in info["decoder_history"]] == [h["step"] for h in whole["decoder_history"]] == [0, 2, 4, 5]
+    wa, wb = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

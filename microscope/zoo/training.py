@@ -461,13 +461,21 @@ def _step(fusion: Fusion, pool: dict, idx: torch.Tensor, r: Recipe, params: list
     return loss
 
 
-def train_decoder(fusion: Fusion, r: Recipe, log: Callable[[str], None]) -> dict:
+def train_decoder(fusion: Fusion, r: Recipe, log: Callable[[str], None], checkpoint: Path | None = None,
+                  checkpoint_every: int = 100) -> dict:
     """Instruction tuning with the frozen encoders' cached features.
 
     When ``fusion.align_params`` is not empty, an alignment stage of ``r.align_steps`` steps
     first trains only those (the adapter and the marker vectors; decoder frozen, batches from
     their own generator), as OmniFusion's first stage; then ``r.steps`` steps train
     ``fusion.params`` with the batches, curriculum and schedule of every style.
+
+    With ``checkpoint`` (a file), the state after every ``checkpoint_every`` instruction steps —
+    the trained parameters, the optimiser and schedule, the batch generator and the history — is
+    written there (atomically), and a run that finds it resumes after its step instead of starting
+    over: an interrupted run continues to the weights the uninterrupted run gives (bit-identical
+    on the same machine: the frozen encoders are recomputed by the deterministic earlier stages).
+    The file is removed when training finishes. A checkpoint of another recipe is refused.
     """
     length = seq_length(fusion)
     n_img = n_image_tokens() + (len(fusion.processor.tokenizer(fusion.expand("x"))["input_ids"])
@@ -494,8 +502,16 @@ def train_decoder(fusion: Fusion, r: Recipe, log: Callable[[str], None]) -> dict
             + " ".join(f"{c}={v:.3f}" for c, v in acc.items()))
         return {"step": step, "loss": loss.item(), **acc}
 
-    align_history = []
-    if fusion.align_params and r.align_steps:
+    state = None
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["recipe"] != asdict(r):
+            diff = sorted(k for k in asdict(r) if state["recipe"].get(k) != asdict(r)[k])
+            raise ValueError(f"{checkpoint} is a checkpoint of another recipe (differs in {diff}): train with "
+                             "that recipe to resume it, or delete the file to start over")
+        log(f"resuming from {checkpoint} after instruction step {state['step']}")
+    align_history = [] if state is None else state["align_history"]
+    if fusion.align_params and r.align_steps and state is None:
         for p in fusion.params:
             p.requires_grad_(False)
         for p in fusion.align_params:
@@ -515,9 +531,18 @@ def train_decoder(fusion: Fusion, r: Recipe, log: Callable[[str], None]) -> dict
     opt, sched = _optimizer(params, r, r.steps, r.warmup)
     g = torch.Generator().manual_seed(r.seed + 1)
     ramp = int(r.curriculum_fraction * r.steps)
-    history = []
+    history: list[dict] = []
+    start = 0
+    if state is not None:
+        with torch.no_grad():
+            for p, v in zip(params, state["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        g.set_state(state["generator"])
+        history, start = state["history"], state["step"] + 1
     fusion.mode(True)
-    for step in tqdm(range(r.steps), desc="vqa", mininterval=10):
+    for step in tqdm(range(start, r.steps), desc="vqa", mininterval=10, initial=start, total=r.steps):
         # curriculum: stage k is unlocked at step k * ramp / (n_stage - 1); draw uniformly
         # from the unlocked pools, so simpler scenes stay in the mix
         unlocked = 1 + min(n_stage - 1, (step * (n_stage - 1)) // max(1, ramp))
@@ -527,8 +552,17 @@ def train_decoder(fusion: Fusion, r: Recipe, log: Callable[[str], None]) -> dict
         loss = _step(fusion, pool, idx, r, params, opt, sched)
         if step % r.eval_every == 0 or step == r.steps - 1:
             history.append(evaluate(step, loss, sched.get_last_lr()[0], "vqa"))
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step < r.steps - 1:
+            tmp = Path(checkpoint).with_suffix(".tmp")
+            torch.save({"recipe": asdict(r), "step": step, "params": [p.detach().clone() for p in params],
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "generator": g.get_state(),
+                        "history": history, "align_history": align_history}, tmp)
+            tmp.replace(checkpoint)
     fusion.mode(False)
-    return {"history": history, "align_history": align_history, "val": history[-1]}
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return {"history": history, "align_history": align_history, "val": history[-1],
+            "resumed_after_step": None if state is None else state["step"]}
 
 
 #: the bundled models this recipe trains, by the fusion between their encoders and the decoder
@@ -573,14 +607,16 @@ def train_conv(conv, pix: torch.Tensor, r: Recipe, log: Callable[[str], None]) -
 
 
 def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], None] = print,
-          style: str = "shapes-llava") -> dict:
+          style: str = "shapes-llava", checkpoint_every: int = 100) -> dict:
     """Train a bundled model from scratch and save model + processor + training log to ``out``.
 
     Both styles start from the same ``build_model(seed)`` (the same CLIP tower and decoder
     initialisation) and the same CLIP pre-training (:func:`train_vision`); shapes-omnifusion then
     pre-trains its convolutional encoder (:func:`train_conv`), moves the decoder into a
     ``LlamaForCausalLM`` and builds its adapter; instruction tuning sees the same scenes,
-    conversations, batches and schedule (:func:`train_decoder`).
+    conversations, batches and schedule (:func:`train_decoder`). Instruction tuning checkpoints to
+    ``out/checkpoint.pt`` every ``checkpoint_every`` steps; running ``train`` again on the same
+    ``out`` with the same recipe resumes there (the earlier, short stages run again).
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; the recipe trains {list(STYLES)}")
@@ -615,7 +651,7 @@ def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], No
         h = omni.handle(decoder, encoder, tok, ARCH["image_size"], ARCH["patch_size"])
         fusion = omnifusion_fusion(h)
     t1 = time.time()
-    d = train_decoder(fusion, r, log)
+    d = train_decoder(fusion, r, log, out / "checkpoint.pt", checkpoint_every)
     t2 = time.time()
     if style == "shapes-llava":
         model.eval()
@@ -627,7 +663,7 @@ def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], No
         omni.save(h, out)
     info = {
         "style": style, "recipe": asdict(r), "arch": ARCH, **v, **extra, "decoder_history": d["history"],
-        "align_history": d["align_history"],
+        "align_history": d["align_history"], "resumed_after_step": d["resumed_after_step"],
         "seconds": {"vision": t1 - t0, "decoder": t2 - t1, "total": t2 - t0},
         "threads": r.threads, "torch": torch.__version__,
     }
