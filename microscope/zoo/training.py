@@ -505,8 +505,9 @@ def train_decoder(fusion: Fusion, r: Recipe, log: Callable[[str], None], checkpo
     state = None
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, weights_only=False)
-        if state["recipe"] != asdict(r):
-            diff = sorted(k for k in asdict(r) if state["recipe"].get(k) != asdict(r)[k])
+        # the thread count changes only the order of float sums, not the recipe: a run may resume on other cores
+        diff = sorted(k for k in asdict(r) if k != "threads" and state["recipe"].get(k) != asdict(r)[k])
+        if diff:
             raise ValueError(f"{checkpoint} is a checkpoint of another recipe (differs in {diff}): train with "
                              "that recipe to resume it, or delete the file to start over")
         log(f"resuming from {checkpoint} after instruction step {state['step']}")
