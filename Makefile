@@ -1,6 +1,6 @@
 # mllm-microscope — every target builds the environment it needs first.
 #   make figures   run the whole notebook suite on the embedded model (figures/ + runs/latest/)
-#   make test      run all tests
+#   make test      lint (ruff) and type-check (mypy, configured in pyproject.toml) the package, then run all tests
 #   make seeds     train seeds 1, 2 of shapes-llava and shapes-omnifusion (runs/seeds/, about 2 hours on
 #                  2 cores) and write every seed's geometry profile table to microscope/zoo/seed_profiles/
 #                  (commit those)
@@ -27,6 +27,9 @@ browser:
 	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 test: env browser
+	@echo "lint and type check first: a ruff or mypy error fails make test before any test runs"
+	$(BIN)/ruff check microscope tests benchmarks
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q --ignore=tests/test_notebooks.py
 	@echo "the notebooks under papermill on every model type: two kernels at a time, one thread each"
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests/test_notebooks.py
@@ -42,6 +45,7 @@ seeds: env
 
 lint: env
 	$(BIN)/ruff check microscope tests benchmarks
+	$(BIN)/python -m mypy
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

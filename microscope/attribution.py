@@ -60,7 +60,7 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
                            "recorded for this architecture")
     out, weights = fn(module, query, key, value, attention_mask, **kwargs)
     entry = attention.state(module)
-    if entry is not None:
+    if isinstance(entry, tuple):  # (store, layer) inside record_attention, None outside
         store, layer = entry
         store[layer] = weights.detach()
     return out, weights
@@ -157,9 +157,9 @@ def attention_contributions(handle, samples: Sequence, layers: Sequence[int] | N
                 # score(j) = mean_c sum_h alpha[h, c, j] * ||W_O^h W_V^h x_j||
                 sc = torch.einsum("hcj,jh->cj", alpha[r][:, c][:, :, pos].float(),
                                   norms[r][pos].norm(dim=-1).float())
-                sc = sc.mean(0).cpu().numpy()
+                scores = sc.mean(0).cpu().numpy()
                 related = set(getattr(s, "referred_patches", lambda: ())())
-                for p, (t, v) in enumerate(zip(pos.tolist(), sc)):
+                for p, (t, v) in enumerate(zip(pos.tolist(), scores)):
                     rows.append({"model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
                                  "layer": layer, "patch": p, "position": t, "score": float(v),
                                  "related": p in related})

@@ -399,17 +399,22 @@ def evaluate(handle, e, efficacy: Sequence, generalization: Sequence = (), speci
     sets = {"efficacy": list(efficacy), "generalization": list(generalization), "specificity": list(specificity),
             "neighbours": list(neighbours)}
     batch_size = validate.positive_int(batch_size, "batch_size")
+
+    def run(s: dict[str, list]) -> pd.DataFrame:
+        return editing.evaluate(handle, e, efficacy=s["efficacy"], generalization=s["generalization"],
+                                specificity=s["specificity"], neighbours=s["neighbours"], batch_size=batch_size)
+
     if parts is None:
         if w.size > 1:
             raise MicroscopeError(f"a run over {w.size} processes needs parts=DIR, a directory every rank can reach")
-        return editing.evaluate(handle, e, **sets, batch_size=batch_size)
+        return run(sets)
     part_size = batch_size if part_size is None else validate.positive_int(part_size, "part_size")
     if part_size % batch_size:
         raise ValueError(f"evaluate batches samples (batch_size={batch_size}): part_size={part_size} must be a "
                          "multiple of it, so every batch is the one a single process forms")
     jobs = [(name, a) for name, items in sets.items() for a in range(0, len(items), part_size)]
     if not jobs:
-        return editing.evaluate(handle, e, **sets, batch_size=batch_size)
+        return run(sets)
 
     def item(x) -> list:
         s = getattr(x, "sample", x)
@@ -427,9 +432,9 @@ def evaluate(handle, e, efficacy: Sequence, generalization: Sequence = (), speci
 
     def compute(j: int) -> pd.DataFrame:
         name, a = jobs[j]
-        chunk = {k: [] for k in sets}
+        chunk: dict[str, list] = {k: [] for k in sets}
         chunk[name] = sets[name][a:a + part_size]
-        return editing.evaluate(handle, e, **chunk, batch_size=batch_size)
+        return run(chunk)
 
     _compute(store, len(jobs), compute, w, f"evaluate rank {w.rank}/{w.size}", progress, on_part)
     return store.merge(len(jobs), sum(map(len, sets.values())))

@@ -52,6 +52,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,7 @@ import torch
 
 from microscope import validate
 from microscope.answers import gold_id
+from microscope.crossattn import CrossInputs
 from microscope.errors import MicroscopeError
 from microscope.objects import probs
 from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
@@ -89,10 +91,14 @@ DEFAULTS: dict[str, dict[str, float]] = {
 
 @dataclass(frozen=True)
 class Request:
-    """One edit: the (image, question) ``sample`` should be answered ``answer``."""
+    """One edit: the (image, question) ``sample`` should be answered ``answer``. ``answer=None``
+    (:func:`evaluate`'s specificity and neighbour sets) asks for nothing: such a request cannot be
+    edited."""
 
-    sample: object
-    answer: str
+    #: a data-set sample (:class:`microscope.data.shapes.Sample`, :class:`microscope.data.vqa.VQASample`),
+    #: read by duck typing
+    sample: Any
+    answer: str | None
 
 
 def requests(samples: Sequence, answer: str | Sequence[str]) -> list[Request]:
@@ -131,8 +137,10 @@ def _check(handle, reqs: Sequence[Request]) -> list[int]:
     if bad:
         raise TypeError(f"requests must be editing.Request objects (see editing.requests), got {type(bad[0]).__name__}")
     ids = []
-    for r in reqs:
+    for j, r in enumerate(reqs):
         i = gold_id(handle.processor, r.answer)
+        if i is None:
+            raise ValueError(f"request {j} has answer=None: an edit needs the answer the sample should get")
         ids.append(i)
     return ids
 
@@ -164,8 +172,8 @@ class _Run:
     key: torch.Tensor
     value: torch.Tensor
     embeds: torch.Tensor
-    prefix: object
-    positions: object
+    prefix: list | None
+    positions: dict[str, torch.Tensor] | CrossInputs | None
     start: int = 0
 
     def suffix_probs(self, handle) -> torch.Tensor:
@@ -261,7 +269,7 @@ def key_covariance(handle, lin, samples: Sequence, batch_size: int = 32) -> torc
     for i in range(0, len(samples), batch_size):
         batch = prepare_samples(handle, samples[i:i + batch_size])
         keep = batch.roles != ROLE_CODE["pad"]
-        seen = {}
+        seen: dict[str, torch.Tensor] = {}
         h = lin.register_forward_hook(lambda _m, args, _o, seen=seen: seen.__setitem__("k", args[0].detach()))
         try:
             with torch.no_grad():
@@ -382,6 +390,8 @@ class Edit:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._saved is None:
+            raise MicroscopeError("internal: an Edit left without being entered (use it as `with edit:`)")
         with torch.no_grad():
             self.module.weight.copy_(self._saved)
         self._saved = None
@@ -430,7 +440,8 @@ def edit(handle, reqs: Sequence[Request], layer: int, method: str = "multedit", 
         if method == "multedit":
             delta = multedit_update(keys, deltas, hp["ridge"] * float((keys ** 2).sum(-1).mean()))
         else:
-            delta = rank_one_update(keys, deltas, key_covariance(handle, lin, list(covariance), batch_size))
+            # rank_one: covariance is non-empty (checked above)
+            delta = rank_one_update(keys, deltas, key_covariance(handle, lin, list(covariance or ()), batch_size))
     e = Edit(handle, lin, delta.to(torch.float64), method, int(layer), site, position, hp, losses=losses,
              seconds=time.perf_counter() - start)
     before = probs(handle, [r.sample for r in reqs], batch_size)

@@ -135,6 +135,7 @@ def extract(handle, samples: Sequence, out_dir, layers: Sequence[int] | None = N
     }
     store = ActivationStore.create_or_resume(out_dir, meta)
     keep_codes = torch.tensor(role_codes(roles))
+    own: Sequence[int]
     if shards is None:
         own = range(n_shards)
     else:

@@ -149,6 +149,8 @@ class FusionModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, **kwargs):
         if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("FusionModel.forward needs input_ids or inputs_embeds; got neither")
             inputs_embeds = self.embed(input_ids, pixel_values)
         return self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
@@ -185,7 +187,7 @@ def fuse(decoder: PreTrainedModel, tokenizer, encode_images: Callable, preproces
                               "(or 'eager') — the suite's interventions wrap those")
     if (image_size is None) != (patch_size is None):
         raise ValueError("give both image_size and patch_size, or neither")
-    if image_size is not None and (image_size // patch_size) ** 2 != n_image_tokens:
+    if image_size is not None and patch_size is not None and (image_size // patch_size) ** 2 != n_image_tokens:
         raise ValueError(f"a {image_size // patch_size}² patch grid is not {n_image_tokens} image tokens")
     layers, norm = _decoder_parts(decoder)
     processor = FusionProcessor(tokenizer, preprocess, n_image_tokens, image_token, template, image_boundary_tokens)

@@ -461,7 +461,7 @@ def interval_coverage(fn: Callable[..., float], draw: Callable[[np.random.Genera
         hits = 0
         for i in range(draws):
             lo, hi = interval(fn, *draw(rng, n), groups=groups, n_splits=n_splits, seed=i)
-            hits += lo <= truth <= hi
+            hits += int(lo <= truth <= hi)
     finally:
         torch.set_num_threads(threads)
     return hits / draws
@@ -469,14 +469,14 @@ def interval_coverage(fn: Callable[..., float], draw: Callable[[np.random.Genera
 
 def balanced_indices(groups: Sequence[str], n: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Row indices per group, all of the same size (``n`` or the smallest group's size)."""
-    groups = np.asarray(groups)
-    names = [g for g in dict.fromkeys(groups.tolist())]
-    sizes = {g: int((groups == g).sum()) for g in names}
+    labels = np.asarray(groups)
+    names = [g for g in dict.fromkeys(labels.tolist())]
+    sizes = {g: int((labels == g).sum()) for g in names}
     m = min(sizes.values()) if n is None else n
     if m > min(sizes.values()):
         raise ValueError(f"n={n} exceeds the smallest group ({sizes})")
     rng = np.random.default_rng(seed)
-    return {g: np.sort(rng.choice(np.flatnonzero(groups == g), size=m, replace=False)) for g in names}
+    return {g: np.sort(rng.choice(np.flatnonzero(labels == g), size=m, replace=False)) for g in names}
 
 
 # ----------------------------------------------------------------------------- over a store
@@ -490,8 +490,8 @@ MODALITIES: dict[str, tuple[str, ...]] = {
 METRICS = ("linearity", "linearity_wo_residual", "id_twonn", "id_mle", "anisotropy_pc1", "anisotropy_cosine")
 
 
-def _metric(name: str, x: torch.Tensor, y: torch.Tensor | None) -> tuple[Callable, tuple]:
-    fns = {
+def _metric(name: str, x: torch.Tensor, y: torch.Tensor | None) -> tuple[Callable[..., float], tuple]:
+    fns: dict[str, tuple[Callable[..., float], tuple]] = {
         "linearity": (linearity, (x, y)),
         "linearity_wo_residual": (linearity_without_residual, (x, y)),
         "id_twonn": (twonn, (x,)),
@@ -503,10 +503,10 @@ def _metric(name: str, x: torch.Tensor, y: torch.Tensor | None) -> tuple[Callabl
 
 
 def _baseline(name: str, x: torch.Tensor, y: torch.Tensor | None, seed: int) -> float:
-    if name == "linearity":
-        return linearity_baseline(x, y, n_perm=3, seed=seed)
-    if name == "linearity_wo_residual":
-        return linearity_baseline(x, y - x, n_perm=3, seed=seed)
+    if name in ("linearity", "linearity_wo_residual"):
+        if y is None:
+            raise ValueError(f"internal: the {name} baseline needs the next layer's activations y")
+        return linearity_baseline(x, y if name == "linearity" else y - x, n_perm=3, seed=seed)
     if name == "anisotropy_pc1":
         return 1.0 / x.shape[1]  # isotropic floor
     if name == "anisotropy_cosine":
@@ -570,7 +570,8 @@ def profile(store, modalities: dict[str, Sequence[str]] | None = None, metrics: 
         for m, ix in idx.items():
             sel = torch.as_tensor(ix)
             x = acts(lay)[sel]
-            y = acts(pairs[lay])[sel] if pairs[lay] is not None else None
+            nxt = pairs[lay]
+            y = acts(nxt)[sel] if nxt is not None else None
             for name in metrics:
                 if name.startswith("linearity") and y is None:
                     continue

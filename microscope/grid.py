@@ -230,13 +230,15 @@ def with_grid(samples: Sequence[Any], handle) -> list[Any]:
     referred patches) for a model with neither. A fixed tower's grid covers
     ``visible = grid · patch_size / image_size`` of each side (SigLIP-384/14: 378/384), set on the
     samples too; a dynamic one's covers the whole resized image."""
-    grid = patch_grid(handle.model)
+    side_patches = patch_grid(handle.model)
+    geometry = image_geometry(handle.model)
     visible = 1.0
-    if grid is not None:
-        side, patch = image_geometry(handle.model)
-        visible = grid * patch / side
-    if grid is not None and is_anyres(handle.model.config):
-        grid = (grid, grid)
+    if side_patches is not None and geometry is not None:  # patch_grid is None exactly when geometry is
+        side, patch = geometry
+        visible = side_patches * patch / side
+    grid: int | tuple[int, int] | None = side_patches
+    if side_patches is not None and is_anyres(handle.model.config):
+        grid = (side_patches, side_patches)
     by_size: dict[tuple[int, int], tuple[int, int] | None] = {}
     for s in samples:
         if grid is None and s.boxes:

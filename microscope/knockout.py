@@ -123,6 +123,7 @@ class _Plan:
             if src.shape != tgt.shape or src.ndim not in (1, 2):
                 raise ValueError(f"block {j}: source {tuple(src.shape)} and target {tuple(tgt.shape)} must "
                                  "be boolean masks of the same shape, (T,) or (B, T)")
+            entries: list[tuple[int, torch.Tensor | None]]
             if isinstance(b.layers, torch.Tensor) and b.layers.dtype == torch.bool:
                 lay = b.layers
                 if lay.ndim != 2 or lay.shape[1] != n_layers or (src.ndim == 2 and lay.shape[0] != src.shape[0]):
@@ -219,10 +220,10 @@ def _wrapped(base: str):
     def knockout_attention(module, query, key, value, attention_mask, **kwargs):
         fn = _base_function(module, base)
         entry = attention.state(module)
-        if entry is not None and entry[1] in entry[0].cross_layers:
-            return _cross(fn, entry, module, query, key, value, attention_mask, **kwargs)
-        if entry is not None:
+        if isinstance(entry, tuple):  # (plan, layer) inside a knockout block, None outside
             plan, layer = entry
+            if layer in plan.cross_layers:
+                return _cross(fn, entry, module, query, key, value, attention_mask, **kwargs)
             blocked = plan.blocked(layer, query.shape[0], query.shape[-2], key.shape[-2], query.device)
             if blocked is not None:
                 attention_mask = _apply(attention_mask, blocked, query.shape[-2], key.shape[-2])
@@ -394,10 +395,10 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             try:
                 image_patch_positions(handle, batch, 0)
                 patch_edges_ok = True
-            except ValueError as e:
+            except ValueError as err:
                 patch_edges_ok = False
-                if any(parse_edge(e_)[0] in _PATCH_GROUPS for e_ in edges):
-                    warnings.warn(f"related/other-image edges skipped: {e}", stacklevel=2)
+                if any(parse_edge(e)[0] in _PATCH_GROUPS for e in edges):
+                    warnings.warn(f"related/other-image edges skipped: {err}", stacklevel=2)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         with torch.no_grad(), capture(handle, [-1]) as acts:
             out = handle.model(**inputs, use_cache=True, **clean_cache(handle), logits_to_keep=1)
@@ -413,11 +414,14 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         todo = []
         for e in edges:
             src_name, _ = parse_edge(e)
-            if src_name in _PATCH_GROUPS and (not rel or not patch_edges_ok):
-                if patch_edges_ok:
-                    skipped[f"have no referred patches for {e}"] += 1
-                continue
-            src, tgt = edge_masks(handle, batch, e, [rel] if src_name in _PATCH_GROUPS else None)
+            patches = None
+            if src_name in _PATCH_GROUPS:
+                if not rel or not patch_edges_ok:
+                    if patch_edges_ok:
+                        skipped[f"have no referred patches for {e}"] += 1
+                    continue
+                patches = [rel]
+            src, tgt = edge_masks(handle, batch, e, patches)
             if tgt[0].any():
                 todo += [(e, c, src[0], tgt[0]) for c in range(L)]
         if not todo:

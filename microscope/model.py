@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 
@@ -40,6 +41,9 @@ from microscope.checkpoint import (
 )
 from microscope.errors import MicroscopeError, ModelNotFoundError
 from microscope.roles import lays_out_prompt
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, ProcessorMixin
 
 #: attention implementation the suite loads models with: its interventions work through
 #: transformers' attention interface, which ``sdpa`` and ``eager`` both honour
@@ -80,6 +84,14 @@ def image_text_classes() -> dict[str, str]:
     return {**MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, **CLASS_OVERRIDES}
 
 
+def _submodule(parent: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``parent``'s child module ``name``; a missing one is an internal error naming it."""
+    child = getattr(parent, name, None)
+    if not isinstance(child, torch.nn.Module):
+        raise MicroscopeError(f"internal: {type(parent).__name__} has no module {name!r}")
+    return child
+
+
 @dataclass
 class Adapter:
     """Where an architecture keeps the parts the suite needs."""
@@ -106,8 +118,7 @@ class Adapter:
     def attention(self, layer: int) -> torch.nn.Module:
         """Decoder layer ``layer``'s attention module: its ``self_attn``, or in a cross-attention
         layer its ``cross_attn`` (queries from the sequence, keys and values from the vision states)."""
-        lay = self.layers[layer]
-        return getattr(lay, CROSS_ATTN) if layer in self.cross_attention_layers else lay.self_attn
+        return _submodule(self.layers[layer], CROSS_ATTN if layer in self.cross_attention_layers else "self_attn")
 
     def has_site(self, layer: int, site: str) -> bool:
         """Whether decoder layer ``layer`` has ``site``: ``attn`` (self-attention) is absent from
@@ -152,11 +163,11 @@ class Adapter:
                                   "there); cross-attention layers are "
                                   f"{self.cross_attention_layers}")
         if site == CROSS_ATTN:
-            return getattr(lay, CROSS_ATTN)
+            return _submodule(lay, CROSS_ATTN)
         for attn_norm, mlp_norm in POST_NORMS:
             if all(isinstance(getattr(lay, n, None), torch.nn.Module) for n in (attn_norm, mlp_norm)):
-                return getattr(lay, attn_norm if site == "attn" else mlp_norm)
-        return lay.mlp if site == "mlp" else lay.self_attn
+                return _submodule(lay, attn_norm if site == "attn" else mlp_norm)
+        return _submodule(lay, "mlp" if site == "mlp" else "self_attn")
 
     def logits(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's own next-token logits from a final residual stream: final norm, unembedding,
@@ -187,7 +198,9 @@ class Handle:
 
     name: str
     model: torch.nn.Module
-    processor: object
+    #: a transformers processor (``ProcessorMixin``) or a custom-fusion one
+    #: (:class:`microscope.fusion.FusionProcessor`): used by duck typing, hence ``Any``
+    processor: Any
     adapter: Adapter
 
     @property
@@ -201,7 +214,8 @@ class Handle:
     @property
     def config_hash(self) -> str:
         """SHA-256 (first 16 hex digits) of the model config's canonical JSON."""
-        d = self.model.config.to_dict()
+        # cast: torch types module attributes as Tensor | Module; a model's config is neither
+        d = cast("PretrainedConfig", self.model.config).to_dict()
         d.pop("_name_or_path", None)
         d.pop("transformers_version", None)
         encoder = getattr(self.model, "encode_images", None)  # a custom-fusion model: its image side too
@@ -319,7 +333,8 @@ def _image_token_id(model, processor=None) -> int:
     elif isinstance(token, str) and tok is not None:
         i = tok.convert_tokens_to_ids(token)
         proc_id = i if isinstance(i, int) and i != tok.unk_token_id else None
-    if config_id is None and proc_id is None:
+    image_id = config_id if config_id is not None else proc_id
+    if image_id is None:
         where = "" if processor is None else (f", and the processor's image token {token!r} is not in its vocabulary"
                                               if isinstance(token, str) else ", nor has the processor an image_token")
         raise _refuse(model, f"no image-token id: config has neither image_token_id nor image_token_index{where}")
@@ -329,7 +344,7 @@ def _image_token_id(model, processor=None) -> int:
     if config_id is not None and proc_id is not None and config_id != proc_id:
         raise _refuse(model, f"the config's image-token id {config_id} is not the processor's image token "
                              f"{token!r} ({proc_id}): the processor would mark other positions than the model fills")
-    return int(config_id if config_id is not None else proc_id)
+    return int(image_id)
 
 
 def adapter_for(model, processor=None) -> Adapter:
@@ -366,14 +381,17 @@ def adapter_for(model, processor=None) -> Adapter:
     image_token_id = _image_token_id(model, processor)
     inner = getattr(model, "model", model)
     rope_index = getattr(inner, "get_rope_index", None)
+    position_ids: Callable[[dict], torch.Tensor] | None = None
+    if callable(rope_index):
+        get_rope_index = rope_index
 
-    def position_ids(inputs: dict) -> torch.Tensor:
-        keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
-        return rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if inputs.get(k) is not None})[0]
+        def position_ids(inputs: dict) -> torch.Tensor:
+            keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
+            return get_rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if inputs.get(k) is not None})[0]
 
     scale = getattr(model, "logit_scale", None)  # set by the class that scales its logits (CohereForCausalLM)
     return Adapter(embed=embed, layers=layers, final_norm=norm, unembed=unembed, image_token_id=image_token_id,
-                   position_ids=position_ids if callable(rope_index) else None,
+                   position_ids=position_ids,
                    logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0,
                    cross_attention_layers=cross, logit_softcap=_logit_softcap(model),
                    attention_reach=_attention_reach(model))
@@ -412,7 +430,7 @@ def _attention_reach(model) -> Callable[[dict], torch.Tensor] | None:
                  and build is not None and "token_type_ids" in inspect.signature(build).parameters)
     except (TypeError, ValueError):
         takes = False
-    if not takes:
+    if build is None or not takes:
         return None
 
     def reach(inputs: dict) -> torch.Tensor:
@@ -452,7 +470,7 @@ class _NoVideo:
         return "<no video processor>"
 
 
-def image_only(processor_cls: type) -> type:
+def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """``processor_cls`` without its video processor: the same class name, preprocessing and
     token expansion for images and text, and ``videos=`` unsupported.
 
@@ -530,7 +548,7 @@ def _load_processor(path: Path, model_type: str):
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
-def is_factory_spec(name_or_path) -> bool:
+def is_factory_spec(name_or_path: object) -> TypeGuard[str]:
     """``name_or_path`` names a handle factory (``"package.module:function"``), not a path."""
     return isinstance(name_or_path, str) and bool(_FACTORY.fullmatch(name_or_path)) and not Path(name_or_path).exists()
 #: environment variable: comma-separated modules (and their submodules) whose functions model
@@ -673,11 +691,11 @@ def _check_supported(config, path: Path) -> str:
                                   "image-text-to-text model")
         raise MicroscopeError(f"model type {mt!r} of {path} is not supported: it is not an image-text-to-text model "
                               "transformers knows (not in its image-text-to-text auto mapping)")
-    vision = getattr(config, "vision_config", None)
-    if getattr(vision, "deepstack_visual_indexes", None):
+    deepstack = getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None)
+    if deepstack:
         raise MicroscopeError(
             f"model type {mt!r} of {path} is refused: it adds image features into the hidden states of its first "
-            f"decoder layers too (DeepStack, vision layers {list(vision.deepstack_visual_indexes)}), not only at the "
+            f"decoder layers too (DeepStack, vision layers {list(deepstack)}), not only at the "
             "decoder input, while the suite's knockout, tracing and attribution forwards start from the decoder "
             "input alone")
     if getattr(config, "is_encoder_decoder", False):
@@ -738,27 +756,29 @@ def load(name_or_path: str | Path = "shapes-llava", device: str | torch.device |
         if device is not None or dtype not in (None, "auto"):
             h.model.to(device=device, dtype=None if dtype == "auto" else dtype)
         return h
+    config_error: Exception | None = None
     try:
-        config, config_error = AutoConfig.from_pretrained(path, local_files_only=True), None
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        config, config_error = None, e
-    if config is not None:  # an unsupported family is refused for that reason, before its files are judged
-        cls_name = _check_supported(config, path)
-        cls = getattr(transformers, cls_name, None)
-        if cls is None:
-            raise MicroscopeError(f"model type {config.model_type!r} of {path}: transformers has no class "
-                                  f"{cls_name} to load it with (upgrade transformers)")
-    check_files(ckpt, allow_pickle)  # a missing or unreadable config.json is named here first
-    if config is None:
+        config_error = e
+    if config_error is not None:
+        check_files(ckpt, allow_pickle)  # a missing or unreadable config.json is named here first
         raise ModelNotFoundError(f"model directory {path}: config.json could not be read as a transformers "
                                  f"config ({excerpt(config_error)}): {ckpt.fix}") from config_error
+    # an unsupported family is refused for that reason, before its files are judged
+    cls_name = _check_supported(config, path)
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise MicroscopeError(f"model type {config.model_type!r} of {path}: transformers has no class "
+                              f"{cls_name} to load it with (upgrade transformers)")
+    check_files(ckpt, allow_pickle)
     try:
         processor = _load_processor(path, config.model_type)
     except Exception as e:
         raise processor_error(ckpt, e) from e
-    tokenizer = getattr(processor, "tokenizer", None)
-    if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
-        processor.chat_template = tokenizer.chat_template  # the template kept in tokenizer_config.json
+    tokenizer_template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if getattr(processor, "chat_template", None) is None and tokenizer_template:
+        processor.chat_template = tokenizer_template  # the template kept in tokenizer_config.json
     if getattr(processor, "chat_template", None) is None and not lays_out_prompt(processor):
         raise chat_template_error(ckpt)
     extra = {"device_map": device_map} if device_map is not None else {}

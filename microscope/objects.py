@@ -318,14 +318,15 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
                 break
             tv = distance(p_clean, p, gold, measure)
             v = {frozenset(g.keep): -float(d) for g, d in zip(game, tv[:len(game)])}
-            N, empty = frozenset(range(n)), frozenset()
+            N, empty = frozenset(range(n)), frozenset[int]()
             effects = {
                 "occlude": [-v[N - {i}] for i in range(n)],
                 "restore": [v[frozenset([i])] - v[empty] for i in range(n)],
             }
             counts = {"occlude": [1] * n, "restore": [2] * n}
-            changing = {t: [None] * n for t in effects}  # variants changing the true answer: only for "variable"
-            testable = {t: None for t in effects}
+            # variants changing the true answer: only for "variable"
+            changing: dict[str, list[int | None]] = {t: [None] * n for t in effects}
+            testable: dict[str, bool | None] = {t: None for t in effects}
             if variable == "presence":
                 effects["variable"], counts["variable"] = list(shapley_values(v, n)), [len(game)] * n
                 flips = [_changes(s, g) for g in game]
@@ -337,9 +338,10 @@ def object_tests(handle, samples: Sequence, spaces: Sequence[str] = SPACES, n_po
                 effects["variable"] = [float(ev[tg == i].mean()) if (tg == i).any() else float("nan")
                                        for i in range(n)]
                 counts["variable"] = [int((tg == i).sum()) for i in range(n)]
-                flips = np.array([_changes(s, e) for e in edits], dtype=bool)
-                changing["variable"] = [int(flips[tg == i].sum()) for i in range(n)]
-                testable["variable"] = all(changing["variable"][i] > 0 for i in ref)
+                changes = np.array([_changes(s, e) for e in edits], dtype=bool)
+                n_changing = [int(changes[tg == i].sum()) for i in range(n)]
+                changing["variable"] = list(n_changing)
+                testable["variable"] = all(n_changing[i] > 0 for i in ref)
             for test, eff in effects.items():
                 for i in range(n):
                     rows.append({"model": handle.name, "sample_id": s.id, "category": s.category, "n_objects": n,
@@ -360,7 +362,9 @@ def rankable(sample) -> bool:
     """Whether ``sample`` has objects, at least one of them referred and at least one not: the
     samples on which an object ranking can be right or wrong."""
     objs = getattr(sample, "objects", None)
-    return bool(objs) and 0 < len(set(sample.referred)) < len(objs)
+    if not objs:
+        return False
+    return 0 < len(set(sample.referred)) < len(objs)
 
 
 def ranks_referred_first(effect: Sequence[float], referred: Sequence[bool], tie: float = TIE) -> bool:

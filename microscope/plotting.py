@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -78,7 +79,7 @@ def line_by_layer(df: pd.DataFrame, y: str = "value", hue: str = "role", ax=None
 
 #: how :func:`image_with_patches` marks highlighted patches: ``truth`` shades them (the ground
 #: truth, e.g. patches the referred object covers), ``predicted`` hatches them (a method's top-k)
-HIGHLIGHT_STYLES = {
+HIGHLIGHT_STYLES: dict[str, dict[str, Any]] = {
     "truth": {"color": "#D55E00", "alpha": 0.25, "lw": 0},
     "predicted": {"fill": False, "hatch": "////", "ec": "#0072B2", "lw": 0.8},
 }
@@ -95,6 +96,7 @@ def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = (), highlig
     other object (dashed grey), and the ``highlight`` patches in ``style`` (:data:`HIGHLIGHT_STYLES`:
     ``"truth"`` shaded orange, ``"predicted"`` hatched blue) under ``highlight_label`` (default:
     "highlighted patches")."""
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Polygon, Rectangle
 
@@ -124,9 +126,10 @@ def image_with_patches(sample, ax=None, highlight: tuple[int, ...] = (), highlig
     ax.set_title(f"{sample.question}\nanswer: {sample.answer}", fontsize=9)
     if legend:
         n_ref = len(sample.referred)
-        handles = [Line2D([], [], color="k", lw=1.6, label="box: object the question refers to" if n_ref == 1
-                          else f"boxes: the {n_ref} objects the question refers to" if n_ref else
-                          "box: referred object (none in this question)")]
+        label = ("box: object the question refers to" if n_ref == 1
+                 else f"boxes: the {n_ref} objects the question refers to" if n_ref else
+                 "box: referred object (none in this question)")
+        handles: list[Artist] = [Line2D([], [], color="k", lw=1.6, label=label)]
         if len(sample.objects) > n_ref:
             handles.append(Line2D([], [], color="0.5", lw=0.8, ls="--", label="dashed box: other object"))
         if len(highlight):
@@ -140,7 +143,7 @@ def tokens_by_role(tokens: list[str], roles: list[str], ax=None, collapse_image:
     """The prompt as coloured token boxes, one colour per role (image runs collapsed)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 1.4))
-    items = []
+    items: list[tuple[str, str, int]] = []
     for t, r in zip(tokens, roles):
         if r == "pad":
             continue
@@ -661,6 +664,7 @@ def compare_metric(df: pd.DataFrame, metric: str, seeds: pd.DataFrame | None = N
     samples as a band and the baseline as a dotted line. ``seeds``: per-seed profile tables
     (:func:`microscope.comparison.read_seed_tables`) whose ``style`` equals a model's name; each
     training seed is drawn as a thin line of the model's colour — the between-seed spread."""
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -689,7 +693,8 @@ def compare_metric(df: pd.DataFrame, metric: str, seeds: pd.DataFrame | None = N
     ax.set_title(METRIC_LABELS.get(metric, metric))
     ax.set_xlabel("layer (−1: embedding output)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    handles = [Line2D([], [], color=COMPARE_COLORS[j % len(COMPARE_COLORS)], lw=2, label=Path(str(m)).name)
+    handles: list[Artist] = [Line2D([], [], color=COMPARE_COLORS[j % len(COMPARE_COLORS)], lw=2,
+                                    label=Path(str(m)).name)
                for j, m in enumerate(models)]
     handles += [Line2D([], [], color="0.2", ls=ls, label=f"{mod} tokens") for mod, ls in MODALITY_STYLES.items()]
     handles += [Patch(color="0.5", alpha=0.25, lw=0, label="band: 95% split-half CI over samples")]

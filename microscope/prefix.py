@@ -53,7 +53,7 @@ _CACHE_NAMES = ("cache", "past_key_values")  # the current transformers name fir
 
 
 @functools.cache
-def cache_keyword(forward_owner: type) -> str:
+def cache_keyword(forward_owner: type[torch.nn.Module]) -> str:
     """The keyword the ``forward`` of models of class ``forward_owner`` takes a key/value cache by:
     ``"cache"`` (current transformers) or ``"past_key_values"`` (transformers 5.0). A ``forward``
     naming neither (one passing ``**kwargs`` to a transformers decoder, like
@@ -91,7 +91,9 @@ def full_cache():
 def clean_cache(handle) -> dict:
     """Keyword argument handing a clean forward of ``handle.model`` a :func:`full_cache`, under the
     name its ``forward`` takes (:func:`cache_keyword`)."""
-    return {cache_keyword(type(handle.model)): full_cache()}
+    # ignore: a class is hashable, but mypy checks type[X] against the Hashable that typeshed's
+    # functools.cache asks for with the instances' __hash__ (a checker false positive)
+    return {cache_keyword(type(handle.model)): full_cache()}  # type: ignore[arg-type]
 
 
 class Prefix(list):
@@ -111,14 +113,23 @@ def prefix_of(out: Mapping, first: int, keep: Sequence[int] = ()) -> Prefix | No
     keep = tuple(sorted(int(i) for i in keep))
     if first <= 0 or 0 in keep:
         return None
-    past = returned_cache(out)
-    for i, layer in enumerate(past.layers):
-        if i not in keep and layer.keys.shape[-2] != layer.get_seq_length():
-            raise RuntimeError(f"internal: layer {i}'s cache keeps {layer.keys.shape[-2]} of {layer.get_seq_length()} "
+    from transformers.cache_utils import CacheLayerMixin
+
+    res = Prefix()
+    for i, layer in enumerate(returned_cache(out).layers):
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+            raise MicroscopeError(f"layer {i}'s cache ({type(layer).__name__}) holds no keys and values; a prefix "
+                                  "cache needs attention layers that cache every position (run the clean forward "
+                                  "with the cache microscope.prefix.full_cache())")
+        keys, values = layer.keys, layer.values
+        if i in keep:
+            res.append((keys, values))
+            continue
+        if keys.shape[-2] != layer.get_seq_length():
+            raise RuntimeError(f"internal: layer {i}'s cache keeps {keys.shape[-2]} of {layer.get_seq_length()} "
                                "positions (a sliding window); run the clean forward with the cache "
                                "microscope.prefix.full_cache()")
-    res = Prefix((layer.keys, layer.values) if i in keep else (layer.keys[..., :first, :], layer.values[..., :first, :])
-                 for i, layer in enumerate(past.layers))
+        res.append((keys[..., :first, :], values[..., :first, :]))
     res.keep = keep
     return res
 
@@ -169,7 +180,8 @@ def expand(handle, prefix: list | None, rows: int):
 def cache_kwargs(handle, prefix: list | None, rows: int) -> dict:
     """The keyword argument handing :func:`expand`'s cache to ``handle.model``'s forward, under
     the name it takes (:func:`cache_keyword`)."""
-    return {cache_keyword(type(handle.model)): expand(handle, prefix, rows)}
+    # ignore: a class is hashable (see clean_cache)
+    return {cache_keyword(type(handle.model)): expand(handle, prefix, rows)}  # type: ignore[arg-type]
 
 
 def length(prefix: list | None) -> int:

@@ -238,10 +238,10 @@ def prepare(handle, images: Sequence, questions: Sequence[str],
     for i, q in enumerate(questions):
         check_question(q, i, reserved)
     prompts = [build_prompt(processor, q) for q in questions]
-    special = {adds_special_tokens(processor, p) for p in prompts}
-    if len(special) != 1:
+    specials = {adds_special_tokens(processor, p) for p in prompts}
+    if len(specials) != 1:
         raise RuntimeError("internal: some of this model's prompts start with its BOS token and some do not")
-    special = special.pop()
+    special = specials.pop()
     tok = processor.tokenizer
     old_side = tok.padding_side
     tok.padding_side = "left"

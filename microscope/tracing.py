@@ -53,7 +53,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -61,7 +61,7 @@ import torch
 
 from microscope import validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
-from microscope.crossattn import has_cross_attention, no_patch_tokens
+from microscope.crossattn import CrossInputs, has_cross_attention, no_patch_tokens
 from microscope.extract import SITES, capture, sites_of
 from microscope.grid import image_patch_positions, related_patches
 from microscope.prefix import causal_start, clean_cache, next_token_probs, prefix_of
@@ -69,6 +69,9 @@ from microscope.prefix import positions as prompt_positions
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WHY_EMPTY, WRONG, explain, normal_ci, why_empty
 from microscope.roles import ROLE_CODE, ROLES, Batch, adds_special_tokens, prepare_samples
+
+if TYPE_CHECKING:
+    from microscope.model import Handle
 
 CORRUPTIONS = ("noise", "replace")
 TARGETS = ("constraint", "related-image", "other-image", "image")
@@ -136,8 +139,8 @@ class NothingToCorrupt(ValueError):
 class Corrupted:
     """A clean run and its ``N`` corrupted decoder inputs for one sample (see the module doc)."""
 
-    handle: object
-    sample: object
+    handle: Handle
+    sample: Any                         # a data-set sample (shapes.Sample, vqa.VQASample), by duck typing
     batch: Batch
     answer_id: int
     clean: dict[str, torch.Tensor]      # "site.layer" -> (T, d) clean activations
@@ -150,7 +153,8 @@ class Corrupted:
     related_positions: torch.Tensor | None
     first: int = 0                      # first position the corruption can change (causal_start)
     prefix: list | None = None          # clean (key, value) per layer of the positions before it
-    position_ids: dict | None = None    # prefix.positions: M-RoPE positions, token_type_ids; None if neither
+    # prefix.positions: M-RoPE positions, token_type_ids (cross-attention inputs for Mllama); None if neither
+    position_ids: dict[str, torch.Tensor] | CrossInputs | None = None
     answer_source: str = "gold"         # "gold", or "model": the clean run's own greedy answer
     corrupted_top: int = -1             # top token of the mean corrupted next-token distribution
 
@@ -241,7 +245,7 @@ def replacement_options(handle, batch: Batch, sample, words: Sequence[str] | Non
 
 
 def _forward_p(handle, embeds: torch.Tensor, answer: int, prefix: list | None = None,
-               position_ids: dict | None = None) -> torch.Tensor:
+               position_ids: dict[str, torch.Tensor] | CrossInputs | None = None) -> torch.Tensor:
     """p(answer) at the last position of each row (:func:`microscope.prefix.next_token_probs`)."""
     return next_token_probs(handle, embeds, prefix, position_ids)[:, answer]
 
@@ -514,7 +518,7 @@ class Tally:
 
 def corrupted_samples(handle, samples: Sequence, corruption: str, target: str, n_noise: int, scale: float,
                       sigma: float | None, replace_with: Sequence[str] | None, seed: int, only_correct: bool,
-                      tally: Tally, desc: str, progress: bool) -> Iterator[tuple[object, Corrupted]]:
+                      tally: Tally, desc: str, progress: bool) -> Iterator[tuple[Any, Corrupted]]:
     """``(sample, corrupt(...))`` for each of ``samples`` (sample ``k`` with noise seed ``seed + k``)
     that can be traced: it has tokens to corrupt, its gold answer is spelled by the vocabulary,
     and, with ``only_correct``, the model answers it correctly (samples without a gold answer are

@@ -30,7 +30,7 @@ def test_environment_yml_declares_the_same_packages_as_pyproject():
               "safetensors", "tqdm", "papermill", "ipywidgets", "jupyterlab", "ipykernel",
               "scikit-dimension"}
     assert needed <= {_name(p) for p in py["dependencies"]}
-    assert {"pytest", "ruff"} <= {_name(p) for p in py["optional-dependencies"]["dev"]}
+    assert {"pytest", "ruff", "mypy"} <= {_name(p) for p in py["optional-dependencies"]["dev"]}
     assert "torch==2.13.0" in py["dependencies"]
     assert py["name"] == "mllm-microscope" and py["requires-python"] == ">=3.10"
 
@@ -42,6 +42,19 @@ def test_readme_first_screen_has_the_two_commands_and_ci_runs_the_test_one():
     assert re.search(r"^make test$", ci, re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert "torch==2.13.0" in makefile and "venv" in makefile
+
+
+def test_make_test_lints_and_type_checks_before_any_test():
+    """CI runs ``make test``: its recipe runs ruff and mypy (on the package pyproject.toml
+    configures) before the first pytest, so a lint or type error fails CI."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1).splitlines()
+    first_pytest = next(i for i, line in enumerate(recipe) if "pytest" in line)
+    commands = [line.strip() for line in recipe[:first_pytest]]
+    assert "$(BIN)/ruff check microscope tests benchmarks" in commands
+    assert "$(BIN)/python -m mypy" in commands
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert mypy["files"] == ["microscope"] and mypy["python_version"] == "3.10"
 
 
 def _import_graph() -> dict[str, set[str]]:

@@ -16,6 +16,7 @@ why, are in ``samples.skipped`` (``samples.report()`` as a table).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 DATASETS = ("shapes", "gqa", "scienceqa", "vqa_constraints")
 
@@ -41,7 +42,9 @@ def load_samples(dataset: str = "shapes", n: int | None = None, seed: int = 0, h
             kwargs.setdefault("image_size", geometry[0])
             kwargs.setdefault("patch_size", geometry[1])
         return shapes.generate(n, seed, **kwargs)
-    loader = {"gqa": gqa.load, "scienceqa": scienceqa.load, "vqa_constraints": vqa_constraints.load}[dataset]
+    loaders: dict[str, Callable[..., list]] = {"gqa": gqa.load, "scienceqa": scienceqa.load,
+                                               "vqa_constraints": vqa_constraints.load}
+    loader = loaders[dataset]
     params = inspect.signature(loader).parameters
     required = [p for p, v in params.items() if v.default is inspect.Parameter.empty]
     missing = [p for p in required if p not in kwargs]

@@ -208,7 +208,8 @@ def _from_csv(path: Path, images: Path, grouping: str, image_ext: str, skipped: 
                 continue
             if wanted is not None and cat not in wanted:
                 continue
-            cons, boxes, names = [], [], []
+            cons: list[Constraint] = []
+            boxes, names = [], []
             for o in _objects(row, header):
                 if o["box"] is not None:
                     boxes.append(o["box"])

@@ -386,9 +386,9 @@ def _place(rng: np.random.Generator, specs: list[dict], square: int,
                 ok = False
                 break
         if ok and rel is not None:
-            a, b, answer = rel
-            ca = (boxes[a][0] + boxes[a][2]) / 2
-            cb = (boxes[b][0] + boxes[b][2]) / 2
+            ia, ib, answer = rel
+            ca = (boxes[ia][0] + boxes[ia][2]) / 2
+            cb = (boxes[ib][0] + boxes[ib][2]) / 2
             want_left = answer == "left"
             ok = (cb - ca >= _REL_MARGIN * scale) if want_left else (ca - cb >= _REL_MARGIN * scale)
         if ok:
@@ -434,8 +434,9 @@ def _render(specs: list[dict], boxes: list, image_size: int, patch_size: int
         img[:seen, :seen][mask] = COLORS[sp["color"]]
         cover = mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)
         idx = np.flatnonzero(cover)
+        x0, y0, x1, y1 = (int(v) for v in b)
         objects.append(ShapeObject(
-            shape=sp["shape"], color=sp["color"], size=sp["size"], box=tuple(int(v) for v in b),
+            shape=sp["shape"], color=sp["color"], size=sp["size"], box=(x0, y0, x1, y1),
             patches=tuple(int(i) for i in idx),
             patch_fraction=tuple(float(cover[i]) / patch_size**2 for i in idx),
             meta_scale=seen / _REFERENCE_SIZE,
@@ -490,9 +491,9 @@ def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.rand
                 and abs(objects[i].center[0] - half) >= margin]
         if not cand:
             return None
-        t = cand[int(rng.integers(len(cand)))]
-        shape = objects[t].shape
-        return f"Is the {shape} on the left or on the right?", (t,), (shape,), ("left", "right")
+        target = cand[int(rng.integers(len(cand)))]
+        shape = objects[target].shape
+        return f"Is the {shape} on the left or on the right?", (target,), (shape,), ("left", "right")
     if category == "QueryCat":
         t = _referent(objects, "color", "shape", answer, rng)
         if t is None:
@@ -526,7 +527,7 @@ def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.rand
         referred = tuple(i for i, o in enumerate(objects) if o.shape in (a, b))
         return f"Is there a {a} or a {b}?", referred, (a, b), ("yes", "no")
     uniq = _unique(objects, "shape")
-    pairs = []
+    index_pairs: list[tuple[int, int]] = []
     for i in uniq:
         for j in uniq:
             if i == j:
@@ -535,12 +536,12 @@ def ask(objects: Sequence[ShapeObject], category: str, answer: str, rng: np.rand
                 dx = objects[j].center[0] - objects[i].center[0]
                 margin = _REL_MARGIN * _scale(objects)
                 if (answer == "left" and dx >= margin) or (answer == "right" and -dx >= margin):
-                    pairs.append((i, j))
+                    index_pairs.append((i, j))
             elif (objects[i].color == objects[j].color) == (answer == "yes"):
-                pairs.append((i, j))
-    if not pairs:
+                index_pairs.append((i, j))
+    if not index_pairs:
         return None
-    i, j = pairs[int(rng.integers(len(pairs)))]
+    i, j = index_pairs[int(rng.integers(len(index_pairs)))]
     a, b = objects[i].shape, objects[j].shape
     if category == "ChooseRel":
         opts = ("left", "right") if rng.random() < 0.5 else ("right", "left")

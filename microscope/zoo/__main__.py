@@ -26,6 +26,8 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from microscope.errors import MicroscopeError
 
@@ -42,7 +44,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
             return False
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
-    types = {"int": int, "float": float, "bool": flag, "str": str}
+    types: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "bool": flag, "str": str}
     for f in dataclasses.fields(Recipe):
         t = types.get(str(f.type))
         if t is not None:
@@ -154,7 +156,7 @@ def _seeds(args) -> int:
                 where = work / f"{style}-seed{seed}"
                 if not (where / "training_log.json").is_file():
                     t = time.time()
-                    extra = {"vision_from": str(work / f"shapes-llava-seed{seed}")} \
+                    extra: dict[str, Any] = {"vision_from": str(work / f"shapes-llava-seed{seed}")} \
                         if style == "shapes-omnifusion" else {}
                     info = train(where, Recipe(seed=seed, **overrides, **extra), log=lambda s: print(s, flush=True),
                                  style=style)

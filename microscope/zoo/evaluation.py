@@ -19,6 +19,7 @@ import torch
 
 from microscope.answers import answer_ids
 from microscope.data import shapes
+from microscope.errors import MicroscopeError
 from microscope.progress import tqdm
 from microscope.roles import build_prompt
 
@@ -118,7 +119,11 @@ def evaluate(model, processor, n: int = 2000, seed: int = 7, batch: int = 64,
         raise ValueError(f"n must be at least 6 (one sample per category), got {n}")
     from microscope.grid import image_geometry
 
-    size, patch = image_geometry(model)
+    geometry = image_geometry(model)
+    if geometry is None:
+        raise MicroscopeError(f"{type(model).__name__} has a dynamic-resolution vision tower: the Shapes world is "
+                              "drawn on a fixed image_size / patch_size grid; evaluate a model with a fixed one")
+    size, patch = geometry
     samples = shapes.generate(n, seed, image_size=size, patch_size=patch)
     ref = shapes.generate(reference_n, seed + 104_729, image_size=size, patch_size=patch)
     real = evaluate_samples(model, processor, samples, batch=batch, progress=progress)

@@ -114,7 +114,7 @@ def build_config(processor: LlavaProcessor) -> LlavaConfig:
     )
     n_img = (a["image_size"] // a["patch_size"]) ** 2
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu", vision_feature_select_strategy="default",
         vision_feature_layer=-1, image_seq_length=n_img, tie_word_embeddings=False,
     )

@@ -51,6 +51,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, width: int = 96, hidden: int = 64):
         super().__init__()
+        self.width = width  # channels of the last convolution: the width of a patch's vector
         self.net = nn.Sequential(
             nn.Conv2d(3, hidden // 2, 4, stride=4), nn.GELU(),
             nn.Conv2d(hidden // 2, hidden, 2, stride=2), nn.GELU(),
@@ -75,7 +76,7 @@ class OmniEncoder(nn.Module):
                  feature_layer: int = -1):
         super().__init__()
         self.tower, self.conv = tower, conv
-        d = tower.config.hidden_size + conv.net[-1].out_channels
+        d = tower.config.hidden_size + conv.width
         self.adapter = nn.Sequential(nn.Linear(d, ADAPTER_HIDDEN), nn.GELU(), nn.Linear(ADAPTER_HIDDEN, width))
         self.begin = nn.Parameter(torch.randn(width) * 0.02)
         self.end = nn.Parameter(torch.randn(width) * 0.02)

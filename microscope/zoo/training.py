@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -223,7 +224,7 @@ class Fusion:
     decoder frozen; empty: no such stage); ``mode(train)``: train/eval mode (encoders stay in eval).
     """
 
-    processor: object
+    processor: Any                      # a transformers LlavaProcessor or a FusionProcessor, by duck typing
     pixels: Callable[[list], torch.Tensor]
     features: Callable[[torch.Tensor], torch.Tensor]
     project: Callable[[torch.Tensor], torch.Tensor]
@@ -645,10 +646,15 @@ def train(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], No
         extra["seconds_conv"] = time.time() - t
         tok = omni.build_tokenizer()
         decoder = omni.decoder_from_llava(model, tok, r.seed + 5)
-        begin, end = tok.convert_tokens_to_ids([omni.BEGIN_IMAGE, omni.END_IMAGE])
+        # cast: a list of tokens gives a list of ids (transformers annotates the result int | list[int])
+        begin, end = cast(list[int], tok.convert_tokens_to_ids([omni.BEGIN_IMAGE, omni.END_IMAGE]))
+        feature_layer = model.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise ValueError(f"shapes-omnifusion reads one CLIP layer; shapes-llava's vision_feature_layer is "
+                             f"{feature_layer!r}")
         torch.manual_seed(r.seed + 4)
         encoder = omni.OmniEncoder(model.model.vision_tower, conv, decoder.config.hidden_size, begin, end,
-                                   model.config.vision_feature_layer)
+                                   feature_layer)
         h = omni.handle(decoder, encoder, tok, ARCH["image_size"], ARCH["patch_size"])
         fusion = omnifusion_fusion(h)
     t1 = time.time()
