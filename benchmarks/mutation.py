@@ -1,0 +1,174 @@
+"""Mutation score of the analysis modules on a seeded, stratified sample of mutmut's mutants.
+
+mutmut (configured in ``[tool.mutmut]`` of pyproject.toml) writes every mutant of knockout,
+tracing, attribution, geometry, store and roles into ``mutants/`` — about 6,400, too many to run
+on a small machine — and, per mutant, runs only the tests that call the mutated function. This
+script draws, per module, the first ``n`` mutants of a seeded permutation (so a larger ``n`` keeps
+the smaller sample), runs those that have no result yet (``--rerun survived`` runs the survivors
+again after new tests), and prints per module: sampled, killed, survived, timeout, no test,
+equivalent, the score and its 95 % Wilson interval, then every survivor with its line and mutation.
+
+score = detected / checked, detected = killed + timeout; checked = sampled mutants with a result.
+The second score sets aside the mutants listed in ``EQUIVALENT`` (a survivor that cannot change
+observable behaviour, with the reason). Wilson interval for k of n at z = 1.96:
+(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n).
+
+    OMP_NUM_THREADS=1 nice python benchmarks/mutation.py [--per-module 15] [--seed 0]
+        [--all store roles] [--max-children 1] [--rerun none|survived|all] [--report-only]
+
+Needs the ``dev`` extra (mutmut) and runs from the repository root; results stay in ``mutants/``
+(ignored by git) so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODULES = ["knockout", "tracing", "attribution", "geometry", "store", "roles"]
+
+# mutant name -> why it cannot change what any caller observes (kept by name: mutmut numbers the
+# mutants of a function in a fixed order, so a name is stable while its function is unchanged)
+EQUIVALENT: dict[str, str] = {}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def generate() -> None:
+    """Write every mutant into mutants/ (mutmut skips files whose mutants are up to date)."""
+    from mutmut.__main__ import copy_also_copy_files, copy_src_dir, create_mutants
+
+    os.makedirs("mutants", exist_ok=True)
+    copy_src_dir()
+    copy_also_copy_files()
+    create_mutants(1)
+
+
+def results(module: str) -> dict[str, int | None]:
+    return json.loads(Path(f"mutants/microscope/{module}.py.meta").read_text())["exit_code_by_key"]
+
+
+def sample(module: str, n: int | None, seed: int) -> list[str]:
+    names = sorted(results(module))
+    random.Random(f"{seed}:{module}").shuffle(names)
+    return names if n is None else names[:n]
+
+
+def status(code: int | None) -> str:
+    from mutmut.stats import status_by_exit_code
+
+    s = status_by_exit_code[code]
+    return {"segfault": "timeout", "caught by type check": "killed"}.get(s, s)  # -9: killed at the CPU limit
+
+
+def where(module: str, name: str) -> tuple[int, str]:
+    """(line in the source, 'old → new') of one mutant, from mutmut's diff of its function."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    path = f"microscope/{module}.py"
+    diff = get_diff_for_mutant(name, path=path).splitlines()
+    hunk = next(i for i, line in enumerate(diff) if line.startswith("@@"))
+    offset = int(re.match(r"@@ -(\d+)", diff[hunk]).group(1))
+    old, new, k = [], [], offset
+    for line in diff[hunk + 1:]:
+        if line.startswith("-"):
+            old.append(line[1:].strip())
+        elif line.startswith("+"):
+            new.append(line[1:].strip())
+        elif not old and not new:
+            k += 1
+    func = name.partition("__mutmut_")[0].rpartition(".")[2]
+    func = func.split("ǁ")[-1] if "ǁ" in func else func[2:]  # x_name or xǁClassǁname
+    tree = ast.parse(Path(path).read_text())
+    src = Path(path).read_text().splitlines()
+    line = 0
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == func:
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            hits = [i + 1 for i in range(start - 1, node.end_lineno) if old and src[i].strip() == old[0]]
+            line = min(hits, key=lambda i: abs(i - (start + k - 1))) if hits else start + k - 1
+            break
+    return line, f"{' '.join(old) or '∅'}  →  {' '.join(new) or '∅'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-module", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all", nargs="*", default=[], choices=MODULES, help="modules to run in full")
+    ap.add_argument("--max-children", type=int, default=1)
+    ap.add_argument("--rerun", choices=["none", "survived", "all"], default="none")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+
+    t0 = time.time()
+    generate()
+    chosen = {m: sample(m, None if m in args.all else args.per_module, args.seed) for m in MODULES}
+    if not args.report_only:
+        todo = []
+        for m, names in chosen.items():
+            res = results(m)
+            todo += [n for n in names if res[n] is None or args.rerun == "all"
+                     or (args.rerun == "survived" and status(res[n]) in ("survived", "no tests"))]
+        if todo:
+            print(f"running {len(todo)} mutants", flush=True)
+            cmd = ["nice", "-n", "19", sys.executable, "-c", "import sys; from mutmut.__main__ import cli; "
+                   "sys.argv[0] = 'mutmut'; sys.exit(cli())", "run", "--max-children", str(args.max_children), *todo]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            subprocess.run(cmd, env=env, check=False)
+
+    print(f"\nseed {args.seed}, {args.per_module} per module"
+          + (f" (all of {', '.join(args.all)})" if args.all else "") + f"; {time.time() - t0:.0f} s\n")
+    head = ("module", "mutants", "sampled", "killed", "survived", "timeout", "no test", "equiv",
+            "score", "95% CI", "score w/o equiv")
+    rows, survivors, total = [], [], dict.fromkeys(["sampled", "detected", "checked", "equiv"], 0)
+    for m, names in chosen.items():
+        res = results(m)
+        st = [status(res[n]) for n in names]
+        c = {s: st.count(s) for s in ("killed", "survived", "timeout", "no tests", "not checked")}
+        eq = sum(1 for n, s in zip(names, st) if s in ("survived", "no tests") and n in EQUIVALENT)
+        checked = len(names) - c["not checked"]
+        detected = c["killed"] + c["timeout"]
+        lo, hi = wilson(detected, checked)
+        score2 = detected / (checked - eq) if checked - eq else float("nan")
+        rows.append((m, len(res), len(names), c["killed"], c["survived"], c["timeout"], c["no tests"], eq,
+                     f"{detected / checked:.0%}" if checked else "-", f"[{lo:.0%}, {hi:.0%}]", f"{score2:.0%}"))
+        for k, v in (("sampled", checked), ("detected", detected), ("checked", checked), ("equiv", eq)):
+            total[k] += v
+        survivors += [(m, n, s) for n, s in zip(names, st) if s in ("survived", "no tests")]
+    lo, hi = wilson(total["detected"], total["checked"])
+    rows.append(("all", "", total["sampled"], "", "", "", "", total["equiv"],
+                 f"{total['detected'] / max(total['checked'], 1):.0%}", f"[{lo:.0%}, {hi:.0%}]",
+                 f"{total['detected'] / max(total['checked'] - total['equiv'], 1):.0%}"))
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+    print(f"\ndetected {total['detected']} of {total['checked']} checked")
+    if survivors:
+        print("\nsurvivors (module:line  mutation  [mutant])")
+        for m, n, s in survivors:
+            line, change = where(m, n)
+            note = f"   equivalent: {EQUIVALENT[n]}" if n in EQUIVALENT else ""
+            print(f"  {m}.py:{line}  {change}  [{n.partition('.')[2]}{', no test' if s == 'no tests' else ''}]{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
