@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 import microscope
 from microscope.data import shapes
 from microscope.extract import capture, extract
+from microscope import store as st
 from microscope.store import ActivationStore, StoreMismatchError
 from tests.tiny_models import MODELS
 
@@ -91,6 +93,29 @@ def test_resuming_into_another_models_store_is_refused(handles, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()} == before
     with pytest.raises(FileNotFoundError, match="not an activation store"):
         ActivationStore(tmp_path / "nothing")
+
+
+def test_a_store_is_created_under_missing_parents_and_a_long_identity_value_is_cut_in_the_message(tmp_path):
+    meta = {"model": "m", "layers": [0, 1], "sites": ["resid"], "sample_ids": [f"s{i}" for i in range(40)],
+            "batch_size": 2}
+    path = tmp_path / "a" / "b" / "store"  # neither a nor b exists yet
+    store = ActivationStore.create_or_resume(path, meta)
+    assert store.path == path and store.meta["identity"] == st.identity_digest(meta) and not store.legacy
+    assert ActivationStore.create_or_resume(path, meta).meta == store.meta  # the same identity resumes
+    other = {**meta, "sample_ids": [f"t{i}" for i in range(40)]}
+    with pytest.raises(StoreMismatchError) as e:
+        ActivationStore.create_or_resume(path, other)
+    msg = str(e.value)
+    assert ('(sample ids: store has ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s..., '
+            'this run ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t...);') in msg  # 60 characters each
+
+
+def test_short_cuts_at_sixty_characters():
+    assert st.short("a" * 57) == '"' + "a" * 57 + '"'  # 59 characters: whole
+    assert st.short("a" * 58) == '"' + "a" * 56 + "..."  # 60: cut to 57 + "..."
+    assert len(st.short(list(range(100)))) == 60
+    assert st.short(Path("x")) == json.dumps(repr(Path("x")))  # what JSON cannot hold: its repr
+    assert st.short(None) == "null"
 
 
 SCRIPT = """

@@ -413,3 +413,36 @@ def test_pca_2d_is_the_same_on_every_run_above_its_fitting_sample():
     # PC1 ≈ ±column 3, PC2 ≈ ±column 7 (variances 100 and 25 against 1e-4 for the rest)
     assert abs(np.corrcoef(a[:, 0], xc[:, 3])[0, 1]) > 0.999
     assert abs(np.corrcoef(a[:, 1], xc[:, 7])[0, 1]) > 0.999
+
+
+def test_split_half_interval_known_answer_and_its_level():
+    """CI = θ̂ ± t_{S−1}(½ + level/2)·√(mean_j (θ̂_A − θ̂_B)²/4), recomputed here from the same splits."""
+    from scipy import stats
+
+    x = np.arange(12, dtype=float) ** 2
+    groups = np.repeat(np.arange(6), 2)  # 6 groups of 2 rows
+    mean = lambda a: float(a.mean())  # noqa: E731
+    rng = np.random.default_rng(3)
+    d = []
+    for _ in range(5):
+        a = np.isin(groups, rng.permutation(6)[:3])
+        d.append(x[a].mean() - x[~a].mean())
+    for level in (0.95, 0.5):
+        half = stats.t.ppf(0.5 + level / 2, 4) * np.sqrt(np.mean(np.square(d)) / 4)
+        lo, hi = G.confidence_interval(mean, x, groups=groups, n_splits=5, level=level, seed=3)
+        assert (lo, hi) == pytest.approx((x.mean() - half, x.mean() + half), rel=1e-12)
+    lo, hi = G.confidence_interval(mean, x, groups=groups, n_splits=5, seed=3, estimate=100.0)
+    assert (lo + hi) / 2 == pytest.approx(100.0)  # centred on the estimate given
+    w = [np.subtract(*G.confidence_interval(mean, x, n_splits=4, level=lv)[::-1]) for lv in (0.9, 0.99)]
+    assert w[1] / w[0] == pytest.approx(stats.t.ppf(0.995, 3) / stats.t.ppf(0.95, 3))  # rows as groups
+
+
+def test_cholesky_fast_path_cut_off_is_ten_times_size_times_eps():
+    eps = torch.finfo(torch.float64).eps
+    for scale, ok in ((10.5, True), (9.5, False)):  # cut-off: max pivot² · size (2) · eps · 10
+        g = torch.diag(torch.tensor([1.0, scale * 2 * eps], dtype=torch.float64))
+        assert (G._cholesky_ok(g) is not None) is ok, scale
+    L = G._cholesky_ok(torch.tensor([[4.0, 2.0], [2.0, 5.0]], dtype=torch.float64))
+    assert L.tolist() == [[2.0, 0.0], [1.0, 2.0]]
+    assert G._cholesky_ok(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)) is None  # indefinite
+    assert G._cholesky_ok(torch.tensor([[float("inf")]], dtype=torch.float64)) is None
