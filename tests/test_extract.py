@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import microscope
+from microscope import store as st
 from microscope.data import shapes
 from microscope.extract import capture, extract
-from microscope import store as st
 from microscope.store import ActivationStore, StoreMismatchError
 from tests.tiny_models import MODELS
 
