@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: env browser test figures seeds lint benchmark clean
+.PHONY: env browser test figures seeds lint benchmark mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,5 +43,10 @@ seeds: env
 lint: env
 	$(BIN)/ruff check microscope tests benchmarks
 
+# mutation score of knockout, tracing, attribution, geometry, store, roles on a seeded sample of
+# mutmut's mutants (docs/mutation-testing.md); results stay in mutants/, so a rerun resumes
+mutation: env
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 19 $(BIN)/python benchmarks/mutation.py --per-module 10
+
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache mutants
