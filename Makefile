@@ -4,6 +4,7 @@
 #   make seeds     train seeds 1, 2 of shapes-llava and shapes-omnifusion (runs/seeds/, about 2 hours on
 #                  2 cores) and write every seed's geometry profile table to microscope/zoo/seed_profiles/
 #                  (commit those)
+#   make mutation  mutation score of the analysis modules on a seeded sample of mutants (docs/mutation-testing.md)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
