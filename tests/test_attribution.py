@@ -306,3 +306,12 @@ def test_corruption_effects_and_selection(shapes_handle):
     assert len(ids) == (blank.correct).sum() and "below 1.01" in text
     assert math.isclose(blank[blank.correct].p_corrupted.max(), eff.set_index(["corruption", "sample_id"]).loc[
         ("blank image", ids[-1]), "p_corrupted"])
+
+
+def test_recording_attention_names_an_architecture_without_eager_attention():
+    class NoEager(torch.nn.Module):  # defined here: this test module has no eager_attention_forward
+        pass
+
+    with pytest.raises(RuntimeError, match="NoEager has no eager_attention_forward; attention weights cannot be "
+                                           "recorded for this architecture"):
+        at._recording_attention(NoEager(), None, None, None, None)

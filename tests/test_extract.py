@@ -152,3 +152,9 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tiny_dirs, tmp_path):
         assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta)
     assert a.tokens().equals(b.tokens())
     assert not list(victim.glob("*.tmp"))
+
+
+def test_the_store_cli_needs_a_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        st.main([])
+    assert e.value.code == 2 and "required: command" in capsys.readouterr().err

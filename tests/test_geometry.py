@@ -446,3 +446,37 @@ def test_cholesky_fast_path_cut_off_is_ten_times_size_times_eps():
     assert L.tolist() == [[2.0, 0.0], [1.0, 2.0]]
     assert G._cholesky_ok(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)) is None  # indefinite
     assert G._cholesky_ok(torch.tensor([[float("inf")]], dtype=torch.float64)) is None
+
+
+def test_interval_coverage_counts_the_draws_whose_interval_holds_the_mean_estimate():
+    """Known answer with a recording interval: E[θ̂_n] is the mean of fn over truth_draws data sets drawn
+    first; draw i's interval is called with its data, groups, n_splits and seed=i; an interval ending
+    exactly at the truth covers it; torch's thread count is restored."""
+    sizes, calls = [], []
+
+    def draw(rng, n):
+        sizes.append(n)
+        return (np.full(n, float(len(sizes))),)  # data set k holds the number k: fn = mean gives k
+
+    def interval(fn, x, groups=None, n_splits=None, seed=None):
+        calls.append((len(x), groups, n_splits, seed))
+        truth = 5.5  # the mean of 1..10, the truth_draws data sets
+        return (truth, truth + 1) if seed % 4 == 0 else (truth - 1, truth) if seed % 4 == 1 else (truth + 1, 9e9)
+
+    threads = torch.get_num_threads()
+    cov = G.interval_coverage(lambda x: float(x.mean()), draw, n=3, groups="g", draws=8, truth_draws=10,
+                              interval=interval, n_splits=7)
+    assert cov == 0.5  # seeds 0, 1, 4, 5 of 0..7
+    assert sizes == [3] * 18 and calls == [(3, "g", 7, i) for i in range(8)]
+    assert torch.get_num_threads() == threads
+
+
+def test_scikit_dimension_estimators_by_name():
+    X = torch.randn(300, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) @ torch.randn(
+        2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # a plane in R^6
+    d = G.intrinsic_dimension(X, "skdim:lPCA")
+    assert d == skdim.id.lPCA().fit(X.numpy()).dimension_ == 2
+    with pytest.raises(ValueError, match="scikit-dimension has no estimator 'Nope'"):
+        G.intrinsic_dimension(X, "skdim:Nope")
+    with pytest.raises(ValueError, match="method must be 'twonn', 'mle' or 'skdim:NAME', got 'pca'"):
+        G.intrinsic_dimension(X, "pca")

@@ -421,3 +421,25 @@ def test_a_shared_position_mask_blocks_the_same_edges_in_every_row(shapes_handle
     with pytest.raises(ValueError, match=r"per-row layers must be a \(B, 6\) boolean tensor, got \(3, 6\)"):
         with ko.knockout(h, [ko.Block(src.expand(2, -1), tgt.expand(2, -1), torch.ones(3, L, dtype=torch.bool))]):
             pass
+
+
+def test_sweep_names_a_bad_batch_size_and_warns_only_when_patch_edges_are_asked_for(shapes_handle, monkeypatch):
+    h = shapes_handle
+    s = _samples(h, n=1, seed=3)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        ko.sweep(h, s, batch_size=0, progress=False)
+
+    def no_grid(*_a, **_k):
+        raise ValueError("no patch grid here")
+
+    monkeypatch.setattr(ko, "image_patch_positions", no_grid)  # a layout without a patch grid
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: no related/other-image edge was asked for
+        df = ko.sweep(h, s, edges=["image↛last"], window=3, only_correct=False, progress=False)
+    assert set(df.edge) == {"image↛last"} and len(df) == h.adapter.n_layers
+    with pytest.warns(UserWarning, match="related/other-image edges skipped: no patch grid here"):
+        df = ko.sweep(h, s, edges=["related-image↛last", "image↛last"], window=3, only_correct=False,
+                      progress=False)
+    assert set(df.edge) == {"image↛last"}

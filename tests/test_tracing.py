@@ -353,3 +353,30 @@ def test_one_noise_sample_and_one_row_per_forward_give_the_same_numbers(shapes_h
     with torch.no_grad():  # the one copy's probability, by a plain forward of its embeddings
         alone = float(tr._forward_p(shapes_handle, one.corrupted, one.answer_id)[0])
     assert one.p_corrupted == pytest.approx(alone, abs=1e-5)
+
+
+def test_dataset_functions_pass_sigma_and_a_seed_per_sample(shapes_handle):
+    """trace_dataset traces sample k as trace(..., sigma, seed=seed + k); corruption_effects corrupts sample i
+    with seed + i; its blank-image row of a sample without a gold answer is measured on the model's own
+    clean top token."""
+    import dataclasses
+
+    h = shapes_handle
+    s = [x for x in _samples(h, n=8, seed=4) if x.category == "QueryAttr"][:2]
+    df = tr.trace_dataset(h, s, kinds=["resid"], n_noise=2, sigma=0.07, seed=5, only_correct=False,
+                          progress=False)
+    for k, x in enumerate(s):
+        one = tr.trace(h, x, kinds=["resid"], n_noise=2, sigma=0.07, seed=5 + k)
+        got = df[df.sample_id == x.id].reset_index(drop=True)
+        assert got.p_restored.to_numpy() == pytest.approx(one.p_restored.to_numpy(), abs=1e-6)
+    noise = [("noise", "noise", "constraint", 3.0)]
+    eff = tr.corruption_effects(h, s, noise, n_noise=2, sigma_text=0.07, seed=9, progress=False)
+    for i, x in enumerate(s):
+        c = tr.corrupt(h, x, n_noise=2, scale=3.0, sigma=0.07, seed=9 + i)
+        assert eff.p_corrupted[i] == pytest.approx(c.p_corrupted, abs=1e-6)
+    free = dataclasses.replace(s[0], answer=None)
+    blank = tr.corruption_effects(h, [free], [("blank image", "blank", "image", 0.0)], progress=False)
+    from microscope.objects import probs
+
+    p = probs(h, [free])[0]
+    assert blank.p_clean[0] == pytest.approx(float(p.max()), abs=1e-6) and bool(blank.correct[0])
