@@ -9,9 +9,14 @@ again after new tests), and prints per module: sampled, killed, survived, timeou
 equivalent, the score and its 95 % Wilson interval, then every survivor with its line and mutation.
 
 score = detected / checked, detected = killed + timeout; checked = sampled mutants with a result.
-The second score counts the survivors in ``BY_HAND`` as detected (mutants mutmut cannot exercise, or
-that only tests outside the selection reach: applied by hand, a named test fails) and sets aside
-those in ``EQUIVALENT`` (a survivor that cannot change observable behaviour, with the reason).
+A worker that hangs (no CPU second in 90 s) is ended from outside and counted as not run: mutmut
+forks its workers from a process that has already run the tests, and a test that starts a
+2-thread OpenMP pool (``test_pc1_ratio_certified_accuracy``'s ``threads=2`` cases) in such a fork
+deadlocks (the hang is from the fork, not from the mutant); the watchdog here ends those workers.
+The second ("adjusted") score counts the survivors in ``BY_HAND`` as detected (mutants mutmut
+cannot exercise, or that only tests outside the selection reach: applied to the source by hand, a
+named test fails) and sets aside those in ``EQUIVALENT`` (a survivor that cannot change
+observable behaviour, with the reason).
 Wilson interval for k of n at z = 1.96:
 (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n).
 
@@ -31,6 +36,7 @@ import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -92,7 +98,8 @@ def status(code: int | None) -> str:
     from mutmut.stats import status_by_exit_code
 
     s = status_by_exit_code[code]
-    return {"segfault": "timeout", "caught by type check": "killed"}.get(s, s)  # -9: killed at the CPU limit
+    # a worker ended by a signal from outside (SIGTERM/SIGKILL, the watchdog): it hung; not a verdict
+    return {"segfault": "hung", "suspicious": "hung", "caught by type check": "killed"}.get(s, s)
 
 
 def where(module: str, name: str) -> tuple[int, str]:
@@ -125,6 +132,35 @@ def where(module: str, name: str) -> tuple[int, str]:
     return line, f"{' '.join(old) or '∅'}  →  {' '.join(new) or '∅'}"
 
 
+def _hung_children(parent: int, after_s: float = 90.0) -> list[int]:
+    """Children of ``parent`` older than ``after_s`` seconds that have used under one CPU second."""
+    tick, uptime = os.sysconf("SC_CLK_TCK"), float(Path("/proc/uptime").read_text().split()[0])
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # fields after the name: state ppid ... utime (12th) stime (13th) ... starttime (20th)
+        if int(f[1]) == parent and uptime - int(f[19]) / tick > after_s and (int(f[11]) + int(f[12])) / tick < 1:
+            out.append(int(d.name))
+    return out
+
+
+def run_mutants(names: list[str], max_children: int) -> None:
+    """``mutmut run`` on ``names`` under nice, one thread per worker, ending workers that hang."""
+    cmd = ["nice", "-n", "19", sys.executable, "-c", "import sys; from mutmut.__main__ import cli; "
+           "sys.argv[0] = 'mutmut'; sys.exit(cli())", "run", "--max-children", str(max_children), *names]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    while proc.poll() is None:
+        time.sleep(15)
+        for pid in _hung_children(proc.pid):
+            print(f"\nending worker {pid}: no CPU second in 90 s (a fork deadlock)", flush=True)
+            os.kill(pid, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-module", type=int, default=15)
@@ -146,29 +182,26 @@ def main(argv: list[str] | None = None) -> int:
                      or (args.rerun == "survived" and status(res[n]) in ("survived", "no tests"))]
         if todo:
             print(f"running {len(todo)} mutants", flush=True)
-            cmd = ["nice", "-n", "19", sys.executable, "-c", "import sys; from mutmut.__main__ import cli; "
-                   "sys.argv[0] = 'mutmut'; sys.exit(cli())", "run", "--max-children", str(args.max_children), *todo]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            subprocess.run(cmd, env=env, check=False)
+            run_mutants(todo, args.max_children)
 
     print(f"\nseed {args.seed}, {args.per_module} per module"
           + (f" (all of {', '.join(args.all)})" if args.all else "") + f"; {time.time() - t0:.0f} s\n")
-    head = ("module", "mutants", "sampled", "checked", "killed", "survived", "timeout", "no test", "by hand", "equiv",
-            "score", "95% CI", "adjusted", "95% CI")
+    head = ("module", "mutants", "sampled", "checked", "hung", "killed", "survived", "timeout", "no test", "by hand",
+            "equiv", "score", "95% CI", "adjusted", "95% CI")
     rows, survivors, total = [], [], dict.fromkeys(["sampled", "detected", "checked", "equiv", "hand"], 0)
     for m, names in chosen.items():
         res = results(m)
         st = [status(res[n]) for n in names]
-        c = {s: st.count(s) for s in ("killed", "survived", "timeout", "no tests", "not checked")}
+        c = {s: st.count(s) for s in ("killed", "survived", "timeout", "no tests", "not checked", "hung")}
         alive = [n for n, s in zip(names, st) if s in ("survived", "no tests")]
         eq, hand = sum(n in EQUIVALENT for n in alive), sum(n in BY_HAND for n in alive)
-        checked = len(names) - c["not checked"]
+        checked = len(names) - c["not checked"] - c["hung"]
         detected = c["killed"] + c["timeout"]
         lo, hi = wilson(detected, checked)
         lo2, hi2 = wilson(detected + hand, checked - eq)
         score2 = (detected + hand) / (checked - eq) if checked - eq else float("nan")
-        rows.append((m, len(res), len(names), checked, c["killed"], c["survived"], c["timeout"], c["no tests"], hand,
-                     eq, f"{detected / checked:.0%}" if checked else "-", f"[{lo:.0%}, {hi:.0%}]", f"{score2:.0%}",
+        rows.append((m, len(res), len(names), checked, c["hung"], c["killed"], c["survived"], c["timeout"],
+                     c["no tests"], hand, eq, f"{detected / checked:.0%}" if checked else "-", f"[{lo:.0%}, {hi:.0%}]", f"{score2:.0%}",
                      f"[{lo2:.0%}, {hi2:.0%}]"))
         for k, v in (("sampled", len(names)), ("detected", detected), ("checked", checked), ("equiv", eq),
                      ("hand", hand)):
@@ -177,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = wilson(total["detected"], total["checked"])
     k2, n2 = total["detected"] + total["hand"], total["checked"] - total["equiv"]
     lo2, hi2 = wilson(k2, n2)
-    rows.append(("all", "", total["sampled"], total["checked"], "", "", "", "", total["hand"], total["equiv"],
+    rows.append(("all", "", total["sampled"], total["checked"], "", "", "", "", "", total["hand"], total["equiv"],
                  f"{total['detected'] / max(total['checked'], 1):.0%}", f"[{lo:.0%}, {hi:.0%}]",
                  f"{k2 / max(n2, 1):.0%}", f"[{lo2:.0%}, {hi2:.0%}]"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
