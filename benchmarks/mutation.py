@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         lo2, hi2 = wilson(detected + hand, checked - eq)
         score2 = (detected + hand) / (checked - eq) if checked - eq else float("nan")
         rows.append((m, len(res), len(names), checked, c["hung"], c["killed"], c["survived"], c["timeout"],
-                     c["no tests"], hand, eq, f"{detected / checked:.0%}" if checked else "-", f"[{lo:.0%}, {hi:.0%}]", f"{score2:.0%}",
-                     f"[{lo2:.0%}, {hi2:.0%}]"))
+                     c["no tests"], hand, eq, f"{detected / checked:.0%}" if checked else "-",
+                     f"[{lo:.0%}, {hi:.0%}]", f"{score2:.0%}", f"[{lo2:.0%}, {hi2:.0%}]"))
         for k, v in (("sampled", len(names)), ("detected", detected), ("checked", checked), ("equiv", eq),
                      ("hand", hand)):
             total[k] += v
