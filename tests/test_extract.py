@@ -158,3 +158,17 @@ def test_the_store_cli_needs_a_command(capsys):
     with pytest.raises(SystemExit) as e:
         st.main([])
     assert e.value.code == 2 and "required: command" in capsys.readouterr().err
+
+
+def test_a_table_with_other_rows_than_recorded_is_named(tmp_path):
+    """The record's row count is checked against the parquet table even when its size was made to match."""
+    import pandas as pd
+
+    store = ActivationStore.create_or_resume(tmp_path / "s", {"model": "m", "n_shards": 1})
+    store.write_shard(0, {"resid.0": torch.zeros(3, 2)}, pd.DataFrame({"role": [1, 2, 3]}))
+    assert store.problems() == []
+    rec_path = store.shard_path(0, "json")
+    rec = json.loads(rec_path.read_text())
+    rec["rows"] = 4
+    rec_path.write_text(json.dumps(rec))
+    assert ActivationStore(tmp_path / "s").problems() == ["shard-00000: shard-00000.parquet has 3 rows, 4 recorded"]

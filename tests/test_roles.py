@@ -223,3 +223,18 @@ def test_transparency_is_composited_on_white_and_the_size_limits_are_inclusive()
             check_image(bad, 2)
     img = Image.new("RGB", (3, 3))
     assert check_image(img) is img  # already RGB: the same object, not a copy
+
+
+def test_a_constraint_span_may_end_at_the_end_of_the_question_and_not_beyond(shapes_handle):
+    h = shapes_handle
+    img = shapes.generate(1, seed=0)[0].image
+    q = "What colour is the big circle"
+    b = microscope.prepare(h, [img], [q], constraints=[[(len(q) - 6, len(q))]])  # "circle", the last word
+    names = b.role_names(0)
+    assert names[-1] == "last" and "constraint" in names
+    with pytest.raises(ValueError, match=rf"constraint span \({len(q) - 6}, {len(q) + 1}\) is outside question 0 "
+                                         rf"\({len(q)} chars\)"):
+        microscope.prepare(h, [img], [q], constraints=[[(len(q) - 6, len(q) + 1)]])
+    for bad in ((3, 3), (-1, 2)):  # empty, before the start
+        with pytest.raises(ValueError, match="is outside question 0"):
+            microscope.prepare(h, [img], [q], constraints=[[bad]])
