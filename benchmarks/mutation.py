@@ -64,6 +64,14 @@ BY_HAND: dict[str, str] = {
     "microscope.attribution.x_integrated_gradients__mutmut_6":
         "tests/test_mllama.py::test_what_needs_patch_tokens_is_refused_naming_mllama (the cross-attention "
         "refusal is tested with the tiny Mllama, outside the selection)",
+    # hung under mutmut (see above), run by hand in a plain process instead
+    "microscope.geometry.x_pc1_ratio__mutmut_7":
+        "tests/test_geometry.py::test_pc1_ratio_of_two_points_is_one_and_of_one_point_refused (hung under mutmut; "
+        "the tests before it let it pass)",
+    "microscope.geometry.x_pc1_ratio__mutmut_99":
+        "tests/test_geometry.py::test_pc1_ratio_certified_accuracy (20 cases fail; hung under mutmut)",
+    "microscope.geometry.x_pc1_ratio__mutmut_111":
+        "tests/test_geometry.py::test_pc1_ratio_certified_accuracy (20 cases fail; hung under mutmut)",
 }
 
 
@@ -194,29 +202,32 @@ def main(argv: list[str] | None = None) -> int:
           + (f" (all of {', '.join(args.all)})" if args.all else "") + f"; {time.time() - t0:.0f} s\n")
     head = ("module", "mutants", "sampled", "checked", "hung", "killed", "survived", "timeout", "no test", "by hand",
             "equiv", "score", "95% CI", "adjusted", "95% CI")
-    rows, survivors, total = [], [], dict.fromkeys(["sampled", "detected", "checked", "equiv", "hand"], 0)
+    rows, survivors, total = [], [], dict.fromkeys(["sampled", "detected", "checked", "equiv", "hand", "hung"], 0)
     for m, names in chosen.items():
         res = results(m)
         st = [status(res[n]) for n in names]
         c = {s: st.count(s) for s in ("killed", "survived", "timeout", "no tests", "not checked", "hung")}
         alive = [n for n, s in zip(names, st) if s in ("survived", "no tests")]
         eq, hand = sum(n in EQUIVALENT for n in alive), sum(n in BY_HAND for n in alive)
+        hung = sum(n in BY_HAND for n, s in zip(names, st) if s == "hung")  # run by hand instead
         checked = len(names) - c["not checked"] - c["hung"]
         detected = c["killed"] + c["timeout"]
         lo, hi = wilson(detected, checked)
-        lo2, hi2 = wilson(detected + hand, checked - eq)
-        score2 = (detected + hand) / (checked - eq) if checked - eq else float("nan")
+        lo2, hi2 = wilson(detected + hand + hung, checked - eq + hung)
+        score2 = (detected + hand + hung) / (checked - eq + hung) if checked - eq + hung else float("nan")
         rows.append((m, len(res), len(names), checked, c["hung"], c["killed"], c["survived"], c["timeout"],
-                     c["no tests"], hand, eq, f"{detected / checked:.0%}" if checked else "-",
+                     c["no tests"], hand + hung, eq, f"{detected / checked:.0%}" if checked else "-",
                      f"[{lo:.0%}, {hi:.0%}]", f"{score2:.0%}", f"[{lo2:.0%}, {hi2:.0%}]"))
         for k, v in (("sampled", len(names)), ("detected", detected), ("checked", checked), ("equiv", eq),
-                     ("hand", hand)):
+                     ("hand", hand), ("hung", hung)):
             total[k] += v
-        survivors += [(m, n, s) for n, s in zip(names, st) if s in ("survived", "no tests")]
+        survivors += [(m, n, s) for n, s in zip(names, st) if s in ("survived", "no tests", "hung")]
     lo, hi = wilson(total["detected"], total["checked"])
-    k2, n2 = total["detected"] + total["hand"], total["checked"] - total["equiv"]
+    k2 = total["detected"] + total["hand"] + total["hung"]
+    n2 = total["checked"] - total["equiv"] + total["hung"]
     lo2, hi2 = wilson(k2, n2)
-    rows.append(("all", "", total["sampled"], total["checked"], "", "", "", "", "", total["hand"], total["equiv"],
+    rows.append(("all", "", total["sampled"], total["checked"], "", "", "", "", "", total["hand"] + total["hung"],
+                 total["equiv"],
                  f"{total['detected'] / max(total['checked'], 1):.0%}", f"[{lo:.0%}, {hi:.0%}]",
                  f"{k2 / max(n2, 1):.0%}", f"[{lo2:.0%}, {hi2:.0%}]"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
@@ -225,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndetected {total['detected']} of {total['checked']} checked ({total['sampled'] - total['checked']} "
           f"sampled not run yet); adjusted: {k2} of {n2}")
     if survivors:
-        print("\nsurvivors (module:line  mutation  [mutant])")
+        print("\nsurvivors and hung (module:line  mutation  [mutant])")
         for m, n, s in survivors:
             line, change = where(m, n)
             note = (f"\n      equivalent: {EQUIVALENT[n]}" if n in EQUIVALENT else
                     f"\n      killed by hand: {BY_HAND[n]}" if n in BY_HAND else "")
-            print(f"  {m}.py:{line}  {change}  [{n.partition('.')[2]}{', no test' if s == 'no tests' else ''}]{note}")
+            tag = {"no tests": ", no test", "hung": ", hung"}.get(s, "")
+            print(f"  {m}.py:{line}  {change}  [{n.partition('.')[2]}{tag}]{note}")
     return 0
 
 

@@ -480,3 +480,9 @@ def test_scikit_dimension_estimators_by_name():
         G.intrinsic_dimension(X, "skdim:Nope")
     with pytest.raises(ValueError, match="method must be 'twonn', 'mle' or 'skdim:NAME', got 'pca'"):
         G.intrinsic_dimension(X, "pca")
+
+
+def test_pc1_ratio_of_two_points_is_one_and_of_one_point_refused():
+    assert G.pc1_ratio(np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0]])) == pytest.approx(1.0)  # one direction
+    with pytest.raises(ValueError, match="the PC1 ratio needs at least 2 points, got 1"):
+        G.pc1_ratio(np.ones((1, 3)))
