@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
-    print(f"\ndetected {total['detected']} of {total['checked']} checked ({total['sampled'] - total['checked']} "
-          f"sampled not run yet); adjusted: {k2} of {n2}")
+    not_run = total["sampled"] - total["checked"]
+    print(f"\ndetected {total['detected']} of {total['checked']} checked ({not_run} sampled not checked: hung, or "
+          f"not run yet); adjusted: {k2} of {n2}")
     if survivors:
         print("\nsurvivors and hung (module:line  mutation  [mutant])")
         for m, n, s in survivors:
