@@ -443,3 +443,15 @@ def test_sweep_names_a_bad_batch_size_and_warns_only_when_patch_edges_are_asked_
         df = ko.sweep(h, s, edges=["related-image↛last", "image↛last"], window=3, only_correct=False,
                       progress=False)
     assert set(df.edge) == {"image↛last"}
+
+
+def test_predict_blocks_each_rows_own_related_patches(shapes_handle):
+    """A batch of samples under a related-image edge gives each sample what it gets alone: every row's
+    related patches are its own sample's."""
+    h = shapes_handle
+    s = [x for x in _samples(h, n=12, seed=4) if x.referred_patches()][:3]
+    both = ko.predict(h, s, "related-image↛last", progress=False).set_index("sample_id")
+    for x in s:
+        alone = ko.predict(h, [x], "related-image↛last", progress=False).iloc[0]
+        assert both.loc[x.id, "p_answer"] == pytest.approx(alone.p_answer, abs=1e-4)
+        assert both.loc[x.id, "prediction"] == alone.prediction
