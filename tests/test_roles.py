@@ -238,3 +238,11 @@ def test_a_constraint_span_may_end_at_the_end_of_the_question_and_not_beyond(sha
     for bad in ((3, 3), (-1, 2)):  # empty, before the start
         with pytest.raises(ValueError, match="is outside question 0"):
             microscope.prepare(h, [img], [q], constraints=[[bad]])
+
+
+def test_reserved_strings_are_the_placeholders_and_special_tokens_only(shapes_handle):
+    """Other string settings of the processor (``vision_feature_select_strategy = "default"``, the chat
+    template) are not reserved: a question may say "default"."""
+    assert reserved_strings(shapes_handle.processor) == ["</s>", "<image>", "<pad>", "<s>", "<unk>"]
+    img = shapes.generate(1, seed=0)[0].image
+    assert microscope.prepare(shapes_handle, [img], ["Is the default shape a circle?"]).roles.shape[0] == 1
