@@ -259,6 +259,7 @@ def test_integrated_gradients_are_complete_and_group_restoration_efficient(shape
     ig = at.integrated_gradients(h, s, n_steps=48, progress=False)
     for sid, g in ig.groupby("sample_id"):
         x = next(v for v in s if v.id == sid)
+        assert (g.category == "QueryAttr").all() and (g.model == h.name).all()
         gold = at.answer_ids(h.processor, [x.answer])[0]
         probs = ob.probs(h, [x, blank_like(x)])  # plain forwards on the real and the blank image
         diff = float(probs[0, gold] - probs[1, gold])
@@ -306,3 +307,15 @@ def test_corruption_effects_and_selection(shapes_handle):
     assert len(ids) == (blank.correct).sum() and "below 1.01" in text
     assert math.isclose(blank[blank.correct].p_corrupted.max(), eff.set_index(["corruption", "sample_id"]).loc[
         ("blank image", ids[-1]), "p_corrupted"])
+    for only, who in ((True, "correctly answered "), (False, "")):  # nothing to select: the reason, in words
+        assert tr.select_by_effect(eff, "no such corruption", only_correct=only) == (
+            [], f"no {who}sample was corrupted with 'no such corruption'")
+
+
+def test_recording_attention_names_an_architecture_without_eager_attention():
+    class NoEager(torch.nn.Module):  # defined here: this test module has no eager_attention_forward
+        pass
+
+    with pytest.raises(RuntimeError, match="NoEager has no eager_attention_forward; attention weights cannot be "
+                                           "recorded for this architecture"):
+        at._recording_attention(NoEager(), None, None, None, None)

@@ -104,9 +104,11 @@ DAMAGE = {
     "damaged record": (lambda d, o: (d / "shard-00001.json").write_text("{not json"),
                        r"shard-00001: its record shard-00001\.json is damaged"),
     "swapped meta.json": (lambda d, o: shutil.copy(o / "meta.json", d / "meta.json"),
-                          r"shard-00000: recorded for store identity .* meta\.json was replaced"),
+                          r"shard-00000: recorded for store identity [0-9a-f]{32}, but meta\.json has [0-9a-f]{32}: "
+                          r"meta\.json was replaced or the shard comes from another store"),
     "edited meta.json": (lambda d, o: _edit_meta(d, layers=[-1, 3]),
-                         r"meta\.json: its identity fields do not hash to its recorded identity"),
+                         r"meta\.json: its identity fields do not hash to its recorded identity [0-9a-f]{32} "
+                         r"\(the file was edited or damaged\)"),
     "foreign extra shard": (lambda d, o: [shutil.copy(p, d / p.name.replace("00000", "00007"))
                                           for p in o.glob("shard-00000.*")],
                             r"shard-00007: not part of this store"),

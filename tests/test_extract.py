@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import microscope
+from microscope import store as st
 from microscope.data import shapes
 from microscope.extract import capture, extract
 from microscope.store import ActivationStore, StoreMismatchError
@@ -93,6 +95,29 @@ def test_resuming_into_another_models_store_is_refused(handles, tmp_path):
         ActivationStore(tmp_path / "nothing")
 
 
+def test_a_store_is_created_under_missing_parents_and_a_long_identity_value_is_cut_in_the_message(tmp_path):
+    meta = {"model": "m", "layers": [0, 1], "sites": ["resid"], "sample_ids": [f"s{i}" for i in range(40)],
+            "batch_size": 2}
+    path = tmp_path / "a" / "b" / "store"  # neither a nor b exists yet
+    store = ActivationStore.create_or_resume(path, meta)
+    assert store.path == path and store.meta["identity"] == st.identity_digest(meta) and not store.legacy
+    assert ActivationStore.create_or_resume(path, meta).meta == store.meta  # the same identity resumes
+    other = {**meta, "sample_ids": [f"t{i}" for i in range(40)]}
+    with pytest.raises(StoreMismatchError) as e:
+        ActivationStore.create_or_resume(path, other)
+    msg = str(e.value)
+    assert ('(sample ids: store has ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s..., '
+            'this run ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t...);') in msg  # 60 characters each
+
+
+def test_short_cuts_at_sixty_characters():
+    assert st.short("a" * 57) == '"' + "a" * 57 + '"'  # 59 characters: whole
+    assert st.short("a" * 58) == '"' + "a" * 56 + "..."  # 60: cut to 57 + "..."
+    assert len(st.short(list(range(100)))) == 60
+    assert st.short(Path("x")) == json.dumps(repr(Path("x")))  # what JSON cannot hold: its repr
+    assert st.short(None) == "null"
+
+
 SCRIPT = """
 import sys, time, microscope
 from microscope.data import shapes
@@ -127,3 +152,23 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tiny_dirs, tmp_path):
         assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta)
     assert a.tokens().equals(b.tokens())
     assert not list(victim.glob("*.tmp"))
+
+
+def test_the_store_cli_needs_a_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        st.main([])
+    assert e.value.code == 2 and "required: command" in capsys.readouterr().err
+
+
+def test_a_table_with_other_rows_than_recorded_is_named(tmp_path):
+    """The record's row count is checked against the parquet table even when its size was made to match."""
+    import pandas as pd
+
+    store = ActivationStore.create_or_resume(tmp_path / "s", {"model": "m", "n_shards": 1})
+    store.write_shard(0, {"resid.0": torch.zeros(3, 2)}, pd.DataFrame({"role": [1, 2, 3]}))
+    assert store.problems() == []
+    rec_path = store.shard_path(0, "json")
+    rec = json.loads(rec_path.read_text())
+    rec["rows"] = 4
+    rec_path.write_text(json.dumps(rec))
+    assert ActivationStore(tmp_path / "s").problems() == ["shard-00000: shard-00000.parquet has 3 rows, 4 recorded"]

@@ -414,3 +414,76 @@ def test_pca_2d_is_the_same_on_every_run_above_its_fitting_sample():
     # PC1 ≈ ±column 3, PC2 ≈ ±column 7 (variances 100 and 25 against 1e-4 for the rest)
     assert abs(np.corrcoef(a[:, 0], xc[:, 3])[0, 1]) > 0.999
     assert abs(np.corrcoef(a[:, 1], xc[:, 7])[0, 1]) > 0.999
+
+
+def test_split_half_interval_known_answer_and_its_level():
+    """CI = θ̂ ± t_{S−1}(½ + level/2)·√(mean_j (θ̂_A − θ̂_B)²/4), recomputed here from the same splits."""
+    from scipy import stats
+
+    x = np.arange(12, dtype=float) ** 2
+    groups = np.repeat(np.arange(6), 2)  # 6 groups of 2 rows
+    mean = lambda a: float(a.mean())  # noqa: E731
+    rng = np.random.default_rng(3)
+    d = []
+    for _ in range(5):
+        a = np.isin(groups, rng.permutation(6)[:3])
+        d.append(x[a].mean() - x[~a].mean())
+    for level in (0.95, 0.5):
+        half = stats.t.ppf(0.5 + level / 2, 4) * np.sqrt(np.mean(np.square(d)) / 4)
+        lo, hi = G.confidence_interval(mean, x, groups=groups, n_splits=5, level=level, seed=3)
+        assert (lo, hi) == pytest.approx((x.mean() - half, x.mean() + half), rel=1e-12)
+    lo, hi = G.confidence_interval(mean, x, groups=groups, n_splits=5, seed=3, estimate=100.0)
+    assert (lo + hi) / 2 == pytest.approx(100.0)  # centred on the estimate given
+    w = [np.subtract(*G.confidence_interval(mean, x, n_splits=4, level=lv)[::-1]) for lv in (0.9, 0.99)]
+    assert w[1] / w[0] == pytest.approx(stats.t.ppf(0.995, 3) / stats.t.ppf(0.95, 3))  # rows as groups
+
+
+def test_cholesky_fast_path_cut_off_is_ten_times_size_times_eps():
+    eps = torch.finfo(torch.float64).eps
+    for scale, ok in ((10.5, True), (9.5, False)):  # cut-off: max pivot² · size (2) · eps · 10
+        g = torch.diag(torch.tensor([1.0, scale * 2 * eps], dtype=torch.float64))
+        assert (G._cholesky_ok(g) is not None) is ok, scale
+    L = G._cholesky_ok(torch.tensor([[4.0, 2.0], [2.0, 5.0]], dtype=torch.float64))
+    assert L.tolist() == [[2.0, 0.0], [1.0, 2.0]]
+    assert G._cholesky_ok(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)) is None  # indefinite
+    assert G._cholesky_ok(torch.tensor([[float("inf")]], dtype=torch.float64)) is None
+
+
+def test_interval_coverage_counts_the_draws_whose_interval_holds_the_mean_estimate():
+    """Known answer with a recording interval: E[θ̂_n] is the mean of fn over truth_draws data sets drawn
+    first; draw i's interval is called with its data, groups, n_splits and seed=i; an interval ending
+    exactly at the truth covers it; torch's thread count is restored."""
+    sizes, calls = [], []
+
+    def draw(rng, n):
+        sizes.append(n)
+        return (np.full(n, float(len(sizes))),)  # data set k holds the number k: fn = mean gives k
+
+    def interval(fn, x, groups=None, n_splits=None, seed=None):
+        calls.append((len(x), groups, n_splits, seed))
+        truth = 5.5  # the mean of 1..10, the truth_draws data sets
+        return (truth, truth + 1) if seed % 4 == 0 else (truth - 1, truth) if seed % 4 == 1 else (truth + 1, 9e9)
+
+    threads = torch.get_num_threads()
+    cov = G.interval_coverage(lambda x: float(x.mean()), draw, n=3, groups="g", draws=8, truth_draws=10,
+                              interval=interval, n_splits=7)
+    assert cov == 0.5  # seeds 0, 1, 4, 5 of 0..7
+    assert sizes == [3] * 18 and calls == [(3, "g", 7, i) for i in range(8)]
+    assert torch.get_num_threads() == threads
+
+
+def test_scikit_dimension_estimators_by_name():
+    X = torch.randn(300, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) @ torch.randn(
+        2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # a plane in R^6
+    d = G.intrinsic_dimension(X, "skdim:lPCA")
+    assert d == skdim.id.lPCA().fit(X.numpy()).dimension_ == 2
+    with pytest.raises(ValueError, match="scikit-dimension has no estimator 'Nope'"):
+        G.intrinsic_dimension(X, "skdim:Nope")
+    with pytest.raises(ValueError, match="method must be 'twonn', 'mle' or 'skdim:NAME', got 'pca'"):
+        G.intrinsic_dimension(X, "pca")
+
+
+def test_pc1_ratio_of_two_points_is_one_and_of_one_point_refused():
+    assert G.pc1_ratio(np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0]])) == pytest.approx(1.0)  # one direction
+    with pytest.raises(ValueError, match="the PC1 ratio needs at least 2 points, got 1"):
+        G.pc1_ratio(np.ones((1, 3)))

@@ -394,3 +394,64 @@ def test_gemma3_pooled_image_tokens_form_a_patch_grid(handles):
     src, tgt = ko.edge_masks(h, batch, "related-image↛question", [s.referred_patches()])
     image = batch.role_mask("image")[0].nonzero().flatten()
     assert torch.equal(src[0].nonzero().flatten(), image[list(s.referred_patches())])
+
+
+def test_a_shared_position_mask_blocks_the_same_edges_in_every_row(shapes_handle):
+    """A ``(T,)`` source/target pair is the ``(B, T)`` pair repeated on every row, with plain layers and
+    with per-row ``(B, n_layers)`` layers; rows whose layers are all False are untouched."""
+    h = shapes_handle
+    s = _samples(h, n=2, seed=5)
+    q = s[0].question
+    batch = microscope.prepare(h, [s[0].image, s[1].image], [q, q])  # one question: same positions per row
+    src, tgt = batch.role_mask("image")[0], batch.role_mask("last")[0]
+    assert src.ndim == 1 and src.any() and tgt.any()
+    L = h.adapter.n_layers
+    base = _logits(h, batch)[:, -1]
+    with ko.knockout(h, [ko.Block(src, tgt, range(L))]):
+        shared = _logits(h, batch)[:, -1]
+    with ko.knockout(h, [ko.Block(src.expand(2, -1), tgt.expand(2, -1), range(L))]):
+        per_row = _logits(h, batch)[:, -1]
+    assert torch.equal(shared, per_row)
+    assert (shared - base).abs().amax(-1).min() > 1e-3  # both rows changed
+    rows = torch.zeros(2, L, dtype=torch.bool)
+    rows[1] = True  # only row 1 is blocked, in every layer
+    with ko.knockout(h, [ko.Block(src, tgt, rows)]):
+        one = _logits(h, batch)[:, -1]
+    assert torch.allclose(one[0], base[0], atol=1e-5) and torch.allclose(one[1], shared[1], atol=1e-5)
+    with pytest.raises(ValueError, match=r"per-row layers must be a \(B, 6\) boolean tensor, got \(3, 6\)"):
+        with ko.knockout(h, [ko.Block(src.expand(2, -1), tgt.expand(2, -1), torch.ones(3, L, dtype=torch.bool))]):
+            pass
+
+
+def test_sweep_names_a_bad_batch_size_and_warns_only_when_patch_edges_are_asked_for(shapes_handle, monkeypatch):
+    h = shapes_handle
+    s = _samples(h, n=1, seed=3)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        ko.sweep(h, s, batch_size=0, progress=False)
+
+    def no_grid(*_a, **_k):
+        raise ValueError("no patch grid here")
+
+    monkeypatch.setattr(ko, "image_patch_positions", no_grid)  # a layout without a patch grid
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: no related/other-image edge was asked for
+        df = ko.sweep(h, s, edges=["image↛last"], window=3, only_correct=False, progress=False)
+    assert set(df.edge) == {"image↛last"} and len(df) == h.adapter.n_layers
+    with pytest.warns(UserWarning, match="related/other-image edges skipped: no patch grid here"):
+        df = ko.sweep(h, s, edges=["related-image↛last", "image↛last"], window=3, only_correct=False,
+                      progress=False)
+    assert set(df.edge) == {"image↛last"}
+
+
+def test_predict_blocks_each_rows_own_related_patches(shapes_handle):
+    """A batch of samples under a related-image edge gives each sample what it gets alone: every row's
+    related patches are its own sample's."""
+    h = shapes_handle
+    s = [x for x in _samples(h, n=12, seed=4) if x.referred_patches()][:3]
+    both = ko.predict(h, s, "related-image↛last", progress=False).set_index("sample_id")
+    for x in s:
+        alone = ko.predict(h, [x], "related-image↛last", progress=False).iloc[0]
+        assert both.loc[x.id, "p_answer"] == pytest.approx(alone.p_answer, abs=1e-4)
+        assert both.loc[x.id, "prediction"] == alone.prediction

@@ -12,7 +12,7 @@ from PIL import Image
 import microscope
 from microscope.data import shapes
 from microscope.errors import ModelNotFoundError
-from microscope.roles import ROLES, check_image, reserved_strings
+from microscope.roles import MAX_IMAGE_SIDE, ROLES, check_image, reserved_strings
 from tests.real_tokenizers import token_runs
 from tests.tiny_models import FUSION, MODELS, QUESTION_TAIL
 
@@ -192,3 +192,57 @@ def test_mrope_positions_make_embedding_forwards_equal_id_forwards(handles, name
                       **cache_kwargs(h, prefix_of(out, first), 1),
                       **position_kwargs(pos, T - first, 1)).logits
     torch.testing.assert_close(suf, ref[:, first:], rtol=0, atol=1e-5)
+
+
+def test_transparency_is_composited_on_white_and_the_size_limits_are_inclusive():
+    px = np.zeros((2, 3, 4), np.uint8)
+    px[..., 0] = 200  # red 200 everywhere
+    px[0, 0, 3], px[0, 1, 3], px[0, 2, 3] = 0, 255, 128  # transparent, opaque, half
+    out = np.asarray(check_image(px))
+    assert out.shape == (2, 3, 3)
+    assert out[0, 0].tolist() == [255, 255, 255]  # fully transparent: the white background
+    assert out[0, 1].tolist() == [200, 0, 0]
+    assert out[0, 2].tolist() == [227, 127, 127]  # 200·a + 255·(1 − a), a = 128/255: 227.4, 127
+    la = Image.fromarray(np.stack([np.full((2, 2), 10, np.uint8), np.array([[0, 255], [255, 255]], np.uint8)], -1),
+                         "LA")
+    assert np.asarray(check_image(la))[0].tolist() == [[255, 255, 255], [10, 10, 10]]
+    pal = Image.new("P", (2, 2), 1)
+    pal.putpalette([0, 0, 0, 50, 60, 70] + [0] * 762)
+    pal.info["transparency"] = 1
+    assert np.asarray(check_image(pal))[0, 0].tolist() == [255, 255, 255]
+    del pal.info["transparency"]
+    assert np.asarray(check_image(pal))[0, 0].tolist() == [50, 60, 70]  # no transparency: just RGB
+    assert np.asarray(check_image(np.full((2, 2), 7, np.uint8))).tolist() == [[[7] * 3] * 2] * 2  # gray
+    assert check_image(Image.new("RGB", (2, 2))).size == (2, 2)  # the smallest side allowed
+    assert check_image(Image.new("L", (MAX_IMAGE_SIDE, 2))).size == (MAX_IMAGE_SIDE, 2)
+    for size in ((1, 5), (5, 1), (MAX_IMAGE_SIDE + 1, 2), (2, MAX_IMAGE_SIDE + 1)):
+        with pytest.raises(ValueError, match=f"image 3: size {size[0]}×{size[1]} is outside 2..{MAX_IMAGE_SIDE}"):
+            check_image(Image.new("L", size), index=3)
+    for bad in (np.zeros((2, 2), np.float32), np.zeros((2, 2, 3, 1), np.uint8), np.zeros(4, np.uint8)):
+        with pytest.raises(TypeError, match="image 2: arrays must be uint8"):
+            check_image(bad, 2)
+    img = Image.new("RGB", (3, 3))
+    assert check_image(img) is img  # already RGB: the same object, not a copy
+
+
+def test_a_constraint_span_may_end_at_the_end_of_the_question_and_not_beyond(shapes_handle):
+    h = shapes_handle
+    img = shapes.generate(1, seed=0)[0].image
+    q = "What colour is the big circle"
+    b = microscope.prepare(h, [img], [q], constraints=[[(len(q) - 6, len(q))]])  # "circle", the last word
+    names = b.role_names(0)
+    assert names[-1] == "last" and "constraint" in names
+    with pytest.raises(ValueError, match=rf"constraint span \({len(q) - 6}, {len(q) + 1}\) is outside question 0 "
+                                         rf"\({len(q)} chars\)"):
+        microscope.prepare(h, [img], [q], constraints=[[(len(q) - 6, len(q) + 1)]])
+    for bad in ((3, 3), (-1, 2)):  # empty, before the start
+        with pytest.raises(ValueError, match="is outside question 0"):
+            microscope.prepare(h, [img], [q], constraints=[[bad]])
+
+
+def test_reserved_strings_are_the_placeholders_and_special_tokens_only(shapes_handle):
+    """Other string settings of the processor (``vision_feature_select_strategy = "default"``, the chat
+    template) are not reserved: a question may say "default"."""
+    assert reserved_strings(shapes_handle.processor) == ["</s>", "<image>", "<pad>", "<s>", "<unk>"]
+    img = shapes.generate(1, seed=0)[0].image
+    assert microscope.prepare(shapes_handle, [img], ["Is the default shape a circle?"]).roles.shape[0] == 1

@@ -304,3 +304,79 @@ def test_the_prefix_shortcut_on_bidirectional_families_equals_plain_forwards(han
         with torch.no_grad(), capture(h, [0]) as acts:
             next_token_probs(h, c.corrupted, None, positions(h, dict(c.batch.inputs)))
         assert (acts["resid.0"][:, early] - c.clean["resid.0"][early]).abs().max() > 1e-3
+
+
+def test_attention_contributions_known_answer_per_image_token(shapes_handle):
+    """score(j) = mean over the target tokens c of sum_h alpha[h, c, j] · ||W_O^h W_V^h x_j||, recomputed
+    here by plain loops from head_contributions; one row per sample × layer × patch; the default layers
+    are the first quarter of the decoder, at least two; ``related`` marks the referred patches."""
+    h = shapes_handle
+    samples = _samples(h, n=3, seed=5)
+    df = at.attention_contributions(h, samples, batch_size=2, progress=False)
+    L = h.adapter.n_layers
+    assert sorted(df.layer.unique()) == list(range(max(2, L // 4)))
+    n_patches = len(microscope.grid.image_patch_positions(h, microscope.prepare_samples(h, samples[:1]), 0))
+    assert len(df) == len(samples) * max(2, L // 4) * n_patches
+    one = at.attention_contributions(h, samples, layers=[3], target="question", batch_size=1, progress=False)
+    assert set(one.layer) == {3} and len(one) == len(samples) * n_patches
+    for s in samples:  # one at a time: the positions of an unpadded batch of one
+        batch = microscope.prepare_samples(h, [s])
+        alpha, outs = at.head_contributions(h, batch, 3)
+        pos = microscope.grid.image_patch_positions(h, batch, 0, s.grid)
+        targets = batch.role_mask("question")[0].nonzero().flatten().tolist()
+        want = [sum(float(alpha[0, hd, c, j]) * float(outs[0, j, hd].norm()) for c in targets
+                    for hd in range(alpha.shape[1])) / len(targets) for j in pos.tolist()]
+        got = one[one.sample_id == s.id].sort_values("patch")
+        assert got.position.tolist() == pos.tolist()
+        assert got.score.to_numpy() == pytest.approx(want, rel=1e-4, abs=1e-7)
+        assert set(got.patch[got.related]) == set(s.referred_patches()) and got.related.any()
+        assert (got.category == s.category).all() and (got.model == h.name).all()
+
+
+def test_restore_window_is_the_smallest_odd_width_of_ten_layers_in_forty_eight():
+    assert [tr.restore_window(n) for n in (1, 6, 24, 32, 48, 80)] == [1, 3, 5, 7, 11, 17]
+
+
+def test_one_noise_sample_and_one_row_per_forward_give_the_same_numbers(shapes_handle, corrupted):
+    """batch_size=1 (a forward per (job, noise) row) equals one batch; n_noise=1 is a valid corruption whose
+    p_corrupted is that one copy's probability and whose restorations are p_clean when everything is restored."""
+    c = corrupted
+    T, L = c.n_tokens, shapes_handle.adapter.n_layers
+    jobs = [("mlp", [1, 2], [T - 2, T - 1]), ("attn", [3], list(range(c.first, T))), ("resid", [0], [])]
+    assert tr.restore(c, jobs, batch_size=1) == pytest.approx(tr.restore(c, jobs, batch_size=256), abs=1e-6)
+    assert tr.restore(c, jobs, batch_size=256)[2] == c.p_corrupted  # restoring nothing: the corrupted run
+    one = tr.corrupt(shapes_handle, c.sample, n_noise=1, seed=3)
+    assert one.n_noise == 1 and one.corrupted.shape == (1, T, c.corrupted.shape[-1])
+    assert torch.equal(one.corrupted[0], c.corrupted[0])  # the same seed draws the same first copy
+    p1 = tr.restore(one, [("resid", [L - 1], [T - 1])], batch_size=1)
+    assert p1[0] == pytest.approx(one.p_clean, abs=1e-5)
+    with torch.no_grad():  # the one copy's probability, by a plain forward of its embeddings
+        alone = float(tr._forward_p(shapes_handle, one.corrupted, one.answer_id)[0])
+    assert one.p_corrupted == pytest.approx(alone, abs=1e-5)
+
+
+def test_dataset_functions_pass_sigma_and_a_seed_per_sample(shapes_handle):
+    """trace_dataset traces sample k as trace(..., sigma, seed=seed + k); corruption_effects corrupts sample i
+    with seed + i; its blank-image row of a sample without a gold answer is measured on the model's own
+    clean top token."""
+    import dataclasses
+
+    h = shapes_handle
+    s = [x for x in _samples(h, n=8, seed=4) if x.category == "QueryAttr"][:2]
+    df = tr.trace_dataset(h, s, sites=["resid"], n_noise=2, sigma=0.07, seed=5, only_correct=False,
+                          progress=False)
+    for k, x in enumerate(s):
+        one = tr.trace(h, x, sites=["resid"], n_noise=2, sigma=0.07, seed=5 + k)
+        got = df[df.sample_id == x.id].reset_index(drop=True)
+        assert got.p_restored.to_numpy() == pytest.approx(one.p_restored.to_numpy(), abs=1e-6)
+    noise = [("noise", "noise", "constraint", 3.0)]
+    eff = tr.corruption_effects(h, s, noise, n_noise=2, sigma_text=0.07, seed=9, progress=False)
+    for i, x in enumerate(s):
+        c = tr.corrupt(h, x, n_noise=2, scale=3.0, sigma=0.07, seed=9 + i)
+        assert eff.p_corrupted[i] == pytest.approx(c.p_corrupted, abs=1e-6)
+    free = dataclasses.replace(s[0], answer=None)
+    blank = tr.corruption_effects(h, [free], [("blank image", "blank", "image", 0.0)], progress=False)
+    from microscope.objects import probs
+
+    p = probs(h, [free])[0]
+    assert blank.p_clean[0] == pytest.approx(float(p.max()), abs=1e-6) and bool(blank.correct[0])
