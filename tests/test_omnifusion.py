@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,23 +197,43 @@ def test_training_script_end_to_end(tmp_path):
     assert ROLE_CODE["image_boundary"] == len(ROLE_CODE) - 1
 
 
-def test_seeds_command_trains_both_styles_and_writes_their_tables(tmp_path):
+def test_seeds_command_trains_both_styles_and_records_each_against_the_bar(tmp_path):
     """``python -m microscope.zoo seeds`` (what ``make seeds`` runs) at a tiny recipe: shapes-llava
-    of the seed first, then shapes-omnifusion with that seed's CLIP tower; one table per model."""
+    of the seed first, then shapes-omnifusion with that seed's CLIP tower; each is evaluated and
+    recorded in the ledger — 4-step models miss the accuracy bar, so neither gets a table."""
     from microscope import comparison as C
 
     out = run_zoo("seeds", "--seeds", "1", "--work", str(tmp_path / "w"), "--tables", str(tmp_path / "t"),
-               *TINY)
+                  "--eval-n", "24", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
     log = json.loads((tmp_path / "w" / "shapes-omnifusion-seed1" / "training_log.json").read_text())
     assert log["recipe"]["seed"] == 1 and log["vision_from"].endswith("shapes-llava-seed1")
     llava = load_file_tower(tmp_path / "w" / "shapes-llava-seed1")
     omni_tower = microscope.load(str(tmp_path / "w" / "shapes-omnifusion-seed1")).model.encode_images.tower.state_dict()
     assert all(torch.equal(llava[k], omni_tower[k]) for k in omni_tower)
-    tables = C.read_seed_tables(tmp_path / "t")
-    assert set(zip(tables["style"], tables["seed"])) == {("shapes-llava", 1), ("shapes-omnifusion", 1)}
-    first = (tmp_path / "t" / "shapes-omnifusion-seed1.csv").read_text().splitlines()[0]
-    assert first.startswith("# made by: python -m microscope.zoo seeds --seeds 1") and "--steps 4" in first
+    runs = C.read_seed_runs(tmp_path / "t" / "seed_runs.csv")
+    assert list(zip(runs["style"], runs["seed"])) == [("shapes-llava", 1), ("shapes-omnifusion", 1)]
+    assert not runs["meets_bar"].any() and runs["failures"].str.contains("overall").all()
+    assert C.read_seed_tables(tmp_path / "t").empty
+
+
+def test_seeds_command_writes_the_table_of_a_seed_that_meets_the_bar(tmp_path):
+    """The shipped shapes-llava (seed 0) meets the bar on 600 fresh questions: its ledger row passes
+    and its geometry table is the committed one, with the command that made it."""
+    from microscope import comparison as C
+
+    out = run_zoo("seeds", "--seeds", "0", "--styles", "shapes-llava", "--tables", str(tmp_path), "--eval-n", "600")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = C.read_seed_runs(tmp_path / "seed_runs.csv").iloc[0]
+    assert (run["style"], run["seed"], run["n_eval"], bool(run["meets_bar"])) == ("shapes-llava", 0, 600, True)
+    assert run["overall"] >= 0.95 and run["failures"] == ""
+    table = C.read_seed_tables(tmp_path)
+    committed = C.read_seed_tables(styles=["shapes-llava"])
+    committed = committed[committed["seed"] == 0]
+    assert len(table) == len(committed) == 80
+    assert np.allclose(table["value"].to_numpy(), committed["value"].to_numpy(), rtol=1e-4, equal_nan=True)
+    first = (tmp_path / "shapes-llava-seed0.csv").read_text().splitlines()[0]
+    assert first == "# made by: python -m microscope.zoo seeds --seeds 0 --styles shapes-llava --eval-n 600"
 
 
 def load_file_tower(path: Path) -> dict:
