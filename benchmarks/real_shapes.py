@@ -67,16 +67,18 @@ image sizes, the x axis the prompt length), prints a table and writes a log-log 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from nnsight import NNsight
-from references import first_corrupted, knockout_reference, tracing_cells, tracing_reference
+from references import TracingKey, first_corrupted, knockout_reference, tracing_cells, tracing_reference
 
 import microscope
 from microscope import knockout as ko
@@ -137,6 +139,7 @@ def build(kind: str, path: Path, layers: int, size: int, vision_layers: int, ini
     cfg = _config(kind, layers, size, vision_layers, init_std, tok)
     torch.manual_seed(seed)
     crop = {"height": size, "width": size}
+    proc: LlavaProcessor | LlavaNextProcessor
     if kind == "llava15":
         model = LlavaForConditionalGeneration(cfg).eval()
         proc = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop),
@@ -192,7 +195,7 @@ def setup(model: str, layers: int | None, size: int | None, vision_layers: int, 
     else:
         raise SystemExit(f"--model is shapes-llava, llava15 or llava-next, not {model!r}")
     ours = microscope.load(path)
-    eager = microscope.load(path).model
+    eager: Any = microscope.load(path).model  # a transformers model: set_attn_implementation
     eager.set_attn_implementation({"text_config": "eager"})  # the decoder only
     assert eager.config.text_config._attn_implementation == "eager"
     nn_eager, nn_sdpa = NNsight(eager), NNsight(microscope.load(path).model)
@@ -223,7 +226,7 @@ def knockout_units(h: Handle, s, edges: Sequence[str]) -> tuple[dict, int, list[
         patch_edge = ko.parse_edge(e)[0] in ("related-image", "other-image")
         if patch_edge and not rel:
             continue
-        src, tgt = ko.edge_masks(h, batch, e, [rel] if patch_edge else None)
+        src, tgt = ko.edge_masks(h, batch, e, [list(rel)] if patch_edge and rel else None)
         if tgt[0].any():
             units.append((e, tgt[0][:, None] & src[0][None, :]))
     return dict(batch.inputs), gold, units
@@ -340,7 +343,8 @@ def tracing_nnsight(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, _nb: int) ->
 def tracing_nnsight_batched(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, batch_size: int) -> Result:
     nn, L = S.nn_sdpa, S.n_layers
     layers = nn.model.language_model.layers
-    out, forwards = {}, 0
+    out: dict[TracingKey, float] = {}
+    forwards = 0
     for k, (s, c) in enumerate(zip(S.samples, cs)):
         emb, clean = _clean_states(S, s)
         forwards += 1
@@ -400,6 +404,8 @@ def run_analysis(S: Setup, analysis: str, methods: Sequence[str], args: argparse
                  ) -> tuple[list[Row], str]:
     """Time ``methods`` on ``S``, check each against ours; the rows and a line saying what ran."""
     L = S.n_layers
+    fns: dict[str, Callable[..., Result]]
+    extra: tuple
     if analysis == "knockout":
         window = args.window or ko.knockout_window(L)
         edges = list(ko.SWEEP_EDGES)
@@ -412,7 +418,7 @@ def run_analysis(S: Setup, analysis: str, methods: Sequence[str], args: argparse
         what = f"{L + 1} layers × tokens from the first corrupted one, N = {args.noise}"
     rows, results = [], {}
     for m in ["ours"] + [m for m in methods if m != "ours"]:
-        res, sec = timed(lambda m=m: fns[m](S, *extra), args.repeat, args.repeat_under)
+        res, sec = timed(functools.partial(fns[m], S, *extra), args.repeat, args.repeat_under)
         results[m] = res[0]
         rows.append(Row(m, res[1], sec, 0.0))
     ours = results["ours"]
