@@ -20,30 +20,11 @@ import argparse
 import time
 
 import torch
+from references import knockout_reference as reference
 
 import microscope
 from microscope import knockout as ko
-from microscope.answers import answer_ids
 from microscope.data import load_samples
-
-
-def reference(h, samples, edges, window):
-    """One full forward per (sample, edge, window centre)."""
-    L = h.adapter.n_layers
-    out = {}
-    for s in samples:
-        batch = microscope.prepare_samples(h, [s])
-        gold = answer_ids(h.processor, [s.answer])[0]
-        for e in edges:
-            src, tgt = ko.edge_masks(h, batch, e, [s.referred_patches()])
-            if not src.any():
-                continue
-            for c in range(L):
-                plan = [ko.Block(src, tgt, list(ko.window_layers(c, window, L)))]
-                with torch.no_grad(), ko.knockout(h, plan):
-                    logits = h.model(**batch.inputs, use_cache=False).logits[0, -1]
-                out[(s.id, e, c)] = float(logits.float().softmax(-1)[gold])
-    return out
 
 
 def main() -> None:

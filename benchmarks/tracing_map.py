@@ -18,11 +18,12 @@ difference between the two maps.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
 import torch
+from references import tracing_cells
+from references import tracing_reference as reference
 
 import microscope
 from microscope import tracing as tr
@@ -42,7 +43,6 @@ def main() -> None:
     samples = load_samples("shapes", args.n, 5, handle=h)  # on the model's image-token grid
     sigma = tr.noise_sigma(h, samples)
     cs = [tr.corrupt(h, s, n_noise=args.noise, sigma=sigma, seed=k) for k, s in enumerate(samples)]
-    L = h.adapter.n_layers
     tr.trace(h, samples[0], sites=["resid"], corrupted=cs[0], batch_size=args.batch_size)  # warm-up
 
     t = time.perf_counter()
@@ -50,17 +50,10 @@ def main() -> None:
     ours = time.perf_counter() - t
 
     t = time.perf_counter()
-    diff, n_cells = 0.0, 0
-    for c, m in zip(cs, maps):
-        first = int(c.positions.nonzero().min())
-        c = dataclasses.replace(c, prefix=None)  # whole-prompt forwards
-        for layer in range(-1, L):
-            for pos in range(first, c.n_tokens):
-                p = tr.restore(c, [("resid", [layer], [pos])], batch_size=args.noise)[0]
-                got = m[(m.layer == layer) & (m.position == pos)].p_restored.iloc[0]
-                diff = max(diff, abs(p - got))
-                n_cells += 1
+    ref = reference(cs)
     slow = time.perf_counter() - t
+    got = tracing_cells(cs, maps)
+    diff, n_cells = max(abs(got[key] - p) for key, p in ref.items()), len(ref)
     print(f"model {args.model}: {len(samples)} samples, {n_cells} (layer, token) cells, N = {args.noise} noise "
           f"samples, {args.threads} threads")
     print(f"reference (one forward per (layer, token)): {slow:8.2f} s  ({n_cells} forwards)")
