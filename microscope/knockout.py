@@ -57,13 +57,13 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from microscope import attention, validate
+from microscope import attention, depth, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.errors import MicroscopeError
 from microscope.extract import capture
 from microscope.grid import image_patch_positions, related_patches
-from microscope.prefix import cache_kwargs, causal_start, clean_cache, position_kwargs, positions, prefix_of
+from microscope.prefix import causal_start, clean_cache, positions, prefix_of
 from microscope.progress import tqdm
 from microscope.results import UNSPELLABLE, WRONG, explain
 from microscope.roles import Batch, prepare_samples, role_codes
@@ -356,7 +356,10 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     attention; where a bidirectional block holds that query — Gemma 3's image, PaliGemma's prompt —
     before the block's start, :func:`microscope.prefix.causal_start`), so those forwards start after
     them from the clean key/value cache
-    (:mod:`microscope.prefix`). Samples answered wrongly are skipped when ``only_correct``; edges on
+    (:mod:`microscope.prefix`); and the layers below a window's first layer see the clean run, so
+    each chunk of rows starts at the first layer of its windows from the clean run's recorded layer
+    inputs (:mod:`microscope.depth`): a row of window ``[lo, hi]`` computes ``L − lo`` layers of the
+    suffix instead of ``L`` layers of the prompt. Samples answered wrongly are skipped when ``only_correct``; edges on
     related/other image patches are skipped for samples whose question refers to no patch (or has
     no boxes, e.g. a GQA question without a scene graph), and samples whose gold answer the
     vocabulary cannot spell are skipped: each count is in ``df.attrs["skipped"]``. A sample with
@@ -433,28 +436,29 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         # take them from the clean run's key/value cache and compute only the rest
         first = causal_start(handle, inputs, min(int(t[3].nonzero().min()) for t in todo))
         prefix = prefix_of(out, first, keep=handle.adapter.cross_attention_layers)
-        pos_ids, suffix = positions(handle, inputs), emb.shape[1] - first
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
+        # the layers below a window's first one see the clean run: record its layer inputs once and
+        # start each chunk of rows at the first layer any of them blocks (microscope.depth)
+        rec = depth.record(handle, emb[:, first:], prefix, positions(handle, inputs))
+        order = sorted(range(len(todo)), key=lambda j: wins[todo[j][1]].start)  # stable: rows keep their order
+        p_blocked = [0.0] * len(todo)
+        for i in range(0, len(order), batch_size):
+            chunk = [todo[j] for j in order[i:i + batch_size]]
             r = len(chunk)
             block = Block(source=torch.stack([t[2] for t in chunk]), target=torch.stack([t[3] for t in chunk]),
                           layers=layer_rows[[t[1] for t in chunk]],
                           vision=None if not has_cross_attention(handle) else
                           torch.tensor([bool(edge_vision(handle, t[0])) for t in chunk]))
-            with torch.no_grad(), knockout(handle, [block]):
-                out = handle.model(inputs_embeds=emb[:, first:].expand(r, -1, -1),
-                                   attention_mask=inputs["attention_mask"].expand(r, -1),
-                                   **cache_kwargs(handle, prefix, r), use_cache=prefix is not None,
-                                   logits_to_keep=1, **position_kwargs(pos_ids, suffix, r)
-                                   ).logits[:, -1].float()
-            p = out.softmax(-1)[:, gold].cpu()
-            for (e, c, _, _), pb in zip(chunk, p.tolist()):
-                records.append({
-                    "model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
-                    "edge": e, "layer": c, "layer_lo": wins[c].start, "layer_hi": wins[c].stop - 1,
-                    "window": window, "answer_token": target_tok, "answer_source": source, "p_base": p_base,
-                    "p_blocked": pb, "change": (pb - p_base) / p_base * 100.0,
-                })
+            with torch.no_grad(), knockout(handle, [block]):  # the chunk's rows are sorted: its first starts first
+                logits = depth.run_from(handle, rec, wins[chunk[0][1]].start, [0] * r).float()
+            for j, pb in zip(order[i:i + batch_size], logits.softmax(-1)[:, gold].cpu().tolist()):
+                p_blocked[j] = pb
+        for (e, c, _, _), pb in zip(todo, p_blocked):
+            records.append({
+                "model": handle.name, "sample_id": s.id, "category": getattr(s, "category", ""),
+                "edge": e, "layer": c, "layer_lo": wins[c].start, "layer_hi": wins[c].stop - 1,
+                "window": window, "answer_token": target_tok, "answer_source": source, "p_base": p_base,
+                "p_blocked": pb, "change": (pb - p_base) / p_base * 100.0,
+            })
     if only_correct and n_model:
         warnings.warn(only_correct_note(n_model), stacklevel=2)
     cols = ["model", "sample_id", "category", "edge", "layer", "layer_lo", "layer_hi", "window", "answer_token",

@@ -1,0 +1,116 @@
+"""Depth reuse (microscope.depth): rows started at decoder layer l from the reference run's
+recorded layer inputs give the whole forward's numbers, on every family, and the knockout sweep
+really skips the layers below each window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import microscope
+from microscope import depth
+from microscope import knockout as ko
+from microscope.data import load_samples
+from microscope.extract import capture
+from microscope.prefix import causal_start, clean_cache, positions, prefix_of
+from tests.tiny_models import MODELS
+
+HANDLES = ["shapes", *MODELS]
+
+
+def _clean(h, seed=3):
+    s = load_samples("shapes", 1, seed, handle=h)[0]
+    inputs = {k: v.to(h.device) for k, v in microscope.prepare_samples(h, [s]).inputs.items()}
+    with torch.no_grad(), capture(h, [-1]) as acts:
+        out = h.model(**inputs, use_cache=True, **clean_cache(h), logits_to_keep=1)
+    return inputs, out, acts["resid.-1"]
+
+
+def _bound(logits: torch.Tensor) -> float:
+    """Float round-off allowance for the same logits summed in another order (another batch size,
+    another number of query rows in each matrix product): 64 units of float32 rounding of the
+    largest logit — far below any effect an analysis reports, far above what reordering gives."""
+    return 64 * torch.finfo(torch.float32).eps * max(1.0, float(logits.abs().max()))
+
+
+@pytest.mark.parametrize("name", HANDLES)
+def test_starting_at_any_layer_gives_the_whole_forwards_logits(handles, name):
+    """For a suffix starting at 0, in the middle and at the last position, and every start layer
+    0..L: the rows' logits equal the whole prompt's forward (nothing is intervened on, so every
+    start layer must give the same numbers)."""
+    h = handles[name]
+    inputs, out, emb = _clean(h)
+    ref = out.logits[0, -1].float()
+    T, L = emb.shape[1], h.adapter.n_layers
+    keep = h.adapter.cross_attention_layers
+    for first in sorted({0, T // 2, T - 1}):
+        first = causal_start(h, inputs, first)
+        prefix = prefix_of(out, first, keep=keep)
+        if first > 0 and prefix is None:  # the model cannot take a cache (layer 0 kept whole)
+            continue
+        rec = depth.record(h, emb[:, first:], prefix, positions(h, inputs))
+        for layer in [*rec.called, L]:
+            with torch.no_grad():
+                got = depth.run_from(h, rec, layer, [0, 0, 0]).float()
+            assert got.shape == (3, ref.shape[-1])
+            err = float((got - ref).abs().max())
+            assert err <= _bound(ref), f"{name}: suffix from {first}, start layer {layer}: max |Δlogit| {err:.2e}"
+
+
+def test_starting_late_skips_an_intervention_below_it(shapes_handle):
+    """A change to the input of layer 2 shows in rows started at layers 0-2 and in none started
+    at layer 3: the start layer decides what is computed."""
+    h = shapes_handle
+    inputs, out, emb = _clean(h)
+    rec = depth.record(h, emb, None, positions(h, inputs))
+    base = depth.run_from(h, rec, 3, [0])
+    bump = rec.hidden[2].clone()
+    bump[:, -1] += 3.0
+    with torch.no_grad():
+        changed = depth.run_from(h, rec, 2, hidden=bump)
+        late = depth.run_from(h, rec, 3, [0])
+    assert float((changed - base).abs().max()) > 1e-2
+    assert torch.equal(late, base)
+
+
+def test_reference_rows_are_recorded_per_row(shapes_handle):
+    """Recording R rows keeps each row's layer inputs; rows index them."""
+    h = shapes_handle
+    inputs, out, emb = _clean(h)
+    rows = torch.cat([emb, emb + 0.5 * torch.randn_like(emb, generator=torch.Generator().manual_seed(0))])
+    rec = depth.record(h, rows, None, positions(h, inputs))
+    assert rec.hidden[0].shape[0] == 2 and rec.called == list(range(h.adapter.n_layers))
+    with torch.no_grad():
+        whole = h.model(inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long),
+                        logits_to_keep=1).logits[:, -1]
+        got = depth.run_from(h, rec, 4, [1, 0, 1])
+    assert float((got - whole[[1, 0, 1]]).abs().max()) <= _bound(whole)
+
+
+def test_bad_start_layer_is_named(shapes_handle):
+    h = shapes_handle
+    inputs, out, emb = _clean(h)
+    rec = depth.record(h, emb[:, -1:], prefix_of(out, emb.shape[1] - 1), positions(h, inputs))
+    with pytest.raises(ValueError, match="layer must be in 0..6"):
+        depth.run_from(h, rec, 7)
+
+
+def test_the_sweep_computes_each_window_from_its_first_layer(shapes_handle):
+    """Decoder-layer calls of a sweep: one whole forward and one recording forward per sample,
+    then per chunk of rows only the layers from the chunk's first window start on — not L per row."""
+    h = shapes_handle
+    L = h.adapter.n_layers
+    s = load_samples("shapes", 1, 3, handle=h)
+    calls = []
+    hooks = [lay.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
+             for i, lay in enumerate(h.adapter.layers)]
+    try:
+        df = ko.sweep(h, s, edges=["image↛last"], window=3, batch_size=2, only_correct=False, progress=False)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    assert len(df) == L
+    starts = sorted(ko.window_layers(c, 3, L).start for c in range(L))
+    expected = 2 * L + sum(L - starts[i] for i in range(0, L, 2))  # chunks of 2 rows in start order
+    assert len(calls) == expected
+    assert sum(1 for _, b in calls if b == 2) == sum(L - starts[i] for i in range(0, L, 2))
