@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from microscope import validate
+from microscope import depth, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.crossattn import CrossInputs, has_cross_attention, no_patch_tokens
 from microscope.extract import SITES, capture, sites_of
@@ -406,7 +406,11 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     """``p_restored`` (mean over noise samples) for each :class:`Restore` (or ``(site, layers,
     positions)`` tuple) of ``jobs``: the clean values of ``site`` at every (layer, position) of
     the job are written into each corrupted copy (a job with no positions restores nothing).
-    ``resid`` layer ``-1`` is the decoder input itself."""
+    ``resid`` layer ``-1`` is the decoder input itself.
+
+    Rows compute only what a restoration can change: the positions from the first corrupted one
+    (the clean prefix cache) in the layers from the job's first restored layer on — the corrupted
+    run's inputs of the layers below it are recorded once (:mod:`microscope.depth`)."""
     h = c.handle
     sites = sites_of(h)
     jobs = [_as_restore(j) for j in jobs]
@@ -423,7 +427,11 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     keys = [(k, tuple(int(x) for x in lay), tuple(int(p) - off for p in ps if int(p) >= off)) for k, lay, ps in jobs]
     unique = list(dict.fromkeys(key for key in keys if key[2]))
     jobs = [(k, list(lay), list(ps)) for k, lay, ps in unique]
-    rows = [(j, n) for j in range(len(jobs)) for n in range(N)]
+    # the layers below a job's first restored layer see the corrupted run: record its layer inputs
+    # once and start each chunk of rows at the first layer any of them restores (microscope.depth)
+    rec = depth.record(h, c.corrupted[:, off:], c.prefix if off else None, c.position_ids) if jobs else None
+    start = [max(0, min(int(x) for x in layers)) if layers else h.adapter.n_layers for _k, layers, _ps in jobs]
+    rows = sorted(((j, n) for j in range(len(jobs)) for n in range(N)), key=lambda jn: start[jn[0]])
     out = np.zeros(len(jobs))
     it = range(0, len(rows), batch_size)
     for i in tqdm(it, desc="restore", disable=not progress, mininterval=5):
@@ -437,9 +445,10 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
                 pp += [int(p) for p in positions]
         spec_t = {k: (torch.tensor(v[0], dtype=torch.long), torch.tensor(v[1], dtype=torch.long))
                   for k, v in spec.items() if v[0]}
-        emb = c.corrupted[[n for _j, n in chunk], off:]
-        with torch.no_grad(), _restoring(h, c.clean, spec_t, off):
-            p = _forward_p(h, emb, c.answer_id, c.prefix if off else None, c.position_ids).cpu().numpy()
+        assert rec is not None
+        with torch.no_grad(), _restoring(h, c.clean, spec_t, off):  # chunk rows sorted: its first starts first
+            logits = depth.run_from(h, rec, start[chunk[0][0]], [n for _j, n in chunk])
+        p = logits.float().softmax(-1)[:, c.answer_id].cpu().numpy()
         for (j, _n), pj in zip(chunk, p):
             out[j] += pj / N
     value = dict(zip(unique, out))

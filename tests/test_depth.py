@@ -114,3 +114,32 @@ def test_the_sweep_computes_each_window_from_its_first_layer(shapes_handle):
     expected = 2 * L + sum(L - starts[i] for i in range(0, L, 2))  # chunks of 2 rows in start order
     assert len(calls) == expected
     assert sum(1 for _, b in calls if b == 2) == sum(L - starts[i] for i in range(0, L, 2))
+
+
+def test_restorations_start_at_their_first_restored_layer(shapes_handle):
+    """Decoder-layer calls of tr.restore: the recording of the corrupted rows (all layers for the N
+    rows, then all layers for one row), then each chunk only from its first restored layer on; and
+    the numbers equal the same restorations over the whole prompt (no prefix cache), one row at a time."""
+    from microscope import tracing as tr
+
+    h = shapes_handle
+    L = h.adapter.n_layers
+    s = load_samples("shapes", 1, 3, handle=h)[0]
+    c = tr.corrupt(h, s, n_noise=3, seed=0)
+    last = c.n_tokens - 1
+    jobs = [("resid", [L - 1], [last]), ("mlp", [L - 2], [last]), ("resid", [-1], [last])]
+    calls = []
+    hooks = [lay.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
+             for i, lay in enumerate(h.adapter.layers)]
+    try:
+        got = tr.restore(c, jobs, batch_size=3)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    # chunks of 3 rows (the 3 noise draws of one job), sorted by start: layer 0, L-2, L-1
+    assert calls == [(i, 3) for i in range(L)] + [(i, 1) for i in range(L)] + \
+        [(i, 3) for i in range(L)] + [(i, 3) for i in range(L - 2, L)] + [(L - 1, 3)]
+    import dataclasses
+
+    whole = tr.restore(dataclasses.replace(c, prefix=None, first=0), jobs, batch_size=1)
+    assert got == pytest.approx(whole, rel=1e-5, abs=1e-7)
