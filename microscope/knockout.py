@@ -431,26 +431,34 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
             skipped["have no target position for any edge"] += 1
             continue
         target_tok = tok.convert_ids_to_tokens(gold)
-        # positions before the first target query are untouched by every row's plan (causal
-        # attention; before a bidirectional block that holds a target query, causal_start):
-        # take them from the clean run's key/value cache and compute only the rest
-        first = causal_start(handle, inputs, min(int(t[3].nonzero().min()) for t in todo))
-        prefix = prefix_of(out, first, keep=handle.adapter.cross_attention_layers)
-        # the layers below a window's first one see the clean run: record its layer inputs once and
-        # start each chunk of rows at the first layer any of them blocks (microscope.depth)
-        rec = depth.record(handle, emb[:, first:], prefix, positions(handle, inputs))
-        order = sorted(range(len(todo)), key=lambda j: wins[todo[j][1]].start)  # stable: rows keep their order
+        # positions before a row's first target query are untouched by its plan (causal attention;
+        # before a bidirectional block that holds a target query, causal_start): they come from the
+        # clean run's key/value cache and only the rest is computed — rows grouped by that position
+        # (an edge into the last token computes one position, one into the question the question on);
+        # the layers below a window's first one see the clean run too: the clean layer inputs are
+        # recorded once per group and each chunk starts at the first layer any of its rows blocks
+        # (microscope.depth)
+        pos = positions(handle, inputs)
+        firsts = [causal_start(handle, inputs, int(t[3].nonzero().min())) for t in todo]
+        recs = {}
+        for f in sorted(set(firsts)):
+            recs[f] = depth.record(handle, emb[:, f:], prefix_of(out, f, keep=handle.adapter.cross_attention_layers),
+                                   pos)
+        order = sorted(range(len(todo)), key=lambda j: (firsts[j], wins[todo[j][1]].start))  # stable
         p_blocked = [0.0] * len(todo)
-        for i in range(0, len(order), batch_size):
-            chunk = [todo[j] for j in order[i:i + batch_size]]
+        i = 0
+        while i < len(order):
+            idx = [j for j in order[i:i + batch_size] if firsts[j] == firsts[order[i]]]  # one suffix per chunk
+            i += len(idx)
+            chunk = [todo[j] for j in idx]
             r = len(chunk)
             block = Block(source=torch.stack([t[2] for t in chunk]), target=torch.stack([t[3] for t in chunk]),
                           layers=layer_rows[[t[1] for t in chunk]],
                           vision=None if not has_cross_attention(handle) else
                           torch.tensor([bool(edge_vision(handle, t[0])) for t in chunk]))
             with torch.no_grad(), knockout(handle, [block]):  # the chunk's rows are sorted: its first starts first
-                logits = depth.run_from(handle, rec, wins[chunk[0][1]].start, [0] * r).float()
-            for j, pb in zip(order[i:i + batch_size], logits.softmax(-1)[:, gold].cpu().tolist()):
+                logits = depth.run_from(handle, recs[firsts[idx[0]]], wins[chunk[0][1]].start, [0] * r).float()
+            for j, pb in zip(idx, logits.softmax(-1)[:, gold].cpu().tolist()):
                 p_blocked[j] = pb
         for (e, c, _, _), pb in zip(todo, p_blocked):
             records.append({

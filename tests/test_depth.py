@@ -143,3 +143,26 @@ def test_restorations_start_at_their_first_restored_layer(shapes_handle):
 
     whole = tr.restore(dataclasses.replace(c, prefix=None, first=0), jobs, batch_size=1)
     assert got == pytest.approx(whole, rel=1e-5, abs=1e-7)
+
+
+def test_sweep_rows_compute_only_the_positions_from_their_own_first_target(shapes_handle):
+    """Rows of an edge into the last token compute one position; rows of an edge into the question
+    compute the question on: one clean-layer recording per first target position."""
+    h = shapes_handle
+    s = load_samples("shapes", 1, 3, handle=h)
+    batch = microscope.prepare_samples(h, s)
+    T = batch.inputs["input_ids"].shape[1]
+    _, tgt = ko.edge_masks(h, batch, "image↛question")
+    q0 = int(tgt[0].nonzero().min())
+    calls = []
+    hooks = [lay.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape[:2])))
+             for lay in h.adapter.layers]
+    try:
+        ko.sweep(h, s, edges=["image↛last", "image↛question"], window=3, batch_size=4, only_correct=False,
+                 progress=False)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    rows = {length for b, length in calls if b > 1}
+    assert rows == {1, T - q0}
+    assert (1, 1) in calls and (1, T - q0) in calls  # one recording per suffix
