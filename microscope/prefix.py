@@ -173,7 +173,8 @@ def expand(handle, prefix: list | None, rows: int):
                               "prefix_of(past, first, keep=handle.adapter.cross_attention_layers)")
     from transformers import DynamicCache
 
-    data = [(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous()) for k, v in prefix]
+    # views: the first update of each layer concatenates the suffix onto them (a copy anyway)
+    data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
     return DynamicCache(ddp_cache_data=data)
 
 
