@@ -31,11 +31,11 @@ restorations and captures use them); the attention functions registered by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from microscope.prefix import cache_kwargs, length, position_kwargs
+from microscope.prefix import cache_kwargs, next_token_probs
 
 
 @dataclass
@@ -53,20 +53,12 @@ class Recording:
     called: list[int]
     prefix: list | None
     cache_name: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _is_cache(v) -> bool:
     from transformers.cache_utils import Cache
 
     return isinstance(v, Cache)
-
-
-def _forward_suffix(handle, embeds: torch.Tensor, prefix: list | None, pos) -> None:
-    R, S = embeds.shape[:2]
-    mask = torch.ones((R, S + length(prefix)), dtype=torch.long, device=embeds.device)
-    handle.model(inputs_embeds=embeds, attention_mask=mask, **cache_kwargs(handle, prefix, R),
-                 use_cache=prefix is not None, logits_to_keep=1, **position_kwargs(pos, S, R))
 
 
 def record(handle, embeds: torch.Tensor, prefix: list | None = None, pos=None) -> Recording:
@@ -106,10 +98,10 @@ def record(handle, embeds: torch.Tensor, prefix: list | None = None, pos=None) -
         with torch.no_grad():
             R = embeds.shape[0]
             state["kw"] = R == 1
-            _forward_suffix(handle, embeds, prefix, pos)
+            next_token_probs(handle, embeds, prefix, pos)
             if R > 1:  # keyword arguments from one row: they broadcast over any number of rows
                 state["hidden"], state["kw"] = False, True
-                _forward_suffix(handle, embeds[:1], prefix, pos)
+                next_token_probs(handle, embeds[:1], prefix, pos)
     finally:
         for hk in hooks:
             hk.remove()

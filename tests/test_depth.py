@@ -58,19 +58,19 @@ def test_starting_at_any_layer_gives_the_whole_forwards_logits(handles, name):
 
 
 def test_starting_late_skips_an_intervention_below_it(shapes_handle):
-    """A change to the input of layer 2 shows in rows started at layers 0-2 and in none started
-    at layer 3: the start layer decides what is computed."""
+    """A change to the recorded input of layer 2 shows in rows started at layers 0-2 and in none
+    started at layer 3: the start layer decides which recorded inputs are read."""
     h = shapes_handle
     inputs, out, emb = _clean(h)
     rec = depth.record(h, emb, None, positions(h, inputs))
-    base = depth.run_from(h, rec, 3, [0])
-    bump = rec.hidden[2].clone()
-    bump[:, -1] += 3.0
     with torch.no_grad():
-        changed = depth.run_from(h, rec, 2, hidden=bump)
+        base = {layer: depth.run_from(h, rec, layer, [0]) for layer in (2, 3)}
+        rec.hidden[2] = rec.hidden[2].clone()
+        rec.hidden[2][:, -1] += 3.0
+        changed = depth.run_from(h, rec, 2, [0])
         late = depth.run_from(h, rec, 3, [0])
-    assert float((changed - base).abs().max()) > 1e-2
-    assert torch.equal(late, base)
+    assert float((changed - base[2]).abs().max()) > 1e-2
+    assert torch.equal(late, base[3])
 
 
 def test_reference_rows_are_recorded_per_row(shapes_handle):
