@@ -18,6 +18,13 @@ profiles (:func:`microscope.geometry.profile`) of the two into one verdict per f
   ``reversed``; otherwise ``inseparable``. With fewer than two seeds of a style the spread is
   not measured and the verdict is ``inseparable`` (said so in ``note``).
 
+Every trained seed counts: the seed-to-seed variation of a recipe includes how well each seed
+learned the task, and keeping only the seeds that meet the accuracy bar would compare selected
+subsets (a style that passes less often would be represented by its luckiest seeds). The ledger
+of every seed's accuracy (:func:`write_seed_run`) gives the same verdict over the seeds that met
+the bar beside it (``verdict_bar``): when the two differ, the finding depends on which seeds
+learned the task best, and a reader should know.
+
 Per-seed profiles of the bundled models live in small tidy tables (:func:`read_seed_tables`)
 written by ``make seeds`` (:func:`write_seed_table`), so figures draw the between-seed spread
 without retraining.
@@ -94,57 +101,89 @@ def statistic(profile: pd.DataFrame, metric: str, kind: str, modality: str = "im
     return float(v.mean()) if kind == "mean" else float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
-def verdicts(per_seed: pd.DataFrame, a: str, b: str, findings: Sequence[Finding] = FINDINGS) -> pd.DataFrame:
+def _separate(va: np.ndarray, vb: np.ndarray, direction: int, a: str, b: str) -> dict:
+    """The verdict of one metric from the per-seed statistics ``va`` (style ``a``) and ``vb``
+    (style ``b``): the effect, the between-seed spreads and ``verdict``/``note`` (module docstring)."""
+    sd_a = float(va.std(ddof=1)) if len(va) > 1 else float("nan")
+    sd_b = float(vb.std(ddof=1)) if len(vb) > 1 else float("nan")
+    delta = float(vb.mean() - va.mean()) if len(va) and len(vb) else float("nan")
+    se = math.sqrt(sd_a ** 2 / len(va) + sd_b ** 2 / len(vb)) if len(va) > 1 and len(vb) > 1 else float("nan")
+    if len(va) < 2 or len(vb) < 2:
+        verdict = "inseparable"
+        note = f"seed spread not measured ({len(va)} seed(s) of {a}, {len(vb)} of {b}; need >= 2 each)"
+    else:
+        apart = vb.min() > va.max() or vb.max() < va.min()
+        if apart and abs(delta) > 2 * se:
+            verdict = "reproduced" if np.sign(delta) == direction else "reversed"
+            note = f"seed ranges apart, |Δ| = {abs(delta):.3g} > 2·se = {2 * se:.3g}"
+        else:
+            verdict = "inseparable"
+            note = ("seed ranges overlap" if not apart else f"|Δ| = {abs(delta):.3g} <= 2·se = {2 * se:.3g}")
+    return {"delta": delta, "sd_a": sd_a, "sd_b": sd_b, "se": se, "verdict": verdict, "note": note}
+
+
+def verdicts(per_seed: pd.DataFrame, a: str, b: str, findings: Sequence[Finding] = FINDINGS,
+             runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per finding and metric: the statistic per seed of both styles and the verdict.
 
     ``per_seed``: columns ``style``, ``seed``, ``layer``, ``modality``, ``metric``, ``value`` (a seed
     table, or live profiles with one seed each); ``a``: the LLaVA-style model, ``b``: the
     OmniFusion-style one. Columns: finding, claim, metric, statistic, seeds_a, seeds_b (the
-    statistic of every seed), mean_a, mean_b, delta, sd_a, sd_b, se, direction, verdict, note.
+    statistic of every seed, in seed order), mean_a, mean_b, delta, sd_a, sd_b, se, direction,
+    verdict, note — over every seed of the table.
+
+    ``runs`` (the seed ledger, :func:`read_seed_runs`) adds the same verdict over the seeds that met
+    the accuracy bar only — ``below_bar_a``/``below_bar_b`` (the seeds left out), ``verdict_bar``,
+    ``note_bar`` — so a reader sees whether the verdict depends on which seeds learned the task best.
+    A seed of the table that the ledger does not list is refused (its accuracy is unknown).
     """
     for s in (a, b):
         if s not in set(per_seed["style"]):
             raise ValueError(f"no profile of {s!r} among {sorted(set(per_seed['style']))}")
+    passing: dict[str, set[int]] = {}
+    if runs is not None:
+        for s in (a, b):
+            listed = runs[runs["style"] == s]
+            unknown = set(per_seed.loc[per_seed["style"] == s, "seed"]) - set(listed["seed"])
+            if unknown:
+                raise ValueError(f"the seed ledger has no row for {s} seed(s) {sorted(unknown)}: evaluate them with "
+                                 f"`python -m microscope.zoo seeds --seeds ... --styles {s}`, or pass runs=None")
+            passing[s] = set(listed.loc[listed["meets_bar"], "seed"])
     rows = []
     for f in findings:
         for m in f.metrics:
-            vals = {}
+            stats: dict[str, dict[int, float]] = {}
             for s in (a, b):
                 d = per_seed[per_seed["style"] == s]
-                vals[s] = [statistic(g, m, f.statistic) for _, g in d.groupby("seed")]
-            va, vb = np.array(vals[a]), np.array(vals[b])
-            sd_a = float(va.std(ddof=1)) if len(va) > 1 else float("nan")
-            sd_b = float(vb.std(ddof=1)) if len(vb) > 1 else float("nan")
-            delta = float(vb.mean() - va.mean())
-            se = math.sqrt(sd_a ** 2 / len(va) + sd_b ** 2 / len(vb)) if len(va) > 1 and len(vb) > 1 else float("nan")
-            if len(va) < 2 or len(vb) < 2:
-                verdict = "inseparable"
-                note = f"seed spread not measured ({len(va)} seed(s) of {a}, {len(vb)} of {b}; need >= 2 each)"
-            else:
-                apart = vb.min() > va.max() or vb.max() < va.min()
-                if apart and abs(delta) > 2 * se:
-                    verdict = "reproduced" if np.sign(delta) == f.direction else "reversed"
-                    note = f"seed ranges apart, |Δ| = {abs(delta):.3g} > 2·se = {2 * se:.3g}"
-                else:
-                    verdict = "inseparable"
-                    note = ("seed ranges overlap" if not apart else f"|Δ| = {abs(delta):.3g} <= 2·se = {2 * se:.3g}")
-            rows.append({"finding": f.key, "claim": f.claim, "metric": m, "statistic": f.statistic,
-                         "seeds_a": [round(x, 4) for x in va], "seeds_b": [round(x, 4) for x in vb],
-                         "mean_a": float(va.mean()), "mean_b": float(vb.mean()), "delta": delta,
-                         "sd_a": sd_a, "sd_b": sd_b, "se": se, "direction": f.direction,
-                         "verdict": verdict, "note": note})
+                stats[s] = {int(k): statistic(g, m, f.statistic) for k, g in d.groupby("seed")}
+            va, vb = np.array(list(stats[a].values())), np.array(list(stats[b].values()))
+            row = {"finding": f.key, "claim": f.claim, "metric": m, "statistic": f.statistic,
+                   "seeds_a": [round(x, 4) for x in va], "seeds_b": [round(x, 4) for x in vb],
+                   "mean_a": float(va.mean()), "mean_b": float(vb.mean()),
+                   **_separate(va, vb, f.direction, a, b), "direction": f.direction}
+            if runs is not None:
+                ka, kb = ([k for k in stats[s] if k in passing[s]] for s in (a, b))
+                bar = _separate(np.array([stats[a][k] for k in ka]), np.array([stats[b][k] for k in kb]),
+                                f.direction, a, b)
+                row["below_bar_a"], row["below_bar_b"] = ([k for k in stats[s] if k not in passing[s]] for s in (a, b))
+                row["verdict_bar"], row["note_bar"] = bar["verdict"], bar["note"]
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def finding_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     """One verdict per finding from :func:`verdicts`: ``reproduced``/``reversed`` when every
-    metric of the finding says so, else ``inseparable`` (mixed metrics included)."""
+    metric of the finding says so, else ``inseparable`` (mixed metrics included); the same for
+    ``verdict_bar`` when the table has it (:func:`verdicts` with ``runs``)."""
     out = []
     for key, g in table.groupby("finding", sort=False):
         v = set(g.verdict)
-        out.append({"finding": key, "claim": g.claim.iloc[0],
-                    "verdict": v.pop() if len(v) == 1 else "inseparable",
-                    "metrics": "; ".join(f"{r.metric}: Δ={r.delta:+.3g} ({r.verdict})" for r in g.itertuples())})
+        row = {"finding": key, "claim": g.claim.iloc[0], "verdict": v.pop() if len(v) == 1 else "inseparable",
+               "metrics": "; ".join(f"{r.metric}: Δ={r.delta:+.3g} ({r.verdict})" for r in g.itertuples())}
+        if "verdict_bar" in g:
+            vb = set(g.verdict_bar)
+            row["verdict_bar"] = vb.pop() if len(vb) == 1 else "inseparable"
+        out.append(row)
     return pd.DataFrame(out)
 
 
@@ -196,9 +235,9 @@ def seed_run(style: str, seed: int, report: dict, failures: Sequence[str],
 def write_seed_run(row: dict, path: str | Path = SEED_RUNS) -> pd.DataFrame:
     """Insert or replace the ``(style, seed)`` row of the seed ledger at ``path``; returns the ledger.
 
-    Every trained seed is recorded, including those below the accuracy bar: their geometry
-    table is not written (they answer a different task), but the pass rate of the recipe is part
-    of the result."""
+    Every trained seed is recorded with its accuracy, including those below the accuracy bar: the
+    pass rate of the recipe is part of the result, and :func:`verdicts` reads the ledger to give
+    its verdict over the seeds that met the bar beside the one over all seeds."""
     missing = set(SEED_RUN_COLUMNS) - set(row)
     if missing:
         raise ValueError(f"a seed-run row needs {sorted(missing)}")
@@ -232,16 +271,6 @@ def pass_rates(runs: pd.DataFrame) -> pd.DataFrame:
                      "pass_rate": float(g["meets_bar"].mean()),
                      "failed": "; ".join(f"seed {r.seed}: {r.failures}" for r in bad.itertuples())})
     return pd.DataFrame(rows, columns=["style", "trained", "met_bar", "pass_rate", "failed"])
-
-
-def remove_seed_table(style: str, seed: int, folder: str | Path = SEED_TABLES) -> bool:
-    """Delete ``folder/{style}-seed{seed}.csv`` if present (a seed that no longer meets the bar);
-    returns whether a file was removed."""
-    path = Path(folder) / f"{style}-seed{seed}.csv"
-    if path.is_file():
-        path.unlink()
-        return True
-    return False
 
 
 def read_seed_tables(folder: str | Path = SEED_TABLES, styles: Sequence[str] | None = None) -> pd.DataFrame:

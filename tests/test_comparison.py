@@ -65,6 +65,43 @@ def test_verdicts_reproduced_reversed_inseparable():
         C.verdicts(seeds, "llava", "bunny")
 
 
+def ledger(passing: dict[str, list[bool]]) -> pd.DataFrame:
+    """A seed ledger: per style, whether seed k met the bar."""
+    report = {"n": 2000, "overall": 0.99, "per_category": {"ChooseRel": 0.98}, "blank_overall": 0.42,
+              "question_only_prior": 0.43}
+    rows = [C.seed_run(s, k, report if ok else {**report, "overall": 0.9}, [] if ok else ["overall 0.900 < 0.95"])
+            for s, oks in passing.items() for k, ok in enumerate(oks)]
+    return pd.DataFrame(rows)[C.SEED_RUN_COLUMNS]
+
+
+def test_verdicts_over_every_seed_and_over_the_seeds_that_met_the_bar():
+    """Every seed enters the verdict; with the ledger, the verdict over the seeds that met the bar
+    stands beside it. Here llava's seed 2 (below the bar) is the one that overlaps omni: over all
+    seeds the ID finding is inseparable, over the passing seeds it is reproduced."""
+    rng = np.random.default_rng(2)
+    flat = [0.3] * 7
+    seeds = pd.concat([fake_profile("llava", k, [5.0, 5.1, 8.05][k], flat, rng) for k in range(3)]
+                      + [fake_profile("omni", k, [8.0, 8.1, 8.2][k], flat, rng) for k in range(3)])
+    runs = ledger({"llava": [True, True, False], "omni": [True, True, True]})
+    t = C.verdicts(seeds, "llava", "omni", runs=runs).set_index(["finding", "metric"])
+    row = t.loc[("higher_id", "id_twonn")]
+    assert row.seeds_a == pytest.approx([5.0, 5.1, 8.05], abs=0.03) and len(row.seeds_b) == 3
+    assert row.verdict == "inseparable" and "overlap" in row.note
+    assert row.verdict_bar == "reproduced" and (row.below_bar_a, row.below_bar_b) == ([2], [])
+    # the all-seed columns are those of the call without a ledger
+    plain = C.verdicts(seeds, "llava", "omni").set_index(["finding", "metric"])
+    assert plain.verdict.equals(t.verdict) and np.allclose(plain.delta, t.delta)
+    assert "verdict_bar" not in plain and "verdict_bar" not in C.finding_verdicts(plain.reset_index())
+    f = C.finding_verdicts(t.reset_index()).set_index("finding")
+    assert f.loc["higher_id", ["verdict", "verdict_bar"]].tolist() == ["inseparable", "reproduced"]
+    # fewer than two passing seeds of a style: the bar verdict says its spread is not measured
+    one = C.verdicts(seeds, "llava", "omni", runs=ledger({"llava": [True, False, False], "omni": [True] * 3}))
+    assert set(one.verdict_bar) == {"inseparable"} and one.note_bar.str.contains("1 seed").all()
+    # a table seed the ledger does not know is refused: its accuracy is unknown
+    with pytest.raises(ValueError, match="no row for llava seed"):
+        C.verdicts(seeds, "llava", "omni", runs=runs[~((runs["style"] == "llava") & (runs["seed"] == 2))])
+
+
 def test_seed_tables_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     a = fake_profile("llava", 1, 5.0, [0.2] * 7, rng)
@@ -158,20 +195,24 @@ def test_seed_ledger_replaces_a_rerun_seed_and_counts_pass_rates(tmp_path):
     assert C.read_seed_runs(tmp_path / "none.csv").empty
     with pytest.raises(ValueError, match="needs"):
         C.write_seed_run({"style": "llava", "seed": 2}, path)
-    assert C.remove_seed_table("llava", 1, tmp_path) is False
-    C.write_seed_table(fake_profile("llava", 1, 5.0, [0.2] * 7, np.random.default_rng(0)), tmp_path)
-    assert C.remove_seed_table("llava", 1, tmp_path) is True and C.read_seed_tables(tmp_path).empty
 
 
 def test_committed_ledger_backs_every_committed_seed_table():
-    """Every committed per-seed table belongs to a seed the ledger records as meeting the accuracy
-    bar on 2000 fresh samples, and every failed seed in the ledger has no table."""
+    """Every committed per-seed table belongs to a seed the ledger evaluated on 2000 fresh samples
+    (passing the bar or not), and the ledger's pass/fail agrees with the bar's conditions."""
+    from microscope.zoo.evaluation import BAR
+
     runs = C.read_seed_runs().set_index(["style", "seed"])
     tables = set(zip(*[C.read_seed_tables()[c] for c in ("style", "seed")]))
     assert tables, "no committed seed tables"
     for key in tables:
         assert key in runs.index, f"{key} has a geometry table but no ledger row"
-        assert bool(runs.loc[key, "meets_bar"]) and runs.loc[key, "n_eval"] == 2000, key
-        assert runs.loc[key, "overall"] >= 0.95 and runs.loc[key, "worst_accuracy"] >= 0.90, key
-    for key in runs.index[~runs["meets_bar"].astype(bool)]:
-        assert key not in tables, f"{key} failed the bar but has a table"
+        assert runs.loc[key, "n_eval"] == 2000, key
+    for key, r in runs.iterrows():
+        passes = (r["overall"] >= BAR["overall"] and r["worst_accuracy"] >= BAR["category"]
+                  and r["blank_overall"] <= r["question_only_prior"] + BAR["blank_above_prior"])
+        assert bool(r["meets_bar"]) == passes and (r["failures"] == "") == passes, key
+    # the committed verdicts can be read with the ledger (every table seed is in it)
+    styles = sorted({s for s, _ in tables})
+    if len(styles) == 2:
+        C.verdicts(C.read_seed_tables(), "shapes-llava", "shapes-omnifusion", runs=runs.reset_index())

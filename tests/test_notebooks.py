@@ -144,6 +144,9 @@ def test_geometry_notebook_reuses_the_store_and_reports_per_modality_means(run):
     table = pd.read_parquet(root / "run" / "02_geometry" / "compare_verdicts.parquet")
     assert len(table) == 6 and set(table.verdict) <= {"reproduced", "reversed", "inseparable"}
     assert table.mean_a.notna().all() and table.mean_b.notna().all()
+    # the committed seed tables are read with the ledger: the verdict over the seeds that met the bar beside
+    assert set(table.verdict_bar) <= {"reproduced", "reversed", "inseparable"}
+    assert set(geo["findings_bar"]) == set(geo["findings"])
 
 
 @SUITE

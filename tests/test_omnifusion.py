@@ -200,7 +200,7 @@ def test_training_script_end_to_end(tmp_path):
 def test_seeds_command_trains_both_styles_and_records_each_against_the_bar(tmp_path):
     """``python -m microscope.zoo seeds`` (what ``make seeds`` runs) at a tiny recipe: shapes-llava
     of the seed first, then shapes-omnifusion with that seed's CLIP tower; each is evaluated and
-    recorded in the ledger — 4-step models miss the accuracy bar, so neither gets a table."""
+    recorded in the ledger and profiled — 4-step models miss the accuracy bar, and both get a table."""
     from microscope import comparison as C
 
     out = run_zoo("seeds", "--seeds", "1", "--work", str(tmp_path / "w"), "--tables", str(tmp_path / "t"),
@@ -214,7 +214,11 @@ def test_seeds_command_trains_both_styles_and_records_each_against_the_bar(tmp_p
     runs = C.read_seed_runs(tmp_path / "t" / "seed_runs.csv")
     assert list(zip(runs["style"], runs["seed"])) == [("shapes-llava", 1), ("shapes-omnifusion", 1)]
     assert not runs["meets_bar"].any() and runs["failures"].str.contains("overall").all()
-    assert C.read_seed_tables(tmp_path / "t").empty
+    tables = C.read_seed_tables(tmp_path / "t")
+    assert tables.groupby("style").size().to_dict() == {"shapes-llava": 80, "shapes-omnifusion": 80}
+    # the two styles' tables have the same rows, so verdicts read them with the ledger
+    verdicts = C.verdicts(tables, "shapes-llava", "shapes-omnifusion", runs=runs)
+    assert set(verdicts.verdict_bar) == {"inseparable"} and verdicts.note_bar.str.contains("0 seed").all()
 
 
 def test_seeds_command_writes_the_table_of_a_seed_that_meets_the_bar(tmp_path):

@@ -85,8 +85,8 @@ def question_only_prior(samples: Sequence[shapes.Sample], reference: Sequence[sh
     return pd.Series(out, index=[s.id for s in samples], name="prior_correct")
 
 
-#: the accuracy bar of a bundled model, and of every training seed that enters the fusion comparison
-#: (a seed below it answers a different task, so its geometry is not the same model's):
+#: the accuracy bar of a bundled model, against which every training seed of the fusion comparison is
+#: also measured (its verdicts over all seeds and over the seeds that meet the bar stand side by side):
 #: overall accuracy, every category's accuracy, and how far blank-image accuracy may sit above the
 #: question-only prior (a model that uses the image falls back to the prior without it)
 BAR = {"overall": 0.95, "category": 0.90, "blank_above_prior": 0.10}
