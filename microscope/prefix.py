@@ -173,9 +173,22 @@ def expand(handle, prefix: list | None, rows: int):
                               "prefix_of(past, first, keep=handle.adapter.cross_attention_layers)")
     from transformers import DynamicCache
 
-    # views: the first update of each layer concatenates the suffix onto them (a copy anyway)
-    data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
-    return DynamicCache(ddp_cache_data=data)
+    cache = DynamicCache()
+    cache.layers = [_view_layer(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
+    return cache
+
+
+def _view_layer(keys: torch.Tensor, values: torch.Tensor):
+    """A ``DynamicLayer`` holding ``keys``/``values`` as they are — here views of one clean row
+    expanded over the rows. ``DynamicCache(ddp_cache_data=...)`` would concatenate them onto an
+    empty tensor (a copy per row), and the first update of the layer concatenates the suffix onto
+    them again; this way the rows' prefix is copied once, by that update. The fields set are those
+    ``DynamicLayer.lazy_initialization`` sets."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.device, layer.keys, layer.values, layer.is_initialized = keys.device, keys, values, True
+    return layer
 
 
 def cache_kwargs(handle, prefix: list | None, rows: int) -> dict:
