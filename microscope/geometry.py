@@ -303,8 +303,10 @@ def pc1_ratio(X: Array, rtol: float = 1e-10, block: int = 16, seed: int = 0) -> 
     Σλ = ‖X − x̄‖²_F in float64. λ₁ is the largest eigenvalue of ``A``, the smaller of the two
     Gram matrices ``X̃ᵀX̃`` / ``X̃X̃ᵀ`` (same non-zero spectrum; X̃ the centred data):
 
-    1. warm start: subspace iteration with ``block`` random vectors on ``A`` formed in float32,
-       until the float32 Ritz value stagnates (float32 cannot certify more than ~1e-7);
+    1. warm start: subspace iteration with ``block`` random vectors in float32, until the float32
+       Ritz value stagnates (float32 cannot certify more than ~1e-7) — ``A`` applied through the
+       data (``X̃ᵀ(X̃Q)``, 4nmk flops a pass) for as many passes as forming the float32 Gram costs
+       (m/2k), then through the Gram (2m²k a pass) if it has not stagnated by then;
     2. float64 Rayleigh–Ritz on the data — ``A`` applied as ``X̃ᵀ(X̃q)`` in float64, never
        formed: Ritz values θ₁ ≥ θ₂ ≥ … of ``QᵀAQ``, Ritz vectors uᵢ and residuals
        ``rᵢ = Auᵢ − θᵢuᵢ``. For a symmetric matrix an eigenvalue lies within ‖r₁‖ of θ₁, and
@@ -338,17 +340,23 @@ def pc1_ratio(X: Array, rtol: float = 1e-10, block: int = 16, seed: int = 0) -> 
     if m <= 16 * k:  # an exact solve of a Gram this small costs less than iterating
         return exact()
     x32 = x.float()
-    small = x32 @ x32.T if rows else x32.T @ x32
+    small: torch.Tensor | None = None  # the float32 Gram, formed only if the data passes do not suffice
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.linalg.qr(torch.randn(m, k, generator=g).to(x.device)).Q
     old = 0.0
+    implicit = max(1, m // (2 * k))  # data passes (4nmk flops each) costing about one Gram (2nm²)
     for it in range(min(300, m // k)):  # 1. float32 warm start, at most about an exact solve's cost
-        q = torch.linalg.qr(small @ q).Q
-        if it % 5 == 4:
-            lam = float(torch.linalg.eigvalsh(q.T @ small @ q)[-1])
-            if abs(lam - old) <= 1e-6 * lam:
-                break
-            old = lam
+        if it == implicit:  # slow convergence: form the float32 Gram, each pass then costs 2m²k
+            small = x32 @ x32.T if rows else x32.T @ x32
+        if small is not None:
+            w = small @ q
+        else:
+            w = x32 @ (x32.T @ q) if rows else x32.T @ (x32 @ q)
+        lam = float(torch.linalg.eigvalsh(q.T @ w)[-1])  # Ritz value of the current block, no extra pass
+        if abs(lam - old) <= 1e-6 * lam:
+            break
+        old = lam
+        q = torch.linalg.qr(w).Q
     del small, x32
     q = torch.linalg.qr(q.double()).Q
     for _ in range(max(5, m ** 3 // (4 * n * d * k))):  # 2. float64 Rayleigh–Ritz, certified
