@@ -22,7 +22,7 @@ within float32 round-off otherwise (tested against whole forwards for every fami
 
 The keyword arguments are recorded from one row and expanded over the rows of a run (:func:`_rows`):
 every row of an analysis has the same positions, mask and cross-attention inputs (no padding). The
-key/value cache is not recorded: each run gets a fresh copy of the prefix (:func:`microscope.prefix.expand`).
+key/value cache is not recorded: each run gets a fresh cache of the prefix (:func:`microscope.prefix.expand`).
 Forward hooks on the layers and their sub-modules fire as in a whole forward (the analyses'
 restorations and captures use them); the attention functions registered by
 :func:`microscope.knockout.knockout` apply as well.
@@ -129,7 +129,8 @@ def run_from(handle, rec: Recording, layer: int, rows: torch.Tensor | Sequence[i
     Row ``i`` starts from ``rec.hidden[layer][rows[i]]`` (``rows`` indexes the reference rows;
     ``None``: every reference row once), or from ``hidden`` ``(R, S, d)`` when given; then layers
     ``layer … L − 1`` that the reference forward called run on all rows with their recorded keyword
-    arguments and a fresh copy of the prefix cache, and the model's head gives the logits.
+    arguments and a fresh cache of the prefix (views of it; each layer copies it once, when it
+    appends the rows' suffix), and the model's head gives the logits.
     ``layer == L`` applies the head only."""
     a = handle.adapter
     L = a.n_layers
