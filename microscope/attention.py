@@ -15,6 +15,7 @@ blocks on one model do not nest. Knockout (:mod:`microscope.knockout`) and atten
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 
 _STATE: dict[int, object] = {}  # id(attention module) -> its value while a block is open
@@ -23,6 +24,20 @@ _STATE: dict[int, object] = {}  # id(attention module) -> its value while a bloc
 def state(module) -> object | None:
     """The value ``module`` was given by the open :func:`routed` block (``None`` outside one)."""
     return _STATE.get(id(module))
+
+
+def base_function(module, base: str) -> Callable:
+    """The model's own attention function ``base`` (``"sdpa"``: transformers' shared one;
+    ``"eager"``: the ``eager_attention_forward`` of ``module``'s modelling file)."""
+    if base == "sdpa":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward in its module; "
+                           "use the sdpa implementation")
+    return fn
 
 
 def active() -> bool:

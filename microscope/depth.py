@@ -22,7 +22,8 @@ within float32 round-off otherwise (tested against whole forwards for every fami
 
 The keyword arguments are recorded from one row and expanded over the rows of a run (:func:`_rows`):
 every row of an analysis has the same positions, mask and cross-attention inputs (no padding). The
-key/value cache is not recorded: each run gets a fresh cache of the prefix (:func:`microscope.prefix.expand`).
+key/value cache is not recorded: each run gets a fresh cache of the prefix, which its rows share
+(:func:`microscope.shared_prefix.rows_cache`: one copy of the prefix per layer, not one per row).
 Forward hooks on the layers and their sub-modules fire as in a whole forward (the analyses'
 restorations and captures use them); the attention functions registered by
 :func:`microscope.knockout.knockout` apply as well.
@@ -35,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from microscope.prefix import cache_kwargs, next_token_probs
+from microscope import shared_prefix
+from microscope.prefix import next_token_probs
 
 
 @dataclass
@@ -129,8 +131,9 @@ def run_from(handle, rec: Recording, layer: int, rows: torch.Tensor | Sequence[i
     Row ``i`` starts from ``rec.hidden[layer][rows[i]]`` (``rows`` indexes the reference rows;
     ``None``: every reference row once), or from ``hidden`` ``(R, S, d)`` when given; then layers
     ``layer … L − 1`` that the reference forward called run on all rows with their recorded keyword
-    arguments and a fresh cache of the prefix (views of it; each layer copies it once, when it
-    appends the rows' suffix), and the model's head gives the logits.
+    arguments and a fresh cache of the prefix (:func:`microscope.shared_prefix.rows_cache`: one
+    copy of the prefix shared by the rows where the attention allows it), and the model's head
+    gives the logits.
     ``layer == L`` applies the head only."""
     a = handle.adapter
     L = a.n_layers
@@ -145,16 +148,16 @@ def run_from(handle, rec: Recording, layer: int, rows: torch.Tensor | Sequence[i
     else:
         h = hidden
     R = h.shape[0]
-    cache = cache_kwargs(handle, rec.prefix, R) if rec.prefix is not None else {}
-    cache_value = next(iter(cache.values()), None)
-    for i in rec.called:
-        if i < layer:
-            continue
-        kw = {k: _rows(v, R) for k, v in rec.kwargs[i].items()}
-        if rec.cache_name is not None:
-            kw[rec.cache_name] = cache_value
-            if cache_value is None and "use_cache" in kw:
-                kw["use_cache"] = False
-        out = a.layers[i](h, **kw)
-        h = out[0] if isinstance(out, tuple) else out
+    with shared_prefix.rows_cache(handle, rec.prefix, R) as cache_value:
+        for i in rec.called:
+            if i < layer:
+                continue
+            kw = {k: _rows(v, R) for k, v in rec.kwargs[i].items()}
+            if rec.cache_name is not None:
+                kw[rec.cache_name] = cache_value
+                if cache_value is None and "use_cache" in kw:
+                    kw["use_cache"] = False
+            out = a.layers[i](h, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        shared_prefix.check(cache_value)
     return a.logits(h[:, -1])

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -57,7 +56,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from microscope import attention, depth, validate
+from microscope import attention, depth, shared_prefix, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.errors import MicroscopeError
@@ -89,6 +88,7 @@ ROLE_GROUPS = {"question": QUESTION, "text": TEXT}
 _PATCH_GROUPS = ("related-image", "other-image")
 _BASES = ("sdpa", "eager")
 _NAME = "microscope_knockout_{}"
+shared_prefix.AWARE.update(_NAME.format(b) for b in _BASES)  # their functions call shared_prefix.attend
 
 
 @dataclass
@@ -196,18 +196,6 @@ class _Plan:
         return out
 
 
-def _base_function(module, base: str):
-    if base == "sdpa":
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        return ALL_ATTENTION_FUNCTIONS["sdpa"]
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward in its module; "
-                           "use the sdpa implementation for knockout")
-    return fn
-
-
 def _apply(mask: torch.Tensor | None, blocked: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
     if mask is None:  # sdpa skipped the causal mask: materialise it before editing
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=blocked.device).tril(k_len - q_len)[None, None]
@@ -218,16 +206,18 @@ def _apply(mask: torch.Tensor | None, blocked: torch.Tensor, q_len: int, k_len: 
 
 def _wrapped(base: str):
     def knockout_attention(module, query, key, value, attention_mask, **kwargs):
-        fn = _base_function(module, base)
+        fn = attention.base_function(module, base)
         entry = attention.state(module)
         if isinstance(entry, tuple):  # (plan, layer) inside a knockout block, None outside
             plan, layer = entry
             if layer in plan.cross_layers:
                 return _cross(fn, entry, module, query, key, value, attention_mask, **kwargs)
-            blocked = plan.blocked(layer, query.shape[0], query.shape[-2], key.shape[-2], query.device)
+            # keys over the whole prompt: a shared-prefix layer's suffix keys follow its prefix
+            k_len = shared_prefix.key_length(key)
+            blocked = plan.blocked(layer, query.shape[0], query.shape[-2], k_len, query.device)
             if blocked is not None:
-                attention_mask = _apply(attention_mask, blocked, query.shape[-2], key.shape[-2])
-        return fn(module, query, key, value, attention_mask, **kwargs)
+                attention_mask = _apply(attention_mask, blocked, query.shape[-2], k_len)
+        return shared_prefix.attend(fn, module, query, key, value, attention_mask, **kwargs)
 
     knockout_attention.__name__ = _NAME.format(base)
     return knockout_attention

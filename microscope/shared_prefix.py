@@ -1,0 +1,257 @@
+"""Attention of many rows against one shared copy of a clean prefix.
+
+An analysis runs ``R`` rows (knockout windows, restorations × noise draws) that share the clean
+prefix: positions ``< P`` whose keys and values come from the clean run (:mod:`microscope.prefix`).
+A ``DynamicCache`` holding that prefix for ``R`` rows concatenates each row's suffix onto its own
+copy of it in every layer: ``R · P`` keys and values copied per layer, which at LLaVA-1.5's 588
+prefix positions costs more than the rows' own layer compute at small width. Here each decoder
+layer keeps the prefix once, ``(1, H_kv, P, D)``, and the rows' suffix ``(R, H_kv, S, D)``; the
+attention of a row's queries ``q`` reads both parts::
+
+    s_p = q · K_pᵀ · scale      (every row's queries against the one prefix: rows folded into the
+                                 query dimension, one (H_kv, R·g·S, D) × (H_kv, D, P) product)
+    s_s = q · K_sᵀ · scale      (each row against its own suffix)
+    m   = max(max s_p, max s_s) (per query; the mask is added to each part first)
+    out = (exp(s_p − m) · V_p + exp(s_s − m) · V_s) / (Σ exp(s_p − m) + Σ exp(s_s − m))
+
+which is softmax attention over the keys ``[prefix, suffix]`` — the same numbers as the model's
+``sdpa``/``eager`` function on the concatenated keys, summed in another order (float round-off;
+tested against whole forwards on every family). ``g = H / H_kv`` query heads share a key head
+(grouped-query attention); a logit soft cap ``c`` maps ``s ↦ c · tanh(s / c)`` before the mask, as
+the eager functions do. Masks are the model's own, over ``P + S`` keys (boolean or additive;
+``None`` means causal within the suffix). What the formula does not cover — attention sinks,
+position biases, dropout in training, a mask over other keys — runs the model's function on the
+concatenated keys instead, so nothing is ever computed wrongly, only more slowly.
+
+Use: :func:`rows_cache` gives :func:`microscope.depth.run_from` the cache for its rows and routes
+the decoder's attention through :func:`attend` for the block (or leaves it to an open knockout
+block, whose function calls :func:`attend` itself); models with any other attention function open,
+or one row, get the plain expanded cache (:func:`microscope.prefix.expand`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from microscope import attention
+from microscope.errors import MicroscopeError
+
+#: the model attention functions :func:`attend` reproduces
+BASES = ("sdpa", "eager")
+#: registered attention functions that pass shared-prefix keys through :func:`attend` themselves
+#: (the knockout functions add their names on import)
+AWARE: set[str] = set()
+_NAME = "microscope_shared_prefix_{}"
+#: id(suffix keys a layer's update returned) -> (those keys, the layer), while a cache is in use
+_BY_KEY: dict[int, tuple[torch.Tensor, SharedPrefixLayer]] = {}
+
+
+def _dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    return DynamicLayer
+
+
+class SharedPrefixLayer(_dynamic_layer()):  # type: ignore[misc]
+    """A cache layer holding the clean prefix once, ``(1, H_kv, P, D)``, and the rows' suffix
+    ``(R, H_kv, S, D)``. ``update`` appends to the suffix and returns it (not prefix + suffix):
+    the attention function finds the prefix through :func:`attend`; ``pending`` is True from an
+    update until the attention function has read it (:func:`check`)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.prefix_keys, self.prefix_values = keys, values
+        self.device, self.keys, self.values, self.is_initialized = keys.device, None, None, True
+        self.pending = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            _BY_KEY.pop(id(self.keys), None)
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        self.pending = True
+        _BY_KEY[id(self.keys)] = (self.keys, self)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return int(self.prefix_keys.shape[-2]) + (0 if self.keys is None else int(self.keys.shape[-2]))
+
+    def whole(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix and suffix concatenated for ``rows`` rows: what a ``DynamicLayer`` would hold."""
+        k, v = self.prefix_keys.expand(rows, -1, -1, -1), self.prefix_values.expand(rows, -1, -1, -1)
+        if self.keys is None:
+            return k, v
+        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+
+def shared_layer(key: torch.Tensor) -> SharedPrefixLayer | None:
+    """The shared-prefix layer whose update returned ``key`` (``None``: ``key`` holds every key)."""
+    entry = _BY_KEY.get(id(key))
+    return entry[1] if entry is not None and entry[0] is key else None
+
+
+def key_length(key: torch.Tensor) -> int:
+    """Number of keys the queries attend: prefix + suffix for a shared-prefix layer's keys."""
+    layer = shared_layer(key)
+    return int(key.shape[-2]) if layer is None else layer.get_seq_length()
+
+
+def _covered(module, mask: torch.Tensor | None, n_keys: int, kwargs: dict) -> bool:
+    """Whether :func:`_attention` computes what the model's function would for these arguments."""
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None or kwargs.get("position_bias") is not None:
+        return False
+    if module.training and float(kwargs.get("dropout") or 0.0) > 0:
+        return False
+    return mask is None or (mask.ndim == 4 and mask.shape[-1] == n_keys)
+
+
+def attend(fn: Callable, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, **kwargs):
+    """The attention ``fn`` (the model's ``sdpa`` or ``eager`` function) would compute, for keys
+    that may be a shared-prefix layer's suffix: those are attended together with their layer's
+    prefix (module docstring); other keys go to ``fn`` as they are."""
+    layer = shared_layer(key)
+    if layer is None:
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    layer.pending = False
+    if not _covered(module, attention_mask, layer.get_seq_length(), kwargs):
+        k, v = layer.whole(query.shape[0])
+        return fn(module, query, k, v, attention_mask, **kwargs)
+    return _attention(query, layer.prefix_keys, layer.prefix_values, key, value, attention_mask,
+                      kwargs.get("scaling"), kwargs.get("softcap")), None
+
+
+def _heads(m: torch.Tensor, kv: int, g: int, prefix_first: bool) -> torch.Tensor:
+    """A mask part ``(R', Hm, S, K)`` (``Hm`` 1 or ``kv · g``) shaped to broadcast against scores
+    laid out ``(kv, R, g, S, K)`` (``prefix_first``) or ``(R, kv, g, S, K)``."""
+    if m.shape[1] == 1:
+        m = m[:, :, None]  # (R', 1, 1, S, K)
+    else:
+        m = m.reshape(m.shape[0], kv, g, *m.shape[2:])
+    return m.transpose(0, 1) if prefix_first else m
+
+
+def _masked(s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    if m is None:
+        return s
+    if m.dtype == torch.bool:
+        return s.masked_fill(~m, torch.finfo(s.dtype).min)
+    return s + m
+
+
+def _attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """Softmax attention of queries ``q`` ``(R, H, S, D)`` over the keys ``[kp, ks]``: prefix
+    ``(1, H_kv, P, D)`` shared by the rows, suffix ``(R, H_kv, S', D)``; returns ``(R, S, H, Dv)``
+    as the model's attention functions do."""
+    R, H, S, D = q.shape
+    kv, P = kp.shape[1], kp.shape[2]
+    g = H // kv
+    scale = D ** -0.5 if scaling is None else scaling
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in float32 at least, as eager does
+    # prefix part: every row's queries against the one prefix, (kv, R·g·S, D) × (kv, D, P)
+    qf = q.reshape(R, kv, g, S, D).transpose(0, 1).reshape(kv, R * g * S, D)
+    sp = (qf @ kp[0].transpose(-1, -2)).to(acc).mul_(scale).view(kv, R, g, S, P)
+    ss = (q.reshape(R, kv, g * S, D) @ ks.transpose(-1, -2)).to(acc).mul_(scale).view(R, kv, g, S, -1)
+    if softcap is not None:
+        sp, ss = torch.tanh(sp / softcap) * softcap, torch.tanh(ss / softcap) * softcap
+    if mask is None:  # causal: every prefix key, the suffix keys up to the query's own position
+        n = ss.shape[-1]
+        ms = torch.ones(S, n, dtype=torch.bool, device=q.device).tril(n - S)[None, None]
+        mp = None
+    else:
+        mp, ms = mask[..., :P], mask[..., P:]
+    if mp is not None:
+        sp = _masked(sp, _heads(mp, kv, g, True))
+    ss = _masked(ss, _heads(ms, kv, g, False))
+    top = torch.maximum(sp.amax(-1), ss.amax(-1).transpose(0, 1))  # (kv, R, g, S)
+    ep = (sp - top[..., None]).exp_()
+    es = (ss - top.transpose(0, 1)[..., None]).exp_()
+    den = ep.sum(-1).transpose(0, 1) + es.sum(-1)  # (R, kv, g, S)
+    op = (ep.to(vp.dtype).view(kv, R * g * S, P) @ vp[0]).view(kv, R, g, S, -1).transpose(0, 1)
+    os = (es.to(vs.dtype).view(R, kv, g * S, -1) @ vs).view(R, kv, g, S, -1)
+    out = ((op + os) / den[..., None].to(vs.dtype)).reshape(R, H, S, -1)
+    return out.transpose(1, 2).contiguous().to(q.dtype)
+
+
+def _routed_function(base: str) -> Callable:
+    def shared_prefix_attention(module, query, key, value, attention_mask, **kwargs):
+        return attend(attention.base_function(module, base), module, query, key, value, attention_mask, **kwargs)
+
+    shared_prefix_attention.__name__ = _NAME.format(base)
+    return shared_prefix_attention
+
+
+def cache(handle, prefix: list, rows: int):
+    """A fresh ``DynamicCache`` whose self-attention layers are :class:`SharedPrefixLayer` s of
+    ``prefix`` (its whole-kept cross-attention layers as :func:`microscope.prefix.expand` has them)."""
+    from transformers import DynamicCache
+
+    from microscope.prefix import _view_layer
+
+    keep = set(getattr(prefix, "keep", ()))
+    out = DynamicCache()
+    out.layers = [_view_layer(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) if i in keep
+                  else SharedPrefixLayer(k, v) for i, (k, v) in enumerate(prefix)]
+    return out
+
+
+def check(cache_value) -> None:
+    """Raise if a shared-prefix layer's suffix keys never reached :func:`attend` (a model that
+    transforms its keys between the cache update and the attention function): its output would
+    have ignored the prefix."""
+    for i, layer in enumerate(getattr(cache_value, "layers", ())):
+        if isinstance(layer, SharedPrefixLayer) and layer.pending:
+            raise MicroscopeError(f"internal: decoder layer {i}'s attention did not read its shared prefix (its keys "
+                                  "changed between the cache and the attention function); run it with "
+                                  "microscope.shared_prefix.disabled()")
+
+
+_DISABLED = [0]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block every run uses the plain expanded prefix cache (for comparisons and for
+    models whose attention :func:`attend` does not see)."""
+    _DISABLED[0] += 1
+    try:
+        yield
+    finally:
+        _DISABLED[0] -= 1
+
+
+@contextlib.contextmanager
+def rows_cache(handle, prefix: list | None, rows: int) -> Iterator[object]:
+    """The key/value cache for a run of ``rows`` rows after ``prefix`` (``None`` without one), and,
+    where the model's attention is ``sdpa`` or ``eager``, that attention routed through
+    :func:`attend` for the block. A shared-prefix cache where the attention reaches :func:`attend`
+    (plain ``sdpa``/``eager``, or an open block of an :data:`AWARE` function such as knockout's),
+    the expanded one otherwise."""
+    from microscope.prefix import expand
+
+    if prefix is None:
+        yield None
+        return
+    impl = handle.adapter.attention(0).config._attn_implementation
+    shared = rows > 1 and not _DISABLED[0] and all(k.shape[0] == 1 for k, _ in prefix) and (
+        impl in BASES or impl in AWARE)
+    if not shared:
+        yield expand(handle, prefix, rows)
+        return
+    value = cache(handle, prefix, rows)
+    route = (attention.routed(handle, _NAME.format(impl), _routed_function(impl), impl,
+                              {i: None for i in range(handle.adapter.n_layers)})
+             if impl in BASES else contextlib.nullcontext())
+    try:
+        with route:
+            yield value
+    finally:
+        for layer in value.layers:
+            if isinstance(layer, SharedPrefixLayer) and layer.keys is not None:
+                _BY_KEY.pop(id(layer.keys), None)
