@@ -64,19 +64,19 @@ class SharedPrefixLayer(_dynamic_layer()):  # type: ignore[misc]
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
         self.prefix_keys, self.prefix_values = keys, values
-        self.device, self.keys, self.values, self.is_initialized = keys.device, None, None, True
+        self.device, self.is_initialized = keys.device, True
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
         self.pending = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.keys is None:
-            self.keys, self.values = key_states, value_states
-        else:
+        if self.keys is not None and self.values is not None:
             _BY_KEY.pop(id(self.keys), None)
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-        self.pending = True
-        _BY_KEY[id(self.keys)] = (self.keys, self)
-        return self.keys, self.values
+            key_states = torch.cat([self.keys, key_states], dim=-2)
+            value_states = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values, self.pending = key_states, value_states, True
+        _BY_KEY[id(key_states)] = (key_states, self)
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
         return int(self.prefix_keys.shape[-2]) + (0 if self.keys is None else int(self.keys.shape[-2]))
@@ -84,7 +84,7 @@ class SharedPrefixLayer(_dynamic_layer()):  # type: ignore[misc]
     def whole(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix and suffix concatenated for ``rows`` rows: what a ``DynamicLayer`` would hold."""
         k, v = self.prefix_keys.expand(rows, -1, -1, -1), self.prefix_values.expand(rows, -1, -1, -1)
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             return k, v
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
 
