@@ -5,23 +5,27 @@ prefix: positions ``< P`` whose keys and values come from the clean run (:mod:`m
 A ``DynamicCache`` holding that prefix for ``R`` rows concatenates each row's suffix onto its own
 copy of it in every layer: ``R · P`` keys and values copied per layer, which at LLaVA-1.5's 588
 prefix positions costs more than the rows' own layer compute at small width. Here each decoder
-layer keeps the prefix once, ``(1, H_kv, P, D)``, and the rows' suffix ``(R, H_kv, S, D)``; the
-attention of a row's queries ``q`` reads both parts::
+layer keeps the prefix once, ``(1, H_kv, P, D)``, and the rows' suffix ``(R, H_kv, S, D)``. The
+attention of the rows' queries splits the softmax over the keys ``[prefix, suffix]`` in two::
 
-    s_p = q · K_pᵀ · scale      (every row's queries against the one prefix: rows folded into the
-                                 query dimension, one (H_kv, R·g·S, D) × (H_kv, D, P) product)
-    s_s = q · K_sᵀ · scale      (each row against its own suffix)
-    m   = max(max s_p, max s_s) (per query; the mask is added to each part first)
-    out = (exp(s_p − m) · V_p + exp(s_s − m) · V_s) / (Σ exp(s_p − m) + Σ exp(s_s − m))
+    prefix:  o_p, a_p = attention of every row's queries against the one prefix, the rows folded
+                        into the query dimension ((H_kv, R·g·S, D) queries, one kernel call), and
+                        the log-sum-exp a_p = log Σ_k exp(s_k) of its scores s = q·kᵀ·scale + mask
+    suffix:  o_s, a_s = the same for each row against its own suffix keys
+    out    = w · o_p + (1 − w) · o_s,   w = σ(a_p − a_s) = e^{a_p} / (e^{a_p} + e^{a_s})
 
-which is softmax attention over the keys ``[prefix, suffix]`` — the same numbers as the model's
-``sdpa``/``eager`` function on the concatenated keys, summed in another order (float round-off;
-tested against whole forwards on every family). ``g = H / H_kv`` query heads share a key head
-(grouped-query attention); a logit soft cap ``c`` maps ``s ↦ c · tanh(s / c)`` before the mask, as
-the eager functions do. Masks are the model's own, over ``P + S`` keys (boolean or additive;
-``None`` means causal within the suffix). What the formula does not cover — attention sinks,
-position biases, dropout in training, a mask over other keys — runs the model's function on the
-concatenated keys instead, so nothing is ever computed wrongly, only more slowly.
+``w`` is the prefix's share of the softmax mass, so ``out`` is softmax attention over all
+``P + S`` keys — the same numbers as the model's ``sdpa``/``eager`` function on the concatenated
+keys, summed in another order (float round-off; tested against whole forwards on every family).
+On CPU the prefix part is torch's fused flash-attention kernel, which returns ``a_p``; elsewhere
+three products and a softmax. ``g = H / H_kv`` query heads share a key head (grouped-query
+attention; their queries fold in too). A logit soft cap ``c`` (``s ↦ c · tanh(s / c)``, before
+the mask, as the eager functions apply it) takes one softmax over both parts' capped scores.
+Masks are the model's own, over ``P + S`` keys (boolean or additive; ``None`` means causal within
+the suffix); a mask that shows every prefix key (a causal one) costs nothing on the prefix part.
+What the formula does not cover — attention sinks, position biases, dropout in training, a mask
+over other keys — runs the model's function on the concatenated keys instead, so nothing is ever
+computed wrongly, only more slowly.
 
 Use: :func:`rows_cache` gives :func:`microscope.depth.run_from` the cache for its rows and routes
 the decoder's attention through :func:`attend` for the block (or leaves it to an open knockout
@@ -137,45 +141,96 @@ def _heads(m: torch.Tensor, kv: int, g: int, prefix_first: bool) -> torch.Tensor
 
 
 def _masked(s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """Scores ``s`` (a fresh tensor: edited in place) with mask ``m`` applied: a boolean mask's
+    False entries set to the dtype's minimum, an additive one added."""
     if m is None:
         return s
     if m.dtype == torch.bool:
-        return s.masked_fill(~m, torch.finfo(s.dtype).min)
-    return s + m
+        return s.masked_fill_(~m, torch.finfo(s.dtype).min)
+    return s.add_(m)
+
+
+def _sees_all(m: torch.Tensor) -> bool:
+    """Whether mask part ``m`` lets every query read every key (boolean all True, additive all 0)."""
+    return bool(m.all()) if m.dtype == torch.bool else not bool(m.any())
+
+
+def _additive(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mask ``m`` as an additive mask of ``dtype`` (a boolean mask's False: the dtype's minimum)."""
+    if m.dtype != torch.bool:
+        return m.to(dtype)
+    return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _prefix_part(qf: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the folded queries ``qf`` ``(kv, N, D)`` over the prefix alone: output
+    ``(kv, N, Dv)`` and log-sum-exp of the scores ``(kv, N)`` (float32 at least). ``mask``: additive,
+    broadcasting to ``(kv, N, P)``, or ``None``. On CPU torch's fused flash-attention kernel, which
+    returns the log-sum-exp (``fused``); the same in three products and a softmax otherwise."""
+    if fused and _FLASH_CPU is not None and qf.device.type == "cpu" and qf.dtype in (torch.float32, torch.float64):
+        m = None if mask is None else mask.to(qf.dtype).expand(qf.shape[0], -1, -1)[None]
+        out, lse = _FLASH_CPU(qf[None], kp, vp, 0.0, False, attn_mask=m, scale=scale)
+        return out[0], lse[0]
+    acc = torch.promote_types(qf.dtype, torch.float32)
+    s = torch.bmm(qf, kp[0].transpose(-1, -2)).to(acc).mul_(scale)
+    if mask is not None:
+        s = s.add_(mask)
+    return s.softmax(-1).to(vp.dtype) @ vp[0], torch.logsumexp(s, -1)
 
 
 def _attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float | None, softcap: float | None) -> torch.Tensor:
+               mask: torch.Tensor | None, scaling: float | None, softcap: float | None,
+               fused: bool = True) -> torch.Tensor:
     """Softmax attention of queries ``q`` ``(R, H, S, D)`` over the keys ``[kp, ks]``: prefix
     ``(1, H_kv, P, D)`` shared by the rows, suffix ``(R, H_kv, S', D)``; returns ``(R, S, H, Dv)``
-    as the model's attention functions do."""
+    as the model's attention functions do.
+
+    The prefix part runs once for every row's queries folded into the query dimension (``fused``:
+    torch's flash-attention kernel where it returns the log-sum-exp, :func:`_prefix_part`); the
+    suffix part per row; the two combine by their log-sum-exps ``a_p``, ``a_s``: with
+    ``w = σ(a_p − a_s)`` (the prefix's share of the softmax mass), ``out = w · out_p + (1 − w) · out_s``.
+    A soft cap acts on each score, so it takes one softmax over both parts' capped scores."""
     R, H, S, D = q.shape
     kv, P = kp.shape[1], kp.shape[2]
     g = H // kv
     scale = D ** -0.5 if scaling is None else scaling
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in float32 at least, as eager does
-    # prefix part: every row's queries against the one prefix, (kv, R·g·S, D) × (kv, D, P)
-    qf = q.reshape(R, kv, g, S, D).transpose(0, 1).reshape(kv, R * g * S, D)
-    sp = (qf @ kp[0].transpose(-1, -2)).to(acc).mul_(scale).view(kv, R, g, S, P)
     ss = (q.reshape(R, kv, g * S, D) @ ks.transpose(-1, -2)).to(acc).mul_(scale).view(R, kv, g, S, -1)
     if softcap is not None:
-        sp, ss = torch.tanh(sp / softcap) * softcap, torch.tanh(ss / softcap) * softcap
-    if mask is None:  # causal: every prefix key, the suffix keys up to the query's own position
-        n = ss.shape[-1]
-        ms = torch.ones(S, n, dtype=torch.bool, device=q.device).tril(n - S)[None, None]
+        ss = ss.div_(softcap).tanh_().mul_(softcap)
+    n = ss.shape[-1]
+    mp = None if mask is None else mask[..., :P]
+    if mp is not None and _sees_all(mp):  # a causal mask sees every prefix key: no pass over the largest part
         mp = None
+    if mask is None:  # causal: every prefix key, the suffix keys up to the query's own position
+        ss = _masked(ss, torch.ones(S, n, dtype=torch.bool, device=q.device).tril(n - S))
     else:
-        mp, ms = mask[..., :P], mask[..., P:]
-    if mp is not None:
-        sp = _masked(sp, _heads(mp, kv, g, True))
-    ss = _masked(ss, _heads(ms, kv, g, False))
-    top = torch.maximum(sp.amax(-1), ss.amax(-1).transpose(0, 1))  # (kv, R, g, S)
-    ep = (sp - top[..., None]).exp_()
-    es = (ss - top.transpose(0, 1)[..., None]).exp_()
-    den = ep.sum(-1).transpose(0, 1) + es.sum(-1)  # (R, kv, g, S)
-    op = (ep.to(vp.dtype).view(kv, R * g * S, P) @ vp[0]).view(kv, R, g, S, -1).transpose(0, 1)
-    os = (es.to(vs.dtype).view(R, kv, g * S, -1) @ vs).view(R, kv, g, S, -1)
-    out = ((op + os) / den[..., None].to(vs.dtype)).reshape(R, H, S, -1)
+        ss = _masked(ss, _heads(mask[..., P:], kv, g, False))
+    qf = q.reshape(R, kv, g, S, D).transpose(0, 1).reshape(kv, R * g * S, D)
+    if softcap is not None:  # the cap acts on each score: one softmax over both parts' capped scores
+        sp = torch.bmm(qf, kp[0].transpose(-1, -2)).to(acc).mul_(scale).view(kv, R, g, S, P)
+        sp = sp.div_(softcap).tanh_().mul_(softcap)
+        if mp is not None:
+            sp = _masked(sp, _heads(mp, kv, g, True))
+        probs = torch.cat([sp, ss.transpose(0, 1)], dim=-1).softmax(-1).to(vp.dtype)
+        op = (probs[..., :P].reshape(kv, R * g * S, P) @ vp[0]).view(kv, R, g, S, -1).transpose(0, 1)
+        os = (probs[..., P:].transpose(0, 1).reshape(R, kv, g * S, n) @ vs).view(R, kv, g, S, -1)
+        return (op + os).reshape(R, H, S, -1).transpose(1, 2).contiguous().to(q.dtype)
+    folded = None
+    if mp is not None:  # (kv or 1, R·g·S, P) additive, in the folded query order (row, group, position)
+        m = _heads(mp, kv, g, True)  # (kv or 1, R' , g or 1, S, P)
+        folded = _additive(m.expand(m.shape[0], R, g, S, P).reshape(m.shape[0], R * g * S, P), acc)
+    op, lse_p = _prefix_part(qf, kp, vp, folded, scale, fused)
+    op = op.view(kv, R, g, S, -1).transpose(0, 1)
+    lse_p = lse_p.view(kv, R, g, S).transpose(0, 1).to(acc)
+    lse_s = torch.logsumexp(ss, -1)
+    os = (ss.softmax(-1).to(vs.dtype).view(R, kv, g * S, n) @ vs).view(R, kv, g, S, -1)
+    w = torch.sigmoid(lse_p - lse_s)[..., None]
+    out = (os + w.to(os.dtype) * (op - os)).reshape(R, H, S, -1)
     return out.transpose(1, 2).contiguous().to(q.dtype)
 
 

@@ -51,10 +51,12 @@ def _bound(v: torch.Tensor, n_keys: int) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("softcap", [None, 2.0])
-def test_two_part_softmax_equals_attention_over_the_concatenated_keys(dtype, softcap):
+@pytest.mark.parametrize("fused", [True, False])
+def test_two_part_softmax_equals_attention_over_the_concatenated_keys(dtype, softcap, fused):
+    """Both prefix kernels (torch's fused one with its log-sum-exp, and the plain products)."""
     (q, kp, vp, ks, vs), masks = _inputs(dtype)
     for name, mask in masks.items():
-        got = shared_prefix._attention(q, kp, vp, ks, vs, mask, 0.3, softcap)
+        got = shared_prefix._attention(q, kp, vp, ks, vs, mask, 0.3, softcap, fused)
         want = _reference(q, kp, vp, ks, vs, mask, 0.3, softcap)
         assert got.shape == (R, S, H, D) and got.dtype == dtype
         err = float((got - want).abs().max())
