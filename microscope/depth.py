@@ -31,6 +31,8 @@ restorations and captures use them); the attention functions registered by
 
 from __future__ import annotations
 
+import bisect
+import contextvars
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,7 +126,7 @@ def _rows(v, rows: int):
     return v
 
 
-def run_from(handle, rec: Recording, layer: int, rows: torch.Tensor | Sequence[int] | None = None,
+def run_from(handle, rec: Recording, layer: int | Sequence[int], rows: torch.Tensor | Sequence[int] | None = None,
              hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits ``(R, V)`` at the last position of rows started at decoder layer ``layer``.
 
@@ -133,31 +135,64 @@ def run_from(handle, rec: Recording, layer: int, rows: torch.Tensor | Sequence[i
     ``layer … L − 1`` that the reference forward called run on all rows with their recorded keyword
     arguments and a fresh cache of the prefix (:func:`microscope.shared_prefix.rows_cache`: one
     copy of the prefix shared by the rows where the attention allows it), and the model's head
-    gives the logits.
-    ``layer == L`` applies the head only."""
+    gives the logits. ``layer == L`` applies the head only.
+
+    ``layer`` may give each row its own start layer (non-decreasing over the rows): row ``i`` then
+    joins the batch at ``layer[i]`` — the first ``n_l`` rows (those with ``layer[i] <= l``) run
+    layer ``l`` — so no row computes a layer below its own start. Interventions acting in layer
+    ``l`` (knockout plans, restoration hooks) see a batch of those ``n_l`` rows: their rows are
+    the first ``n_l`` of theirs (:func:`present`)."""
     a = handle.adapter
     L = a.n_layers
-    if not 0 <= layer <= L:
-        raise ValueError(f"layer must be in 0..{L} (L = {L} decoder layers), got {layer}")
+    starts = [int(layer)] if isinstance(layer, int) else [int(x) for x in layer]
+    if not starts or any(not 0 <= x <= L for x in starts):
+        raise ValueError(f"each start layer must be in 0..{L} (L = {L} decoder layers), got {layer}")
+    if any(b < a_ for a_, b in zip(starts, starts[1:])):
+        raise ValueError("per-row start layers must be non-decreasing (sort the rows by their first layer)")
+    first = starts[0]
     if hidden is None:
-        if layer not in rec.hidden:
-            raise ValueError(f"the recording has no input for layer {layer}: the reference forward did not call it")
-        h = rec.hidden[layer]
-        if rows is not None:
-            h = h[torch.as_tensor(rows, dtype=torch.long, device=h.device)]
-    else:
-        h = hidden
-    R = h.shape[0]
-    with shared_prefix.rows_cache(handle, rec.prefix, R) as cache_value:
-        for i in rec.called:
-            if i < layer:
-                continue
-            kw = {k: _rows(v, R) for k, v in rec.kwargs[i].items()}
-            if rec.cache_name is not None:
-                kw[rec.cache_name] = cache_value
-                if cache_value is None and "use_cache" in kw:
-                    kw["use_cache"] = False
-            out = a.layers[i](h, **kw)
-            h = out[0] if isinstance(out, tuple) else out
-        shared_prefix.check(cache_value)
+        if first not in rec.hidden:
+            raise ValueError(f"the recording has no input for layer {first}: the reference forward did not call it")
+        idx = (torch.arange(rec.hidden[first].shape[0]) if rows is None
+               else torch.as_tensor(rows, dtype=torch.long)).to(rec.hidden[first].device)
+    elif len(starts) > 1:
+        raise ValueError("per-row start layers need the recorded states (hidden=None)")
+    if len(starts) == 1:  # one start for every row
+        R = int(hidden.shape[0]) if hidden is not None else len(idx)
+        starts = starts * R
+    elif len(starts) != len(idx):
+        raise ValueError(f"{len(starts)} start layers for {len(idx)} rows")
+    R = len(starts)
+    joined = bisect.bisect_right(starts, first)  # rows present from the first layer on
+    h = hidden if hidden is not None else rec.hidden[first][idx[:joined]]
+    counts = [bisect.bisect_right(starts, i) for i in range(L)]  # rows present in each layer
+    token = _PRESENT.set(True)
+    try:
+        with shared_prefix.rows_cache(handle, rec.prefix, counts) as cache_value:
+            for i in rec.called:
+                if i < first:
+                    continue
+                if counts[i] > h.shape[0]:  # rows whose first layer is this one join, from the recorded input
+                    h = torch.cat([h, rec.hidden[i][idx[h.shape[0]:counts[i]]]])
+                kw = {k: _rows(v, h.shape[0]) for k, v in rec.kwargs[i].items()}
+                if rec.cache_name is not None:
+                    kw[rec.cache_name] = cache_value
+                    if cache_value is None and "use_cache" in kw:
+                        kw["use_cache"] = False
+                out = a.layers[i](h, **kw)
+                h = out[0] if isinstance(out, tuple) else out
+            shared_prefix.check(cache_value)
+    finally:
+        _PRESENT.reset(token)
+    if h.shape[0] < R:  # rows that start at the head
+        h = torch.cat([h, rec.hidden[L][idx[h.shape[0]:]]])
     return a.logits(h[:, -1])
+
+
+_PRESENT: contextvars.ContextVar[bool] = contextvars.ContextVar("microscope_depth_present", default=False)
+
+
+def present() -> bool:
+    """Whether the forward now running is a :func:`run_from` whose batch may hold only the first
+    rows of an intervention's (rows joining at their own start layer)."""
+    return _PRESENT.get()

@@ -167,6 +167,7 @@ class _Plan:
             return None
         out = torch.zeros(batch, q_len, dtype=torch.bool, device=device)
         for rows, tgt, vision in entries:
+            rows, tgt, vision = _present(rows, batch, 1), _present(tgt, batch, 2), _present(vision, batch, 1)
             if tgt.ndim == 2 and tgt.shape[0] != batch:
                 raise ValueError(f"knockout plan was built for inputs of shape {tuple(tgt.shape)} but the forward "
                                  f"has batch {batch}; build the plan from the same batch you run")
@@ -184,6 +185,7 @@ class _Plan:
             return None
         out = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=device)
         for rows, src, tgt in entries:
+            rows, src, tgt = _present(rows, batch, 1), _present(src, batch, 2), _present(tgt, batch, 2)
             if src.shape[-1] != k_len or (src.ndim == 2 and src.shape[0] != batch):
                 raise ValueError(f"knockout plan was built for inputs of shape {tuple(src.shape)} but the "
                                  f"forward has batch {batch} × {k_len} tokens; build the plan from the "
@@ -194,6 +196,16 @@ class _Plan:
                 m = m & rows.to(device)[:, None, None]
             out |= m
         return out
+
+
+def _present(t, batch: int, ndim: int):
+    """A plan's per-row tensor (``ndim`` dimensions, rows first; other shapes are shared by every
+    row) for a forward holding its first ``batch`` rows: inside :func:`microscope.depth.run_from`
+    rows join at their own first layer, so a layer's batch is the first rows of the plan's;
+    elsewhere a plan must match the batch (checked by the caller)."""
+    if t is None or t.ndim != ndim or t.shape[0] <= batch or not depth.present():
+        return t
+    return t[:batch]
 
 
 def _apply(mask: torch.Tensor | None, blocked: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
@@ -347,8 +359,8 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     before the block's start, :func:`microscope.prefix.causal_start`), so those forwards start after
     them from the clean key/value cache
     (:mod:`microscope.prefix`); and the layers below a window's first layer see the clean run, so
-    each chunk of rows starts at the first layer of its windows from the clean run's recorded layer
-    inputs (:mod:`microscope.depth`): a row of window ``[lo, hi]`` computes ``L − lo`` layers of the
+    each row joins its chunk's batch at its own window's first layer, from the clean run's recorded
+    layer inputs (:mod:`microscope.depth`): a row of window ``[lo, hi]`` computes ``L − lo`` layers of the
     suffix instead of ``L`` layers of the prompt. Samples answered wrongly are skipped when ``only_correct``; edges on
     related/other image patches are skipped for samples whose question refers to no patch (or has
     no boxes, e.g. a GQA question without a scene graph), and samples whose gold answer the
@@ -426,7 +438,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         # clean run's key/value cache and only the rest is computed — rows grouped by that position
         # (an edge into the last token computes one position, one into the question the question on);
         # the layers below a window's first one see the clean run too: the clean layer inputs are
-        # recorded once per group and each chunk starts at the first layer any of its rows blocks
+        # recorded once per group and each row joins its chunk at its window's first layer
         # (microscope.depth)
         pos = positions(handle, inputs)
         firsts = [causal_start(handle, inputs, int(t[3].nonzero().min())) for t in todo]
@@ -446,8 +458,9 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
                           layers=layer_rows[[t[1] for t in chunk]],
                           vision=None if not has_cross_attention(handle) else
                           torch.tensor([bool(edge_vision(handle, t[0])) for t in chunk]))
-            with torch.no_grad(), knockout(handle, [block]):  # the chunk's rows are sorted: its first starts first
-                logits = depth.run_from(handle, recs[firsts[idx[0]]], wins[chunk[0][1]].start, [0] * r).float()
+            with torch.no_grad(), knockout(handle, [block]):  # rows sorted by first layer: each joins at its own
+                starts = [wins[t[1]].start for t in chunk]
+                logits = depth.run_from(handle, recs[firsts[idx[0]]], starts, [0] * r).float()
             for j, pb in zip(idx, logits.softmax(-1)[:, gold].cpu().tolist()):
                 p_blocked[j] = pb
         for (e, c, _, _), pb in zip(todo, p_blocked):

@@ -157,8 +157,9 @@ def causal_start(handle, inputs: dict, first: int) -> int:
     return f
 
 
-def expand(handle, prefix: list | None, rows: int):
-    """A fresh ``DynamicCache`` holding ``prefix`` for ``rows`` rows (``None`` passes through).
+def expand(handle, prefix: list | None, rows: int | Sequence[int]):
+    """A fresh ``DynamicCache`` holding ``prefix`` for ``rows`` rows (``None`` passes through);
+    ``rows`` may give each layer its own number of rows.
 
     A new cache per forward: the model appends the suffix's keys and values to it. Every layer
     keeps every position (as :func:`full_cache`), so attention functions see keys over the whole
@@ -174,7 +175,8 @@ def expand(handle, prefix: list | None, rows: int):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    cache.layers = [_view_layer(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
+    counts = [rows] * len(prefix) if isinstance(rows, int) else list(rows)
+    cache.layers = [_view_layer(k.expand(r, -1, -1, -1), v.expand(r, -1, -1, -1)) for (k, v), r in zip(prefix, counts)]
     return cache
 
 

@@ -36,7 +36,7 @@ or one row, get the plain expanded cache (:func:`microscope.prefix.expand`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -242,7 +242,7 @@ def _routed_function(base: str) -> Callable:
     return shared_prefix_attention
 
 
-def cache(handle, prefix: list, rows: int):
+def cache(handle, prefix: list, rows: int | Sequence[int]):
     """A fresh ``DynamicCache`` whose self-attention layers are :class:`SharedPrefixLayer` s of
     ``prefix`` (its whole-kept cross-attention layers as :func:`microscope.prefix.expand` has them)."""
     from transformers import DynamicCache
@@ -250,8 +250,9 @@ def cache(handle, prefix: list, rows: int):
     from microscope.prefix import _view_layer
 
     keep = set(getattr(prefix, "keep", ()))
+    counts = [rows] * len(prefix) if isinstance(rows, int) else list(rows)
     out = DynamicCache()
-    out.layers = [_view_layer(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) if i in keep
+    out.layers = [_view_layer(k.expand(counts[i], -1, -1, -1), v.expand(counts[i], -1, -1, -1)) if i in keep
                   else SharedPrefixLayer(k, v) for i, (k, v) in enumerate(prefix)]
     return out
 
@@ -282,8 +283,9 @@ def disabled() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def rows_cache(handle, prefix: list | None, rows: int) -> Iterator[object]:
-    """The key/value cache for a run of ``rows`` rows after ``prefix`` (``None`` without one), and,
+def rows_cache(handle, prefix: list | None, rows: int | Sequence[int]) -> Iterator[object]:
+    """The key/value cache for a run of ``rows`` rows after ``prefix`` (``None`` without one; a
+    sequence: each layer's number of rows), and,
     where the model's attention is ``sdpa`` or ``eager``, that attention routed through
     :func:`attend` for the block. A shared-prefix cache where the attention reaches :func:`attend`
     (plain ``sdpa``/``eager``, or an open block of an :data:`AWARE` function such as knockout's),
@@ -294,7 +296,8 @@ def rows_cache(handle, prefix: list | None, rows: int) -> Iterator[object]:
         yield None
         return
     impl = handle.adapter.attention(0).config._attn_implementation
-    shared = rows > 1 and not _DISABLED[0] and all(k.shape[0] == 1 for k, _ in prefix) and (
+    most = rows if isinstance(rows, int) else max(rows, default=0)
+    shared = most > 1 and not _DISABLED[0] and all(k.shape[0] == 1 for k, _ in prefix) and (
         impl in BASES or impl in AWARE)
     if not shared:
         yield expand(handle, prefix, rows)

@@ -430,7 +430,7 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     if not jobs:  # every job restores nothing: the corrupted run itself
         return np.full(len(keys), c.p_corrupted)
     # the layers below a job's first restored layer see the corrupted run: record its layer inputs
-    # once and start each chunk of rows at the first layer any of them restores (microscope.depth)
+    # once; each row joins its chunk's batch at the first layer it restores (microscope.depth)
     rec = depth.record(h, c.corrupted[:, off:], c.prefix if off else None, c.position_ids)
     start = [max(0, min(int(x) for x in layers)) if layers else h.adapter.n_layers for _k, layers, _ps in jobs]
     rows = sorted(((j, n) for j in range(len(jobs)) for n in range(N)), key=lambda jn: start[jn[0]])
@@ -447,8 +447,8 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
                 pp += [int(p) for p in positions]
         spec_t = {k: (torch.tensor(v[0], dtype=torch.long), torch.tensor(v[1], dtype=torch.long))
                   for k, v in spec.items() if v[0]}
-        with torch.no_grad(), _restoring(h, c.clean, spec_t, off):  # chunk rows sorted: its first starts first
-            logits = depth.run_from(h, rec, start[chunk[0][0]], [n for _j, n in chunk])
+        with torch.no_grad(), _restoring(h, c.clean, spec_t, off):  # rows sorted by first layer: each joins at its own
+            logits = depth.run_from(h, rec, [start[j] for j, _n in chunk], [n for _j, n in chunk])
         p = logits.float().softmax(-1)[:, c.answer_id].cpu().numpy()
         for (j, _n), pj in zip(chunk, p):
             out[j] += pj / N

@@ -55,6 +55,11 @@ def test_starting_at_any_layer_gives_the_whole_forwards_logits(handles, name):
             assert got.shape == (3, ref.shape[-1])
             err = float((got - ref).abs().max())
             assert err <= _bound(ref), f"{name}: suffix from {first}, start layer {layer}: max |Δlogit| {err:.2e}"
+        starts = [*rec.called, L]  # every row its own start: each joins the batch there
+        with torch.no_grad():
+            got = depth.run_from(h, rec, starts, [0] * len(starts)).float()
+        err = float((got - ref).abs().max())
+        assert err <= _bound(ref), f"{name}: suffix from {first}, rows joining at {starts}: max |Δlogit| {err:.2e}"
 
 
 def test_starting_late_skips_an_intervention_below_it(shapes_handle):
@@ -93,6 +98,10 @@ def test_bad_start_layer_is_named(shapes_handle):
     rec = depth.record(h, emb[:, -1:], prefix_of(out, emb.shape[1] - 1), positions(h, inputs))
     with pytest.raises(ValueError, match="layer must be in 0..6"):
         depth.run_from(h, rec, 7)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        depth.run_from(h, rec, [3, 1], [0, 0])
+    with pytest.raises(ValueError, match="3 start layers for 2 rows"):
+        depth.run_from(h, rec, [1, 2, 3], [0, 0])
 
 
 def test_the_sweep_computes_each_window_from_its_first_layer(shapes_handle):
@@ -111,9 +120,12 @@ def test_the_sweep_computes_each_window_from_its_first_layer(shapes_handle):
             hk.remove()
     assert len(df) == L
     starts = sorted(ko.window_layers(c, 3, L).start for c in range(L))
-    expected = 2 * L + sum(L - starts[i] for i in range(0, L, 2))  # chunks of 2 rows in start order
-    assert len(calls) == expected
-    assert sum(1 for _, b in calls if b == 2) == sum(L - starts[i] for i in range(0, L, 2))
+    # chunks of 2 rows in start order; a chunk's second row joins at its own window's first layer
+    expected: list[tuple[int, int]] = []
+    for a, b in zip(starts[0::2], starts[1::2]):
+        expected += [(i, 1) for i in range(a, b)] + [(i, 2) for i in range(b, L)]
+    assert calls[2 * L:] == expected  # after the whole forward and the recording (2 L calls of 1 row)
+    assert sum(b for _, b in calls[2 * L:]) == sum(L - x for x in starts)  # each row: its layers from its start
 
 
 def test_restorations_start_at_their_first_restored_layer(shapes_handle):
@@ -143,6 +155,17 @@ def test_restorations_start_at_their_first_restored_layer(shapes_handle):
 
     whole = tr.restore(dataclasses.replace(c, prefix=None, first=0), jobs, batch_size=1)
     assert got == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    # all 9 rows in one chunk: each job's rows join at its own first restored layer
+    calls.clear()
+    hooks = [lay.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
+             for i, lay in enumerate(h.adapter.layers)]
+    try:
+        joined = tr.restore(c, jobs, batch_size=9)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    assert calls[2 * L:] == [(i, 3) for i in range(L - 2)] + [(L - 2, 6), (L - 1, 9)]
+    assert joined == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
 
 def test_sweep_rows_compute_only_the_positions_from_their_own_first_target(shapes_handle):
