@@ -51,10 +51,11 @@ for good, which ours must not pay. ``--tol`` (1e-5) is about 100 float32 unit ro
 the methods sum the same terms in other orders (sdpa or eager kernels, a cached prefix or the whole
 prompt, 1 or 256 rows), which moved p(answer) by at most 3e-7 in the tiny runs, while a wrong
 token restored, a knockout window one layer late or a transposed mask moved it by 6e-3..8e-2.
-At 2,900 tokens ours' tracing default of 256 rows holds a 12 GB key/value cache: pass
-``--batch-size 64`` for llava-next on a machine with less memory.
+Ours' rows share one copy of the clean prefix (``microscope.shared_prefix``) and its batches are
+sized by memory (``microscope.batching``) unless ``--batch-size`` is given.
 
-Columns: ``forwards`` — model forwards (traces) the method runs; ``time`` — seconds: a method whose
+Columns: ``forwards`` — model forwards (traces) the method runs (ours: every batch through the
+model's last decoder layer, the recordings of depth reuse included); ``time`` — seconds: a method whose
 first run takes under ``--repeat-under`` seconds (60) is run ``--repeat`` times (3) and the best
 is shown, a slower one runs once; ``ours faster`` — time / ours' time (> 1: ours is faster);
 ``max |Δp|`` — the largest difference from ours' p(answer) over all units.
@@ -68,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -232,10 +232,20 @@ def knockout_units(h: Handle, s, edges: Sequence[str]) -> tuple[dict, int, list[
     return dict(batch.inputs), gold, units
 
 
-def knockout_ours(S: Setup, edges: Sequence[str], window: int, batch_size: int, _nb: int) -> Result:
-    df = ko.sweep(S.ours, S.samples, edges=edges, window=window, batch_size=batch_size, only_correct=False,
-                  progress=False)
-    forwards = sum(1 + math.ceil(k / batch_size) for k in df.groupby("sample_id").size())
+def _forwards(h, fn: Callable[[], object]) -> tuple[object, int]:
+    """``fn()`` and how many batches went through the model's last decoder layer (every forward,
+    recording or batch of rows, ends there)."""
+    n = [0]
+    hook = h.adapter.layers[-1].register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))
+    try:
+        return fn(), n[0]
+    finally:
+        hook.remove()
+
+
+def knockout_ours(S: Setup, edges: Sequence[str], window: int, batch_size: int | None, _nb: int) -> Result:
+    df, forwards = _forwards(S.ours, lambda: ko.sweep(S.ours, S.samples, edges=edges, window=window,
+                                                      batch_size=batch_size, only_correct=False, progress=False))
     return {(r.sample_id, r.edge, int(r.layer)): float(r.p_blocked) for r in df.itertuples()}, forwards
 
 
@@ -296,10 +306,10 @@ def knockout_nnsight_batched(S: Setup, edges: Sequence[str], window: int, _bs: i
 
 # ---------------------------------------------------------------------------------------- tracing
 
-def tracing_ours(S: Setup, cs: Sequence[tr.Corrupted], batch_size: int, _nb: int) -> Result:
-    maps = [tr.trace(S.ours, s, sites=["resid"], corrupted=c, batch_size=batch_size) for s, c in zip(S.samples, cs)]
-    out = tracing_cells(cs, maps)
-    return out, sum(math.ceil(sum(1 for key in out if key[0] == k) * c.n_noise / batch_size) for k, c in enumerate(cs))
+def tracing_ours(S: Setup, cs: Sequence[tr.Corrupted], batch_size: int | None, _nb: int) -> Result:
+    maps, forwards = _forwards(S.ours, lambda: [tr.trace(S.ours, s, sites=["resid"], corrupted=c, batch_size=batch_size)
+                                                for s, c in zip(S.samples, cs)])
+    return tracing_cells(cs, maps), forwards
 
 
 def tracing_published(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, _nb: int) -> Result:
@@ -409,12 +419,12 @@ def run_analysis(S: Setup, analysis: str, methods: Sequence[str], args: argparse
     if analysis == "knockout":
         window = args.window or ko.knockout_window(L)
         edges = list(ko.SWEEP_EDGES)
-        fns, extra = KNOCKOUT, (edges, window, args.batch_size or 64, args.nnsight_batch_size)
+        fns, extra = KNOCKOUT, (edges, window, args.batch_size, args.nnsight_batch_size)
         what = f"{len(edges)} edges × {L} centres, window {window}"
     else:
         sigma = tr.noise_sigma(S.ours, S.samples)
         cs = [tr.corrupt(S.ours, s, n_noise=args.noise, sigma=sigma, seed=k) for k, s in enumerate(S.samples)]
-        fns, extra = TRACING, (cs, args.batch_size or 256, args.nnsight_batch_size)
+        fns, extra = TRACING, (cs, args.batch_size, args.nnsight_batch_size)
         what = f"{L + 1} layers × tokens from the first corrupted one, N = {args.noise}"
     rows, results = [], {}
     for m in ["ours"] + [m for m in methods if m != "ours"]:
@@ -516,7 +526,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--window", type=int, default=None, help="knockout window (default: scaled to depth, 9 for 32)")
     ap.add_argument("--noise", type=int, default=10, help="corrupted copies per sample (tracing)")
-    ap.add_argument("--batch-size", type=int, default=None, help="ours' rows per forward (64 knockout, 256 tracing)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="ours' rows per forward (default: the library's, sized by memory)")
     ap.add_argument("--nnsight-batch-size", type=int, default=16, help="rows per trace of nnsight-batched")
     ap.add_argument("--repeat", type=int, default=3, help="runs of a fast method; the best time is shown")
     ap.add_argument("--repeat-under", type=float, default=60.0,

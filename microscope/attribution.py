@@ -168,7 +168,7 @@ def attention_contributions(handle, samples: Sequence, layers: Sequence[int] | N
 
 
 def restoration_scores(handle, samples: Sequence, n_noise: int = 10, scale: float = 3.0,
-                       sigma: float | None = None, layer: int = -1, seed: int = 0, batch_size: int = 256,
+                       sigma: float | None = None, layer: int = -1, seed: int = 0, batch_size: int | None = None,
                        only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
     """Indirect effect of restoring each image token (its residual state at ``layer``; ``-1`` =
     decoder input) with every image token corrupted. One row per sample × image token:
@@ -250,8 +250,9 @@ def objectness_scores(handle, samples: Sequence, progress: bool = True) -> pd.Da
 
 
 def group_restoration_scores(handle, samples: Sequence, min_coverage: float = 0.15, n_noise: int = 10,
-                             scale: float = 3.0, sigma: float | None = None, seed: int = 0, batch_size: int = 256,
-                             only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
+                             scale: float = 3.0, sigma: float | None = None, seed: int = 0,
+                             batch_size: int | None = None, only_correct: bool = True,
+                             progress: bool = True) -> pd.DataFrame:
     """Restoration of whole objects: every image token corrupted with noise (as in
     :func:`restoration_scores`), then the decoder inputs of a *set* ``K`` of objects' patches
     (patches an object covers ≥ ``min_coverage``) restored together, for every ``K``:

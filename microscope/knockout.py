@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from microscope import attention, depth, shared_prefix, validate
+from microscope import attention, batching, depth, shared_prefix, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.crossattn import has_cross_attention, no_patch_tokens
 from microscope.errors import MicroscopeError
@@ -347,12 +347,13 @@ def window_layers(center: int, window: int, n_layers: int) -> range:
 
 
 def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window: int | None = None,
-          batch_size: int = 64, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
+          batch_size: int | None = None, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
     """Knockout effect for every sample × edge × window centre, batched.
 
     Per sample: one ordinary forward (base probability, and the decoder's input embeddings with
     the image features merged in), then every (edge, centre) pair as one row of a batch of
     ``inputs_embeds`` forwards with per-row layer masks — ``ceil(E·L / batch_size)`` forwards
+    (``batch_size=None``: as many rows as memory holds, :mod:`microscope.batching`)
     instead of ``E·L``. Related/other-image edges are skipped (with a warning) on models whose
     image tokens have no patch grid. Positions before the first target query cannot change (causal
     attention; where a bidirectional block holds that query — Gemma 3's image, PaliGemma's prompt —
@@ -375,7 +376,7 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
     a = handle.adapter
     L = a.n_layers
     window = knockout_window(L) if window is None else validate.window(window)
-    batch_size = validate.positive_int(batch_size, "batch_size")
+    batch_size = None if batch_size is None else validate.positive_int(batch_size, "batch_size")
     edges = validate.strings(edges, "edges")  # one edge given as a string is a list of one
     for e in edges:
         parse_edge(e)
@@ -442,15 +443,17 @@ def sweep(handle, samples: Sequence, edges: Sequence[str] = SWEEP_EDGES, window:
         # (microscope.depth)
         pos = positions(handle, inputs)
         firsts = [causal_start(handle, inputs, int(t[3].nonzero().min())) for t in todo]
-        recs = {}
+        recs, rows = {}, {}
         for f in sorted(set(firsts)):
-            recs[f] = depth.record(handle, emb[:, f:], prefix_of(out, f, keep=handle.adapter.cross_attention_layers),
-                                   pos)
+            pre = prefix_of(out, f, keep=handle.adapter.cross_attention_layers)
+            recs[f] = depth.record(handle, emb[:, f:], pre, pos)
+            rows[f] = batch_size or batching.rows_per_batch(handle, pre, emb.shape[1] - f)
         order = sorted(range(len(todo)), key=lambda j: (firsts[j], wins[todo[j][1]].start))  # stable
         p_blocked = [0.0] * len(todo)
         i = 0
         while i < len(order):
-            idx = [j for j in order[i:i + batch_size] if firsts[j] == firsts[order[i]]]  # one suffix per chunk
+            f = firsts[order[i]]
+            idx = [j for j in order[i:i + rows[f]] if firsts[j] == f]  # one suffix per chunk
             i += len(idx)
             chunk = [todo[j] for j in idx]
             r = len(chunk)

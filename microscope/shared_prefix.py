@@ -282,6 +282,15 @@ def disabled() -> Iterator[None]:
         _DISABLED[0] -= 1
 
 
+def shares(handle, prefix: list | None) -> bool:
+    """Whether runs after ``prefix`` on ``handle`` share one copy of it (:func:`rows_cache`): the
+    decoder's attention is ``sdpa``/``eager`` or an :data:`AWARE` function, and nothing disabled it."""
+    if not prefix or _DISABLED[0] or any(k.shape[0] != 1 for k, _ in prefix):
+        return False
+    impl = handle.adapter.attention(0).config._attn_implementation
+    return impl in BASES or impl in AWARE
+
+
 @contextlib.contextmanager
 def rows_cache(handle, prefix: list | None, rows: int | Sequence[int]) -> Iterator[object]:
     """The key/value cache for a run of ``rows`` rows after ``prefix`` (``None`` without one; a
@@ -297,9 +306,7 @@ def rows_cache(handle, prefix: list | None, rows: int | Sequence[int]) -> Iterat
         return
     impl = handle.adapter.attention(0).config._attn_implementation
     most = rows if isinstance(rows, int) else max(rows, default=0)
-    shared = most > 1 and not _DISABLED[0] and all(k.shape[0] == 1 for k, _ in prefix) and (
-        impl in BASES or impl in AWARE)
-    if not shared:
+    if most <= 1 or not shares(handle, prefix):
         yield expand(handle, prefix, rows)
         return
     value = cache(handle, prefix, rows)

@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from microscope import depth, validate
+from microscope import batching, depth, validate
 from microscope.answers import MODEL, NoTarget, answer_target, gold_id, only_correct_note
 from microscope.crossattn import CrossInputs, has_cross_attention, no_patch_tokens
 from microscope.extract import SITES, capture, sites_of
@@ -402,7 +402,7 @@ def _as_restore(job) -> Restore:
     return Restore(site, layers, positions)
 
 
-def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
     """``p_restored`` (mean over noise samples) for each :class:`Restore` (or ``(site, layers,
     positions)`` tuple) of ``jobs``: the clean values of ``site`` at every (layer, position) of
     the job are written into each corrupted copy (a job with no positions restores nothing).
@@ -410,7 +410,8 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
 
     Rows compute only what a restoration can change: the positions from the first corrupted one
     (the clean prefix cache) in the layers from the job's first restored layer on — the corrupted
-    run's inputs of the layers below it are recorded once (:mod:`microscope.depth`)."""
+    run's inputs of the layers below it are recorded once (:mod:`microscope.depth`).
+    ``batch_size``: rows per forward (``None``: as many as memory holds, :mod:`microscope.batching`)."""
     h = c.handle
     sites = sites_of(h)
     jobs = [_as_restore(j) for j in jobs]
@@ -435,6 +436,9 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
     start = [max(0, min(int(x) for x in layers)) if layers else h.adapter.n_layers for _k, layers, _ps in jobs]
     rows = sorted(((j, n) for j in range(len(jobs)) for n in range(N)), key=lambda jn: start[jn[0]])
     out = np.zeros(len(jobs))
+    prefix = c.prefix if off else None
+    batch_size = (batching.rows_per_batch(h, prefix, c.corrupted.shape[1] - off) if batch_size is None
+                  else validate.positive_int(batch_size, "batch_size"))
     it = range(0, len(rows), batch_size)
     for i in tqdm(it, desc="restore", disable=not progress, mininterval=5):
         chunk = rows[i:i + batch_size]
@@ -459,7 +463,7 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int = 256, progress: 
 def trace(handle, sample, sites: Sequence[str] = SITES, corruption: str = "noise", target: str = "constraint",
           n_noise: int = 10, scale: float = 3.0, sigma: float | None = None, window: int | None = None,
           positions: Sequence[int] | None = None, replace_with: Sequence[str] | None = None, seed: int = 0,
-          batch_size: int = 256, corrupted: Corrupted | None = None) -> pd.DataFrame:
+          batch_size: int | None = None, corrupted: Corrupted | None = None) -> pd.DataFrame:
     """The layer × token map of indirect effects of one sample, for each site.
 
     One row per (site, layer, position): ``model, sample_id, category, site, corruption, target,
@@ -553,7 +557,7 @@ def corrupted_samples(handle, samples: Sequence, corruption: str, target: str, n
 def trace_dataset(handle, samples: Sequence, sites: Sequence[str] = SITES, corruption: str = "noise",
                   target: str = "constraint", n_noise: int = 10, scale: float = 3.0, sigma: float | None = None,
                   window: int | None = None, replace_with: Sequence[str] | None = None, seed: int = 0,
-                  batch_size: int = 256, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
+                  batch_size: int | None = None, only_correct: bool = True, progress: bool = True) -> pd.DataFrame:
     """:func:`trace` over ``samples`` (one shared ``sigma``, from the samples unless given), skipping
     samples the model answers wrongly (``only_correct``; it does not apply to samples without a
     gold answer, which are traced on the model's own answer), that have nothing to corrupt, or
