@@ -37,7 +37,9 @@ def _checked(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` if it is a 2-D array of finite numbers; else a ``ValueError`` naming the bad rows."""
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D (n, d) array, got shape {tuple(t.shape)}")
-    if t.is_floating_point() or t.is_complex():
+    # a finite sum has no NaN or inf term (either would make it NaN or inf): one read of the data
+    # instead of a boolean mask of it; the rows are found only when there is something to name
+    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t.sum())):
         bad = torch.nonzero(~torch.isfinite(t).all(1)).flatten()
         if len(bad):
             raise ValueError(f"{name} has {len(bad)} of {len(t)} rows with NaN or inf values (rows "
@@ -325,7 +327,8 @@ def pc1_ratio(X: Array, rtol: float = 1e-10, block: int = 16, seed: int = 0) -> 
     if len(x) < 2:
         raise ValueError(f"the PC1 ratio needs at least 2 points, got {len(x)}")
     x = x - x.mean(0, keepdim=True)
-    total = float((x ** 2).sum())
+    flat = x.reshape(-1)
+    total = float(flat @ flat)
     if total == 0:
         raise ValueError(f"all {len(x)} points are identical: there is no variance, so the PC1 ratio is undefined")
     n, d = x.shape

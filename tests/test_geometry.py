@@ -487,3 +487,13 @@ def test_pc1_ratio_of_two_points_is_one_and_of_one_point_refused():
     assert G.pc1_ratio(np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0]])) == pytest.approx(1.0)  # one direction
     with pytest.raises(ValueError, match="the PC1 ratio needs at least 2 points, got 1"):
         G.pc1_ratio(np.ones((1, 3)))
+
+
+def test_finite_values_whose_sum_overflows_are_not_refused():
+    """The finiteness check reads the sum first; a sum that overflows on finite values (1.5e308 ·
+    3 > float64's max) must fall back to checking the values, not refuse them."""
+    big = torch.full((3, 2), 1.5e308, dtype=torch.float64)
+    assert torch.isinf(big.sum()) and G._checked(big, "X") is big
+    big[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"1 of 3 rows with NaN or inf values \(rows \[1\]\)"):
+        G._checked(big, "X")
