@@ -26,6 +26,18 @@ def _clean(h, seed=3):
     return inputs, out, acts["resid.-1"]
 
 
+def _layer_calls(h, fn):
+    """``fn()`` and the (decoder layer, batch size) of every decoder-layer call it made, in order."""
+    calls: list[tuple[int, int]] = []
+    hooks = [lay.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
+             for i, lay in enumerate(h.adapter.layers)]
+    try:
+        return fn(), calls
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
 def _bound(logits: torch.Tensor) -> float:
     """Float round-off allowance for the same logits summed in another order (another batch size,
     another number of query rows in each matrix product): 64 units of float32 rounding of the
@@ -110,14 +122,8 @@ def test_the_sweep_computes_each_window_from_its_first_layer(shapes_handle):
     h = shapes_handle
     L = h.adapter.n_layers
     s = load_samples("shapes", 1, 3, handle=h)
-    calls = []
-    hooks = [lay.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
-             for i, lay in enumerate(h.adapter.layers)]
-    try:
-        df = ko.sweep(h, s, edges=["image↛last"], window=3, batch_size=2, only_correct=False, progress=False)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    df, calls = _layer_calls(h, lambda: ko.sweep(h, s, edges=["image↛last"], window=3, batch_size=2,
+                                                 only_correct=False, progress=False))
     assert len(df) == L
     starts = sorted(ko.window_layers(c, 3, L).start for c in range(L))
     # chunks of 2 rows in start order; a chunk's second row joins at its own window's first layer
@@ -140,14 +146,7 @@ def test_restorations_start_at_their_first_restored_layer(shapes_handle):
     c = tr.corrupt(h, s, n_noise=3, seed=0)
     last = c.n_tokens - 1
     jobs = [("resid", [L - 1], [last]), ("mlp", [L - 2], [last]), ("resid", [-1], [last])]
-    calls = []
-    hooks = [lay.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
-             for i, lay in enumerate(h.adapter.layers)]
-    try:
-        got = tr.restore(c, jobs, batch_size=3)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    got, calls = _layer_calls(h, lambda: tr.restore(c, jobs, batch_size=3))
     # chunks of 3 rows (the 3 noise draws of one job), sorted by start: layer 0, L-2, L-1
     assert calls == [(i, 3) for i in range(L)] + [(i, 1) for i in range(L)] + \
         [(i, 3) for i in range(L)] + [(i, 3) for i in range(L - 2, L)] + [(L - 1, 3)]
@@ -156,14 +155,7 @@ def test_restorations_start_at_their_first_restored_layer(shapes_handle):
     whole = tr.restore(dataclasses.replace(c, prefix=None, first=0), jobs, batch_size=1)
     assert got == pytest.approx(whole, rel=1e-5, abs=1e-7)
     # all 9 rows in one chunk: each job's rows join at its own first restored layer
-    calls.clear()
-    hooks = [lay.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
-             for i, lay in enumerate(h.adapter.layers)]
-    try:
-        joined = tr.restore(c, jobs, batch_size=9)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    joined, calls = _layer_calls(h, lambda: tr.restore(c, jobs, batch_size=9))
     assert calls[2 * L:] == [(i, 3) for i in range(L - 2)] + [(L - 2, 6), (L - 1, 9)]
     assert joined == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
