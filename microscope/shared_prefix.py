@@ -173,8 +173,11 @@ def _prefix_part(qf: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, mask: tor
     returns the log-sum-exp (``fused``); the same in three products and a softmax otherwise."""
     if fused and _FLASH_CPU is not None and qf.device.type == "cpu" and qf.dtype in (torch.float32, torch.float64):
         m = None if mask is None else mask.to(qf.dtype).expand(qf.shape[0], -1, -1)[None]
-        out, lse = _FLASH_CPU(qf[None], kp, vp, 0.0, False, attn_mask=m, scale=scale)
-        return out[0], lse[0]
+        try:
+            out, lse = _FLASH_CPU(qf[None], kp, vp, 0.0, False, attn_mask=m, scale=scale)
+            return out[0], lse[0]
+        except (TypeError, RuntimeError):  # a private op: another torch may take other arguments
+            pass
     acc = torch.promote_types(qf.dtype, torch.float32)
     s = torch.bmm(qf, kp[0].transpose(-1, -2)).to(acc).mul_(scale)
     if mask is not None:

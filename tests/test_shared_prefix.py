@@ -148,3 +148,17 @@ def test_depth_reuse_attends_one_prefix_copy_per_layer(shapes_handle, recording,
     bound = 64 * torch.finfo(torch.float32).eps * max(1.0, float(ref.abs().max()))
     assert float((got - ref).abs().max()) <= bound and float((plain - ref).abs().max()) <= bound
     assert not shared_prefix._BY_KEY  # nothing is kept after the run
+
+
+def test_a_fused_kernel_that_refuses_its_arguments_falls_back_to_the_plain_products(monkeypatch):
+    """The fused CPU kernel is a private torch op: if another torch takes other arguments, the
+    prefix part is computed by the plain products, with the same numbers."""
+    (q, kp, vp, ks, vs), masks = _inputs(torch.float32)
+
+    def refuses(*a, **k):
+        raise TypeError("unexpected keyword argument")
+
+    monkeypatch.setattr(shared_prefix, "_FLASH_CPU", refuses)
+    got = shared_prefix._attention(q, kp, vp, ks, vs, masks["bool"], 0.3, None, True)
+    want = _reference(q, kp, vp, ks, vs, masks["bool"], 0.3, None)
+    assert float((got - want).abs().max()) <= _bound(vs, P + S)
