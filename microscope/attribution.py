@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -54,10 +53,11 @@ _NAME = "microscope_record_eager"
 
 
 def _recording_attention(module, query, key, value, attention_mask, **kwargs):
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
+    try:
+        fn = attention.base_function(module, "eager")
+    except RuntimeError:
         raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward; attention weights cannot be "
-                           "recorded for this architecture")
+                           "recorded for this architecture") from None
     out, weights = fn(module, query, key, value, attention_mask, **kwargs)
     entry = attention.state(module)
     if isinstance(entry, tuple):  # (store, layer) inside record_attention, None outside

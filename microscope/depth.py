@@ -158,8 +158,7 @@ def run_from(handle, rec: Recording, layer: int | Sequence[int], rows: torch.Ten
     elif len(starts) > 1:
         raise ValueError("per-row start layers need the recorded states (hidden=None)")
     if len(starts) == 1:  # one start for every row
-        R = int(hidden.shape[0]) if hidden is not None else len(idx)
-        starts = starts * R
+        starts = starts * (int(hidden.shape[0]) if hidden is not None else len(idx))
     elif len(starts) != len(idx):
         raise ValueError(f"{len(starts)} start layers for {len(idx)} rows")
     R = len(starts)

@@ -246,17 +246,14 @@ def _routed_function(base: str) -> Callable:
 
 
 def cache(handle, prefix: list, rows: int | Sequence[int]):
-    """A fresh ``DynamicCache`` whose self-attention layers are :class:`SharedPrefixLayer` s of
-    ``prefix`` (its whole-kept cross-attention layers as :func:`microscope.prefix.expand` has them)."""
-    from transformers import DynamicCache
-
-    from microscope.prefix import _view_layer
+    """A fresh cache of ``prefix`` for ``rows`` rows (:func:`microscope.prefix.expand`, which checks
+    the prefix against the model) whose self-attention layers are :class:`SharedPrefixLayer` s; its
+    whole-kept cross-attention layers stay as ``expand`` makes them."""
+    from microscope.prefix import expand
 
     keep = set(getattr(prefix, "keep", ()))
-    counts = [rows] * len(prefix) if isinstance(rows, int) else list(rows)
-    out = DynamicCache()
-    out.layers = [_view_layer(k.expand(counts[i], -1, -1, -1), v.expand(counts[i], -1, -1, -1)) if i in keep
-                  else SharedPrefixLayer(k, v) for i, (k, v) in enumerate(prefix)]
+    out = expand(handle, prefix, rows)
+    out.layers = [layer if i in keep else SharedPrefixLayer(*prefix[i]) for i, layer in enumerate(out.layers)]
     return out
 
 

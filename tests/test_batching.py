@@ -14,14 +14,18 @@ from microscope.data import load_samples
 from microscope.prefix import clean_cache, prefix_of
 
 
-@pytest.fixture(scope="module")
-def prefix(shapes_handle):
-    h = shapes_handle
+def _prefix(h, back: int):
+    """The clean cache of every position but the last ``back`` of one sample's prompt."""
     s = load_samples("shapes", 1, 3, handle=h)[0]
     inputs = {k: v.to(h.device) for k, v in microscope.prepare_samples(h, [s]).inputs.items()}
     with torch.no_grad():
         out = h.model(**inputs, use_cache=True, **clean_cache(h), logits_to_keep=1)
-    return prefix_of(out, int(inputs["input_ids"].shape[1]) - 5)
+    return prefix_of(out, int(inputs["input_ids"].shape[1]) - back)
+
+
+@pytest.fixture(scope="module")
+def prefix(shapes_handle):
+    return _prefix(shapes_handle, 5)
 
 
 def test_a_row_pays_for_the_prefix_only_where_rows_do_not_share_it(shapes_handle, prefix):
@@ -66,9 +70,4 @@ def test_the_sweep_runs_batches_of_the_memory_sized_row_count(shapes_handle, mon
 
 def _row(h) -> int:
     """The per-row bytes of the sweep's image↛last rows: one position after the clean prefix."""
-    s = load_samples("shapes", 1, 3, handle=h)[0]
-    inputs = {k: v.to(h.device) for k, v in microscope.prepare_samples(h, [s]).inputs.items()}
-    with torch.no_grad():
-        out = h.model(**inputs, use_cache=True, **clean_cache(h), logits_to_keep=1)
-    T = int(inputs["input_ids"].shape[1])
-    return batching.row_bytes(h, prefix_of(out, T - 1), 1, shared=True)
+    return batching.row_bytes(h, _prefix(h, 1), 1, shared=True)
