@@ -70,9 +70,10 @@ def _keep_float(x: Array, name: str = "X") -> torch.Tensor:
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its columns centred, divided by its Frobenius norm (a new tensor)."""
     x = x - x.mean(0, keepdim=True)
-    nrm = torch.linalg.matrix_norm(x)
-    return x / nrm if nrm > 0 else x
+    nrm = torch.linalg.vector_norm(x)
+    return x.div_(nrm) if nrm > 0 else x
 
 
 # ----------------------------------------------------------------------------- linearity
@@ -87,6 +88,25 @@ def _cholesky_ok(g: torch.Tensor) -> torch.Tensor | None:
     if not torch.isfinite(piv).all() or piv.min() <= piv.max() * len(g) * torch.finfo(torch.float64).eps * 10:
         return None
     return L
+
+
+def _gram(z: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``ZᵀZ`` of ``Z`` ``(n, m)``, computing each off-diagonal block once.
+
+    The columns are cut into ``blocks`` groups; group ``i``'s row of blocks ``Z_iᵀ[Z_i … Z_k]`` is one
+    matrix product and the blocks below the diagonal are its transposes: ``(k + 1)/(2k)`` of a full
+    product's ``2·n·m²`` flops (5/8 for 4 groups), with products still large enough to run at the
+    BLAS's full rate (torch has no ``syrk``). Small matrices take one product."""
+    m = z.shape[1]
+    if m < 64 * blocks:
+        return z.T @ z
+    g = torch.empty(m, m, dtype=z.dtype, device=z.device)
+    edge = [m * i // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edge, edge[1:]):
+        row = z[:, lo:hi].T @ z[:, lo:]
+        g[lo:hi, lo:] = row
+        g[hi:, lo:hi] = row[:, hi - lo:].T
+    return g
 
 
 def _explained(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -105,19 +125,20 @@ def _explained(x: torch.Tensor, y: torch.Tensor) -> float:
     """
     n, d = x.shape
     if n - 1 <= d:
-        k = x @ x.T
+        k = _gram(x.T)
         s = torch.trace(k) / n
         if s > 0 and _cholesky_ok(k + s / n) is not None:  # + (s/n)·11ᵀ fills the constant direction
             return float((y ** 2).sum())
     else:
-        L = _cholesky_ok(x.T @ x)
+        g = _gram(x)
+        L = _cholesky_ok(g)
         if L is not None:
             return float((torch.linalg.solve_triangular(L, x.T @ y, upper=False) ** 2).sum())
     if n >= d:
-        lam, v = torch.linalg.eigh(x.T @ x)
+        lam, v = torch.linalg.eigh(g if n - 1 > d else _gram(x))
         c2 = (v.T @ (x.T @ y)) ** 2
     else:
-        lam, u = torch.linalg.eigh(x @ x.T)
+        lam, u = torch.linalg.eigh(k)
         c2 = (u.T @ y) ** 2 * lam.unsqueeze(1)
     keep = lam > lam.max().clamp(min=0) * max(n, d) * torch.finfo(torch.float64).eps
     return float((c2[keep].sum(1) / lam[keep]).sum())

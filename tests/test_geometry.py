@@ -257,6 +257,23 @@ def test_linearity_fast_paths_agree_with_least_squares():
     # n > d with collinear columns: Cholesky refused, eigen path
     X3 = np.hstack([X2, X2[:, :5] * 2.0])
     assert G.linearity(X3, Y2) == pytest.approx(lstsq_score(X3, Y2), abs=1e-9)
+    # wide enough for the Gram matrix in blocks (300 columns), on the Cholesky and the eigen paths
+    X4, Y4 = rng.standard_normal((700, 300)), rng.standard_normal((700, 300))
+    assert G.linearity(X4, Y4) == pytest.approx(lstsq_score(X4, Y4), abs=1e-10)
+    X5 = rng.standard_normal((700, 20)) @ rng.standard_normal((20, 300))
+    assert G.linearity(X5, Y4) == pytest.approx(lstsq_score(X5, Y4), abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(513, 300), (40, 257), (300, 1030), (90, 60)])
+def test_gram_in_blocks_is_the_full_product(shape):
+    """Each entry of a float64 ``ZᵀZ`` computed any way is within ``γ_n (|Z|ᵀ|Z|)_ij`` of the exact
+    one (``γ_n = n·u/(1 − n·u)``, u = 2⁻⁵³, whatever the BLAS's summation order), so two ways
+    differ by at most twice that."""
+    z = torch.tensor(np.random.default_rng(shape[1]).standard_normal(shape))
+    g, ref = G._gram(z), z.T @ z
+    u = 2.0 ** -53
+    bound = 2 * (shape[0] * u / (1 - shape[0] * u)) * (z.abs().T @ z.abs())
+    assert ((g - ref).abs() <= bound).all()
 
 
 def with_spectrum(n: int, d: int, lam: np.ndarray, seed: int) -> np.ndarray:
