@@ -31,7 +31,8 @@ test: env browser
 	@echo "lint and type check first: a ruff or mypy error fails make test before any test runs"
 	$(BIN)/ruff check microscope tests benchmarks
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q --ignore=tests/test_notebooks.py
+	@echo "the tests, two processes at a time (one test file stays on one process), one thread each"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore=tests/test_notebooks.py
 	@echo "the notebooks under papermill on every model type: two kernels at a time, one thread each"
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests/test_notebooks.py
 	@echo "geometry once more on other kernels: torch's baseline CPU code, MKL's compatible path, OpenBLAS's oldest x86-64 kernels, one thread"

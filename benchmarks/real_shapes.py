@@ -58,7 +58,13 @@ Columns: ``forwards`` — model forwards (traces) the method runs (ours: every b
 model's last decoder layer, the recordings of depth reuse included); ``time`` — seconds: a method whose
 first run takes under ``--repeat-under`` seconds (60) is run ``--repeat`` times (3) and the best
 is shown, a slower one runs once; ``ours faster`` — time / ours' time (> 1: ours is faster);
-``max |Δp|`` — the largest difference from ours' p(answer) over all units.
+``max |Δp|`` — the largest difference from ours' p(answer) over all units; ``token-layers`` — the
+(row, position) pairs all decoder layers computed together (a whole forward of T tokens: L·T), counted
+by hooks where the method runs our model (not for nnsight's copies); ``ours less work`` — the
+published layout's token-layers over ours'. At real widths the decoder's projections and MLPs, whose
+cost is proportional to token-layers, dominate a forward, so that column is about the ratio the
+method can reach there with no overhead at all (the vision tower, run once by ours and once per
+forward by the published layout, is not in it).
 
 ``--growth layers|tokens|samples`` times every method over ``--values`` of that dimension (tokens:
 image sizes, the x axis the prompt length), prints a table and writes a log-log plot of time against it per analysis to
@@ -211,8 +217,9 @@ def setup(model: str, layers: int | None, size: int | None, vision_layers: int, 
 
 # --------------------------------------------------------------------------------------- knockout
 
-#: a method's answer: p(answer) per unit, and the number of forwards (traces) it ran
-Result = tuple[dict, int]
+#: a method's answer: p(answer) per unit, the number of forwards (traces) it ran, and the decoder
+#: token-layers it computed (counted where the method runs our model; None for nnsight's copies)
+Result = tuple[dict, int, int | None]
 
 
 def knockout_units(h: Handle, s, edges: Sequence[str]) -> tuple[dict, int, list[tuple[str, torch.Tensor]]]:
@@ -232,26 +239,34 @@ def knockout_units(h: Handle, s, edges: Sequence[str]) -> tuple[dict, int, list[
     return dict(batch.inputs), gold, units
 
 
-def _forwards(h, fn: Callable[[], object]) -> tuple[object, int]:
-    """``fn()`` and how many batches went through the model's last decoder layer (every forward,
-    recording or batch of rows, ends there)."""
-    n = [0]
-    hook = h.adapter.layers[-1].register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))
+def _forwards(h, fn: Callable[[], object]) -> tuple[object, int, int]:
+    """``fn()``, how many batches went through the model's last decoder layer (every forward,
+    recording or batch of rows, ends there) and how many (row, position) pairs all decoder layers
+    together computed: the decoder's work in token-layers, a whole forward of T tokens being L·T."""
+    n, work = [0], [0]
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        work[0] += int(hidden.shape[0]) * int(hidden.shape[1])
+
+    hooks = [h.adapter.layers[-1].register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))]
+    hooks += [layer.register_forward_pre_hook(count, with_kwargs=True) for layer in h.adapter.layers]
     try:
-        return fn(), n[0]
+        return fn(), n[0], work[0]
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def knockout_ours(S: Setup, edges: Sequence[str], window: int, batch_size: int | None, _nb: int) -> Result:
-    df, forwards = _forwards(S.ours, lambda: ko.sweep(S.ours, S.samples, edges=edges, window=window,
-                                                      batch_size=batch_size, only_correct=False, progress=False))
-    return {(r.sample_id, r.edge, int(r.layer)): float(r.p_blocked) for r in df.itertuples()}, forwards
+    df, forwards, work = _forwards(S.ours, lambda: ko.sweep(S.ours, S.samples, edges=edges, window=window,
+                                                            batch_size=batch_size, only_correct=False, progress=False))
+    return {(r.sample_id, r.edge, int(r.layer)): float(r.p_blocked) for r in df.itertuples()}, forwards, work
 
 
 def knockout_published(S: Setup, edges: Sequence[str], window: int, _bs: int, _nb: int) -> Result:
-    out = knockout_reference(S.ours, S.samples, edges, window)
-    return out, len(out)
+    out, _, work = _forwards(S.ours, lambda: knockout_reference(S.ours, S.samples, edges, window))
+    return out, len(out), work
 
 
 def knockout_nnsight(S: Setup, edges: Sequence[str], window: int, _bs: int, _nb: int) -> Result:
@@ -270,7 +285,7 @@ def knockout_nnsight(S: Setup, edges: Sequence[str], window: int, _bs: int, _nb:
                         layers[layer].self_attn.inputs = (args, {**kwargs, "attention_mask": mask})
                     p = nn.output.logits[0, -1].float().softmax(-1)[gold].save()
                 out[(s.id, e, c)] = float(p)
-    return out, len(out)
+    return out, len(out), None
 
 
 def knockout_nnsight_batched(S: Setup, edges: Sequence[str], window: int, _bs: int, batch_size: int) -> Result:
@@ -301,20 +316,20 @@ def knockout_nnsight_batched(S: Setup, edges: Sequence[str], window: int, _bs: i
             forwards += 1
             for (e, _, c), pj in zip(chunk, p.tolist()):
                 out[(s.id, e, c)] = pj
-    return out, forwards
+    return out, forwards, None
 
 
 # ---------------------------------------------------------------------------------------- tracing
 
 def tracing_ours(S: Setup, cs: Sequence[tr.Corrupted], batch_size: int | None, _nb: int) -> Result:
-    maps, forwards = _forwards(S.ours, lambda: [tr.trace(S.ours, s, sites=["resid"], corrupted=c, batch_size=batch_size)
-                                                for s, c in zip(S.samples, cs)])
-    return tracing_cells(cs, maps), forwards
+    maps, forwards, work = _forwards(S.ours, lambda: [tr.trace(S.ours, s, sites=["resid"], corrupted=c,
+                                                               batch_size=batch_size) for s, c in zip(S.samples, cs)])
+    return tracing_cells(cs, maps), forwards, work
 
 
 def tracing_published(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, _nb: int) -> Result:
-    out = tracing_reference(cs)
-    return out, len(out)
+    out, _, work = _forwards(cs[0].handle, lambda: tracing_reference(cs))
+    return out, len(out), work
 
 
 def _clean_states(S: Setup, s) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -347,7 +362,7 @@ def tracing_nnsight(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, _nb: int) ->
                     p = nn.output.logits[:, -1].float().softmax(-1)[:, c.answer_id].mean().save()
                 out[(k, layer, pos)] = float(p)
                 forwards += 1
-    return out, forwards
+    return out, forwards, None
 
 
 def tracing_nnsight_batched(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, batch_size: int) -> Result:
@@ -377,7 +392,7 @@ def tracing_nnsight_batched(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, batc
             forwards += 1
             for (layer, t, _), pj in zip(chunk, p.tolist()):
                 out[(k, layer, t)] = out.get((k, layer, t), 0.0) + pj / c.n_noise
-    return out, forwards
+    return out, forwards, None
 
 
 KNOCKOUT: dict[str, Callable[..., Result]] = {
@@ -396,6 +411,7 @@ class Row:
     forwards: int
     seconds: float
     diff: float  # max |p - p_ours| (0 for ours)
+    work: int | None = None  # decoder token-layers (None: not counted)
 
 
 def timed(fn: Callable[[], Result], repeat: int, under: float) -> tuple[Result, float]:
@@ -430,7 +446,7 @@ def run_analysis(S: Setup, analysis: str, methods: Sequence[str], args: argparse
     for m in ["ours"] + [m for m in methods if m != "ours"]:
         res, sec = timed(functools.partial(fns[m], S, *extra), args.repeat, args.repeat_under)
         results[m] = res[0]
-        rows.append(Row(m, res[1], sec, 0.0))
+        rows.append(Row(m, res[1], sec, 0.0, res[2]))
     ours = results["ours"]
     for row in rows[1:]:
         got = results[row.method]
@@ -451,11 +467,15 @@ def print_rows(S: Setup, analysis: str, rows: list[Row], what: str) -> None:
     ours = rows[0].seconds
     print(f"\n{analysis} — {S.name}: {S.n_layers} layers, {S.image_tokens} image tokens of {S.tokens}, "
           f"{len(S.samples)} sample(s); {what}")
-    print(f"{'method':<17}{'forwards':>9}{'time (s)':>11}{'ours faster':>13}{'max |Δp|':>11}")
+    print(f"{'method':<17}{'forwards':>9}{'time (s)':>11}{'ours faster':>13}{'max |Δp|':>11}"
+          f"{'token-layers':>14}{'ours less work':>16}")
+    work = rows[0].work
     for r in rows:
         ratio = "" if r.method == "ours" else f"{r.seconds / ours:.1f}x"
         diff = "" if r.method == "ours" else f"{r.diff:.1e}"
-        print(f"{r.method:<17}{r.forwards:>9}{r.seconds:>11.3f}{ratio:>13}{diff:>11}")
+        tl = "" if r.work is None else f"{r.work:,}"
+        less = "" if r.method == "ours" or r.work is None or not work else f"{r.work / work:.1f}x"
+        print(f"{r.method:<17}{r.forwards:>9}{r.seconds:>11.3f}{ratio:>13}{diff:>11}{tl:>14}{less:>16}")
 
 
 def growth(args: argparse.Namespace, analyses: Sequence[str]) -> None:

@@ -11,7 +11,6 @@ directory is on ``sys.path``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import pandas as pd
@@ -22,6 +21,7 @@ from microscope import knockout as ko
 from microscope import tracing as tr
 from microscope.answers import answer_ids
 from microscope.model import Handle
+from microscope.prefix import next_token_probs
 
 #: knockout result key: (sample id, edge, window centre)
 KnockoutKey = tuple[str, str, int]
@@ -56,15 +56,19 @@ def first_corrupted(c: tr.Corrupted) -> int:
 
 def tracing_reference(cs: Sequence[tr.Corrupted]) -> dict[TracingKey, float]:
     """p_restored of every residual-stream cell (layer -1..L-1 × each token from the first
-    corrupted one) of each corrupted sample: one whole-prompt forward of its ``N`` rows per cell."""
+    corrupted one) of each corrupted sample: one whole-prompt forward of its ``N`` rows per cell,
+    the clean state written at the cell by a hook — no key/value cache, no depth reuse (not
+    ``tr.restore``, which records the corrupted run and starts its rows at their layer)."""
     out = {}
     for k, c in enumerate(cs):
-        L = c.handle.adapter.n_layers
-        first = first_corrupted(c)
-        c = dataclasses.replace(c, prefix=None)  # whole-prompt forwards
-        for layer in range(-1, L):
-            for pos in range(first, c.n_tokens):
-                out[(k, layer, pos)] = float(tr.restore(c, [("resid", [layer], [pos])], batch_size=c.n_noise)[0])
+        h, N = c.handle, c.n_noise
+        rows = torch.arange(N)
+        for layer in range(-1, h.adapter.n_layers):
+            for pos in range(first_corrupted(c), c.n_tokens):
+                spec = {("resid", layer): (rows, torch.full((N,), pos))}
+                with torch.no_grad(), tr._restoring(h, c.clean, spec):
+                    p = next_token_probs(h, c.corrupted, None, c.position_ids)[:, c.answer_id]
+                out[(k, layer, pos)] = float(p.mean())
     return out
 
 
