@@ -339,10 +339,15 @@ def corrupt(handle, sample, corruption: str = "noise", target: str = "constraint
 
 
 @contextlib.contextmanager
-def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[None]:
+def _restoring(handle, clean: dict, spec: dict, offset: int = 0, inputs_of: dict[int, int] | None = None
+               ) -> Iterator[None]:
     """Forward hooks writing ``clean`` values into ``spec[(site, layer)] = (rows, positions)``;
-    ``positions`` index the forward's tokens, which start at prompt position ``offset``."""
+    ``positions`` index the forward's tokens, which start at prompt position ``offset``.
+    ``resid`` of layer ``l`` in ``inputs_of`` is written into the input of decoder layer
+    ``inputs_of[l]`` (the layer after it: the same tensor, written before that layer runs — a row
+    starting there need not run layer ``l``); layer ``-1``, the decoder input, is always layer 0's."""
     a = handle.adapter
+    inputs_of = {-1: 0, **(inputs_of or {})}
     hooks = []
 
     def make(key, rows, pos):
@@ -356,7 +361,7 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[Non
     try:
         for (site, layer), (rows, pos) in spec.items():
             key = f"{site}.{layer}"
-            if layer == -1:
+            if site == "resid" and layer in inputs_of:
                 def pre(_m, args, kwargs, rows=rows, pos=pos, key=key):
                     if args:
                         h = args[0].clone()
@@ -365,7 +370,7 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0) -> Iterator[Non
                     h = kwargs["hidden_states"].clone()
                     h[rows, pos] = clean[key][pos + offset].to(h.dtype)
                     return args, {**kwargs, "hidden_states": h}
-                hooks.append(a.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+                hooks.append(a.layers[inputs_of[layer]].register_forward_pre_hook(pre, with_kwargs=True))
                 continue
             if not a.has_site(layer, site):
                 continue  # the layer has no such site (it adds 0 there): nothing to restore
@@ -432,11 +437,19 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int | None = None, pr
         return np.full(len(keys), c.p_corrupted)
     # the layers below a job's first restored layer see the corrupted run: record its layer inputs
     # once; each row joins its chunk's batch at the first layer it restores (microscope.depth)
-    rec = depth.record(h, c.corrupted[:, off:], c.prefix if off else None, c.position_ids)
-    start = [max(0, min(int(x) for x in layers)) if layers else h.adapter.n_layers for _k, layers, _ps in jobs]
+    prefix = c.prefix if off else None
+    rec = depth.record(h, c.corrupted[:, off:], prefix, c.position_ids)
+    # the residual stream after layer l is the input of the next layer the model calls: a row
+    # restoring it starts there, the clean state written into that layer's input (_restoring)
+    inputs_of = dict(zip(rec.called, rec.called[1:]))
+
+    def first_layer(site: str, layer: int) -> int:
+        return inputs_of.get(layer, layer) if site == "resid" else layer
+
+    start = [max(0, min(first_layer(site, int(x)) for x in layers)) if layers else h.adapter.n_layers
+             for site, layers, _ps in jobs]
     rows = sorted(((j, n) for j in range(len(jobs)) for n in range(N)), key=lambda jn: start[jn[0]])
     out = np.zeros(len(jobs))
-    prefix = c.prefix if off else None
     batch_size = (batching.rows_per_batch(h, prefix, c.corrupted.shape[1] - off) if batch_size is None
                   else validate.positive_int(batch_size, "batch_size"))
     it = range(0, len(rows), batch_size)
@@ -451,7 +464,7 @@ def restore(c: Corrupted, jobs: Sequence[Job], batch_size: int | None = None, pr
                 pp += [int(p) for p in positions]
         spec_t = {k: (torch.tensor(v[0], dtype=torch.long), torch.tensor(v[1], dtype=torch.long))
                   for k, v in spec.items() if v[0]}
-        with torch.no_grad(), _restoring(h, c.clean, spec_t, off):  # rows sorted by first layer: each joins at its own
+        with torch.no_grad(), _restoring(h, c.clean, spec_t, off, inputs_of):  # rows sorted by first layer
             logits = depth.run_from(h, rec, [start[j] for j, _n in chunk], [n for _j, n in chunk])
         p = logits.float().softmax(-1)[:, c.answer_id].cpu().numpy()
         for (j, _n), pj in zip(chunk, p):

@@ -160,6 +160,44 @@ def test_restorations_start_at_their_first_restored_layer(shapes_handle):
     assert joined == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
 
+def test_a_residual_restoration_starts_at_the_next_layer(shapes_handle):
+    """The residual stream after layer l is layer l + 1's input: rows restoring it join at l + 1
+    with the clean state written into that input, and give what whole-prompt forwards of the
+    corrupted rows with layer l's output overwritten (a forward hook, not tr.restore) give."""
+    from microscope import tracing as tr
+    from microscope.prefix import next_token_probs
+
+    h = shapes_handle
+    L = h.adapter.n_layers
+    # the first sample whose answer the corruption moves (10σ noise on the constraint)
+    c = next(c for c in (tr.corrupt(h, s, n_noise=3, scale=10.0, seed=0)
+                         for s in load_samples("shapes", 16, 3, handle=h)) if c.p_clean - c.p_corrupted > 0.2)
+    last = c.n_tokens - 1
+    pos = list(range(c.first, c.n_tokens))  # layer 0's whole output from the corruption on: the clean run again
+    jobs = [("resid", [0], pos), ("resid", [L - 1], [last])]
+    got, calls = _layer_calls(h, lambda: tr.restore(c, jobs, batch_size=3))
+    # the recording (L calls of 3 rows, L of 1), then layers 1.. for layer 0's restoration; layer
+    # L - 1 has no next layer: its rows run it, the state written at its output
+    assert calls[2 * L:] == [(i, 3) for i in range(1, L)] + [(L - 1, 3)]
+
+    def overwritten(layer: int, p) -> float:
+        def hook(_m, _a, out):
+            x = (out[0] if isinstance(out, tuple) else out).clone()
+            x[:, p] = c.clean[f"resid.{layer}"][p]
+            return (x, *out[1:]) if isinstance(out, tuple) else x
+
+        hk = h.adapter.layers[layer].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return float(next_token_probs(h, c.corrupted, None, c.position_ids)[:, c.answer_id].mean())
+        finally:
+            hk.remove()
+
+    ref = [overwritten(0, pos), overwritten(L - 1, [last])]
+    assert ref[0] == pytest.approx(c.p_clean, abs=1e-5) and c.p_clean - c.p_corrupted > 0.2  # the test can fail
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-7)
+
+
 def test_sweep_rows_compute_only_the_positions_from_their_own_first_target(shapes_handle):
     """Rows of an edge into the last token compute one position; rows of an edge into the question
     compute the question on: one clean-layer recording per first target position."""
