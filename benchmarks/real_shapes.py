@@ -244,13 +244,17 @@ def _forwards(h, fn: Callable[[], object]) -> tuple[object, int, int]:
     recording or batch of rows, ends there) and how many (row, position) pairs all decoder layers
     together computed: the decoder's work in token-layers, a whole forward of T tokens being L·T."""
     n, work = [0], [0]
+    last = len(h.adapter.layers) - 1
 
-    def count(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        work[0] += int(hidden.shape[0]) * int(hidden.shape[1])
+    def count(i: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            work[0] += int(hidden.shape[0]) * int(hidden.shape[1])
+            if i == last:  # every forward, recording or batch of rows, ends there
+                n[0] += 1
+        return hook
 
-    hooks = [h.adapter.layers[-1].register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))]
-    hooks += [layer.register_forward_pre_hook(count, with_kwargs=True) for layer in h.adapter.layers]
+    hooks = [layer.register_forward_pre_hook(count(i), with_kwargs=True) for i, layer in enumerate(h.adapter.layers)]
     try:
         return fn(), n[0], work[0]
     finally:
@@ -328,7 +332,7 @@ def tracing_ours(S: Setup, cs: Sequence[tr.Corrupted], batch_size: int | None, _
 
 
 def tracing_published(S: Setup, cs: Sequence[tr.Corrupted], _bs: int, _nb: int) -> Result:
-    out, _, work = _forwards(cs[0].handle, lambda: tracing_reference(cs))
+    out, _, work = _forwards(S.ours, lambda: tracing_reference(cs))
     return out, len(out), work
 
 

@@ -61,10 +61,10 @@ def tracing_reference(cs: Sequence[tr.Corrupted]) -> dict[TracingKey, float]:
     ``tr.restore``, which records the corrupted run and starts its rows at their layer)."""
     out = {}
     for k, c in enumerate(cs):
-        h, N = c.handle, c.n_noise
+        h, N, first = c.handle, c.n_noise, first_corrupted(c)
         rows = torch.arange(N)
         for layer in range(-1, h.adapter.n_layers):
-            for pos in range(first_corrupted(c), c.n_tokens):
+            for pos in range(first, c.n_tokens):
                 spec = {("resid", layer): (rows, torch.full((N,), pos))}
                 with torch.no_grad(), tr._restoring(h, c.clean, spec):
                     p = next_token_probs(h, c.corrupted, None, c.position_ids)[:, c.answer_id]

@@ -350,32 +350,35 @@ def _restoring(handle, clean: dict, spec: dict, offset: int = 0, inputs_of: dict
     inputs_of = {-1: 0, **(inputs_of or {})}
     hooks = []
 
-    def make(key, rows, pos):
+    def written(h: torch.Tensor, rows, pos, key: str) -> torch.Tensor:
+        h = h.clone()
+        h[rows, pos] = clean[key][pos + offset].to(h.dtype)
+        return h
+
+    def make_post(key, rows, pos):
         def hook(_m, _inp, out):
-            h = out[0] if isinstance(out, tuple) else out
-            h = h.clone()
-            h[rows, pos] = clean[key][pos + offset].to(h.dtype)
-            return (h, *out[1:]) if isinstance(out, tuple) else h
+            if isinstance(out, tuple):
+                return (written(out[0], rows, pos, key), *out[1:])
+            return written(out, rows, pos, key)
+        return hook
+
+    def make_pre(key, rows, pos):
+        def hook(_m, args, kwargs):
+            if args:
+                return (written(args[0], rows, pos, key), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": written(kwargs["hidden_states"], rows, pos, key)}
         return hook
 
     try:
         for (site, layer), (rows, pos) in spec.items():
             key = f"{site}.{layer}"
             if site == "resid" and layer in inputs_of:
-                def pre(_m, args, kwargs, rows=rows, pos=pos, key=key):
-                    if args:
-                        h = args[0].clone()
-                        h[rows, pos] = clean[key][pos + offset].to(h.dtype)
-                        return (h, *args[1:]), kwargs
-                    h = kwargs["hidden_states"].clone()
-                    h[rows, pos] = clean[key][pos + offset].to(h.dtype)
-                    return args, {**kwargs, "hidden_states": h}
-                hooks.append(a.layers[inputs_of[layer]].register_forward_pre_hook(pre, with_kwargs=True))
+                hooks.append(a.layers[inputs_of[layer]].register_forward_pre_hook(make_pre(key, rows, pos),
+                                                                                 with_kwargs=True))
                 continue
             if not a.has_site(layer, site):
                 continue  # the layer has no such site (it adds 0 there): nothing to restore
-            mod = a.module(site, layer)
-            hooks.append(mod.register_forward_hook(make(key, rows, pos)))
+            hooks.append(a.module(site, layer).register_forward_hook(make_post(key, rows, pos)))
         yield
     finally:
         for h in hooks:
