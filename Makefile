@@ -32,7 +32,10 @@ test: env browser
 	$(BIN)/ruff check microscope tests benchmarks
 	$(BIN)/python -m mypy
 	@echo "the tests, two processes at a time (one test file stays on one process), one thread each"
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore=tests/test_notebooks.py
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore=tests/test_notebooks.py \
+	    --ignore=tests/test_browser.py
+	@echo "JupyterLab in headless Chromium, alone: with another test process beside it a dialog once took its click"
+	$(BIN)/python -m pytest -q tests/test_browser.py
 	@echo "the notebooks under papermill on every model type: two kernels at a time, one thread each"
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests/test_notebooks.py
 	@echo "geometry once more on other kernels: torch's baseline CPU code, MKL's compatible path, OpenBLAS's oldest x86-64 kernels, one thread"
